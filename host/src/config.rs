@@ -1,0 +1,226 @@
+//! One configuration struct, filled from flags, `FANFARE_*` environment variables and an
+//! optional TOML file, in that order of precedence (flag wins, then env, then file, then default).
+//!
+//! The TOML file is merged by turning each of its keys into a flag and letting clap parse
+//! again, so a value from the file is validated exactly like the same value given as a flag.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+/// Fanfare: realtime likes for music tracks over WebSocket.
+///
+/// With no services configured the node runs everything itself: likes are stored in an
+/// embedded SQLite database under --data-dir and broadcast to the track's listeners.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fanfare", version, about, long_about = None)]
+pub struct Config {
+    /// Optional TOML file with any of the options below (keys as the long flag names).
+    #[arg(long, env = "FANFARE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address to serve HTTP and WebSocket on.
+    #[arg(long, env = "FANFARE_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+
+    /// Directory holding the embedded SQLite store; created if missing.
+    #[arg(long, env = "FANFARE_DATA_DIR", default_value = "./data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Name of this node in events and logs (default: a random id per start).
+    #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
+    pub node_id: Option<String>,
+
+    /// Close a connection that sent nothing (no frame, no ping) for this long.
+    #[arg(long, env = "FANFARE_HEARTBEAT_TIMEOUT", default_value_t = 75_000, value_name = "MS")]
+    pub heartbeat_timeout: u64,
+
+    /// Ping interval announced to clients in `welcome`; must be below the heartbeat timeout.
+    #[arg(long, env = "FANFARE_HEARTBEAT_INTERVAL", default_value_t = 30_000, value_name = "MS")]
+    pub heartbeat_interval: u64,
+
+    /// Longest time likes on a track are summed before one update goes out (for the largest
+    /// audiences; small audiences get a few ms). At most 150 so delivery stays under 200 ms.
+    #[arg(long, env = "FANFARE_BROADCAST_WINDOW", default_value_t = 50, value_name = "MS")]
+    pub broadcast_window: u64,
+
+    /// Largest inbound WebSocket message; bigger ones close the connection with code 1009.
+    #[arg(long, env = "FANFARE_MAX_FRAME_BYTES", default_value_t = 4096, value_name = "BYTES")]
+    pub max_frame_bytes: usize,
+
+    /// Outbound frames queued per connection before updates are conflated (latest per track).
+    #[arg(long, env = "FANFARE_OUTBOUND_QUEUE", default_value_t = 64, value_name = "FRAMES")]
+    pub outbound_queue: usize,
+
+    /// A connection whose socket accepts no bytes for this long is dropped as a slow consumer.
+    #[arg(long, env = "FANFARE_SLOW_CONSUMER_TIMEOUT", default_value_t = 10_000, value_name = "MS")]
+    pub slow_consumer_timeout: u64,
+
+    /// Tracks one connection may subscribe to at once.
+    #[arg(long, env = "FANFARE_MAX_SUBSCRIPTIONS", default_value_t = 1000, value_name = "N")]
+    pub max_subscriptions: usize,
+
+    /// Likes one connection may have waiting for their ack; reading pauses beyond this.
+    #[arg(long, env = "FANFARE_MAX_INFLIGHT", default_value_t = 64, value_name = "N")]
+    pub max_inflight: usize,
+
+    /// How long shutdown waits for connections to finish their in-flight likes.
+    #[arg(long, env = "FANFARE_SHUTDOWN_TIMEOUT", default_value_t = 10_000, value_name = "MS")]
+    pub shutdown_timeout: u64,
+
+    /// Log output format.
+    #[arg(long, env = "FANFARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter in tracing-subscriber's EnvFilter syntax (RUST_LOG also works).
+    #[arg(long, env = "FANFARE_LOG", default_value = "info", value_name = "FILTER")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Parses the process arguments, merging in the TOML file if one is named.
+    pub fn load() -> anyhow::Result<Config> {
+        Self::load_from(std::env::args_os())
+    }
+
+    pub fn load_from(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<Config> {
+        let args: Vec<OsString> = args.into_iter().collect();
+        let matches = Config::command().try_get_matches_from(args.clone())?;
+        let config = Config::from_arg_matches(&matches)?;
+        let Some(path) = config.config.clone() else {
+            return config.validated();
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).with_context(|| format!("invalid TOML in {}", path.display()))?;
+
+        let mut merged = vec![args.first().cloned().unwrap_or_else(|| "fanfare".into())];
+        for (key, value) in &table {
+            let id = key.replace('-', "_");
+            if id == "config" || !Config::command().get_arguments().any(|a| a.get_id() == id.as_str()) {
+                bail!("unknown option `{key}` in {}", path.display());
+            }
+            let explicit = matches!(
+                matches.value_source(&id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            if !explicit {
+                let value = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_) => {
+                        value.to_string()
+                    }
+                    _ => bail!("option `{key}` in {} must be a string or number", path.display()),
+                };
+                merged.push(format!("--{}={value}", id.replace('_', "-")).into());
+            }
+        }
+        merged.extend(args.into_iter().skip(1));
+        let matches = Config::command()
+            .try_get_matches_from(merged)
+            .with_context(|| format!("in config file {}", path.display()))?;
+        Config::from_arg_matches(&matches)?.validated()
+    }
+
+    fn validated(self) -> anyhow::Result<Config> {
+        if self.heartbeat_timeout == 0 || self.heartbeat_interval == 0 {
+            bail!("--heartbeat-timeout and --heartbeat-interval must be positive");
+        }
+        if self.heartbeat_interval >= self.heartbeat_timeout {
+            bail!(
+                "--heartbeat-interval ({} ms) must be below --heartbeat-timeout ({} ms)",
+                self.heartbeat_interval,
+                self.heartbeat_timeout
+            );
+        }
+        if self.broadcast_window > 150 {
+            bail!("--broadcast-window must be at most 150 ms (delivery promise is 200 ms)");
+        }
+        if !(64..=1 << 20).contains(&self.max_frame_bytes) {
+            bail!("--max-frame-bytes must be between 64 and 1048576");
+        }
+        if self.outbound_queue < 4 || self.max_inflight == 0 || self.max_subscriptions == 0 {
+            bail!("--outbound-queue must be at least 4, --max-inflight and --max-subscriptions at least 1");
+        }
+        if let Some(node) = &self.node_id
+            && !crate::protocol::is_valid_user(node)
+        {
+            bail!("--node-id must match [A-Za-z0-9_.-]{{1,64}}");
+        }
+        Ok(self)
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout)
+    }
+
+    pub fn broadcast_window(&self) -> Duration {
+        Duration::from_millis(self.broadcast_window)
+    }
+
+    pub fn slow_consumer_timeout(&self) -> Duration {
+        Duration::from_millis(self.slow_consumer_timeout)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> anyhow::Result<Config> {
+        Config::load_from(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn defaults_match_the_docs() -> anyhow::Result<()> {
+        let config = load(&["fanfare"])?;
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.data_dir, PathBuf::from("./data"));
+        assert_eq!(config.heartbeat_timeout, 75_000);
+        Ok(())
+    }
+
+    #[test]
+    fn toml_fills_what_flags_leave_out() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("fanfare.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nbroadcast-window = 20\nmax_frame_bytes = 1000\n")?;
+        let path = file.to_string_lossy().to_string();
+        let config = load(&["fanfare", "--config", &path, "--max-frame-bytes", "2000"])?;
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.broadcast_window, 20);
+        assert_eq!(config.max_frame_bytes, 2000, "flag beats file");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_files_and_values_are_clear_errors() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "listen_port = 1\n")?;
+        let path = file.to_string_lossy().to_string();
+        let err = load(&["fanfare", "--config", &path]).unwrap_err();
+        assert!(err.to_string().contains("unknown option `listen_port`"), "{err:#}");
+        std::fs::write(&file, "heartbeat-timeout = \"soon\"\n")?;
+        assert!(load(&["fanfare", "--config", &path]).is_err());
+        assert!(load(&["fanfare", "--broadcast-window", "500"]).is_err());
+        assert!(load(&["fanfare", "--heartbeat-interval", "80000"]).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! Per-track broadcast: likes that arrive within one window are summed into one update,
+//! serialized once, and the same bytes are queued on every local listener's outbox.
+//!
+//! The window adapts to the audience: a track with a handful of listeners flushes after a
+//! couple of milliseconds, a track with thousands waits up to `--broadcast-window`, which
+//! trades a little latency for far fewer frames. Delivery never awaits a socket.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::metrics::Metrics;
+use crate::outbox::{ConnId, Push};
+use crate::protocol::{LikesFrame, RecentLike};
+use crate::registry::Registry;
+
+const SHARDS: usize = 64;
+/// Likes shown per update in `recent`.
+pub const RECENT_LIMIT: usize = 10;
+/// Audience at which the window reaches its configured maximum.
+const FULL_WINDOW_AUDIENCE: u64 = 5_000;
+/// Shortest window for any audience (unless batching is switched off with a window of 0).
+const MIN_WINDOW: Duration = Duration::from_millis(2);
+
+/// One accepted like handed to fan-out.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub track: Arc<str>,
+    /// Track total after this like.
+    pub count: u64,
+    /// Orders counts: an update never shows an older total than one already folded in.
+    pub version: u64,
+    pub delta: i64,
+    pub like: RecentLike,
+    /// The liker's connection, which is not sent an update holding only its own likes.
+    pub origin: ConnId,
+}
+
+struct Pending {
+    count: u64,
+    version: u64,
+    delta: i64,
+    recent: Vec<RecentLike>,
+    origin: Origin,
+    since: Instant,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    One(ConnId),
+    Many,
+}
+
+pub struct Fanout {
+    pending: Box<[Mutex<HashMap<Arc<str>, Pending>>]>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    max_window: Duration,
+}
+
+impl Fanout {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, max_window: Duration) -> Fanout {
+        Fanout {
+            pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            registry,
+            metrics,
+            max_window,
+        }
+    }
+
+    fn shard(&self, track: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Pending>> {
+        let mut hasher = DefaultHasher::new();
+        track.hash(&mut hasher);
+        self.pending[(hasher.finish() as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long likes on a track with this many listeners are summed before delivery.
+    pub fn window_for(&self, audience: usize) -> Duration {
+        if self.max_window.is_zero() {
+            return Duration::ZERO;
+        }
+        let share = (audience as u64).min(FULL_WINDOW_AUDIENCE);
+        let scaled = self.max_window.mul_f64(share as f64 / FULL_WINDOW_AUDIENCE as f64);
+        scaled.max(MIN_WINDOW.min(self.max_window))
+    }
+
+    /// Folds a like into its track's open window, opening one (and its timer) if needed.
+    pub fn publish(self: &Arc<Self>, like: Published) {
+        let audience = self.registry.audience_size(&like.track);
+        if audience == 0 {
+            return;
+        }
+        let track = like.track.clone();
+        let opened = {
+            let mut shard = self.shard(&track);
+            match shard.get_mut(&track) {
+                Some(pending) => {
+                    pending.fold(like);
+                    false
+                }
+                None => {
+                    shard.insert(track.clone(), Pending::open(like));
+                    true
+                }
+            }
+        };
+        if opened {
+            let window = self.window_for(audience);
+            if window.is_zero() {
+                self.flush(&track);
+            } else {
+                let fanout = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(window).await;
+                    fanout.flush(&track);
+                });
+            }
+        }
+    }
+
+    /// Closes the track's window: shape once, serialize once, queue everywhere.
+    fn flush(&self, track: &Arc<str>) {
+        let Some(pending) = self.shard(track).remove(track) else { return };
+        let frame = LikesFrame {
+            kind: "likes",
+            track,
+            count: pending.count,
+            delta: pending.delta,
+            recent: &pending.recent,
+        };
+        let bytes = match serde_json::to_string(&frame) {
+            Ok(text) => Utf8Bytes::from(text),
+            Err(err) => {
+                tracing::error!(error = %err, %track, "cannot serialize update");
+                return;
+            }
+        };
+        let mut listeners = Vec::new();
+        self.registry.listeners(track, &mut listeners);
+        let skip = match pending.origin {
+            Origin::One(conn) => Some(conn),
+            Origin::Many => None,
+        };
+        let mut delivered = 0u64;
+        for outbox in listeners.iter().filter(|o| Some(o.conn) != skip) {
+            match outbox.push(track, &bytes) {
+                Push::Queued => delivered += 1,
+                Push::Conflated => {
+                    self.metrics.outbound_conflated.inc();
+                }
+                Push::Overflowed => {}
+            }
+        }
+        self.metrics.broadcast_updates.inc();
+        self.metrics.frames_delivered.inc_by(delivered);
+        self.metrics
+            .broadcast_lag
+            .observe(pending.since.elapsed().as_secs_f64());
+    }
+}
+
+impl Pending {
+    fn open(like: Published) -> Pending {
+        Pending {
+            count: like.count,
+            version: like.version,
+            delta: like.delta,
+            origin: Origin::One(like.origin),
+            recent: vec![like.like],
+            since: Instant::now(),
+        }
+    }
+
+    fn fold(&mut self, like: Published) {
+        if like.version >= self.version {
+            self.count = like.count;
+            self.version = like.version;
+        }
+        self.delta += like.delta;
+        if self.origin != Origin::One(like.origin) {
+            self.origin = Origin::Many;
+        }
+        if self.recent.len() == RECENT_LIMIT {
+            self.recent.remove(0);
+        }
+        self.recent.push(like.like);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_grows_with_audience_within_bounds() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::new(metrics.clone()));
+        let fanout = Fanout::new(registry, metrics, Duration::from_millis(50));
+        assert_eq!(fanout.window_for(1), Duration::from_millis(2));
+        assert_eq!(fanout.window_for(2_500), Duration::from_millis(25));
+        assert_eq!(fanout.window_for(1_000_000), Duration::from_millis(50));
+    }
+}

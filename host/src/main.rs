@@ -1,0 +1,110 @@
+//! `fanfare`: parse the configuration, open the store, serve until a signal, shut down in order.
+
+mod config;
+mod event_log;
+mod fanout;
+mod ledger;
+mod like;
+mod metrics;
+mod node;
+mod outbox;
+mod protocol;
+mod registry;
+mod server;
+mod session;
+mod store;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+use crate::node::Node;
+
+fn main() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => {
+            if let Some(clap_err) = err.downcast_ref::<clap::Error>() {
+                clap_err.exit();
+            }
+            eprintln!("fanfare: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fanfare: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("fanfare: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let node = Node::embedded(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(
+        node = %node.id,
+        listen = %listener.local_addr().unwrap_or(listen),
+        data_dir = %node.config.data_dir.display(),
+        "fanfare node serving"
+    );
+    tokio::spawn(watch_signals(node.clone()));
+    server::serve(node.clone(), listener).await;
+    shutdown(node).await
+}
+
+async fn watch_signals(node: Arc<Node>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot watch SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    node.shutdown.cancel();
+}
+
+/// Sessions first (they finish in-flight likes and close with 1001), then the event log.
+async fn shutdown(node: Arc<Node>) -> anyhow::Result<()> {
+    node.sessions.close();
+    let grace = node.config.shutdown_timeout() + std::time::Duration::from_secs(3);
+    if tokio::time::timeout(grace, node.sessions.wait()).await.is_err() {
+        tracing::warn!("some sessions did not finish in time");
+    }
+    node.event_log.close().await.context("cannot flush the event log")?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Prometheus metrics of one node, exposed at `GET /metrics` in the text format.
+//!
+//! Handles are cheap clones around atomics, so hot paths update them without locks.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Label = [(&'static str, &'static str); 1];
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: Gauge,
+    pub connections_opened: Counter,
+    pub subscriptions_active: Gauge,
+    pub tracks_with_listeners: Gauge,
+    likes: Family<Label, Counter>,
+    protocol_errors: Family<Label, Counter>,
+    pub broadcast_lag: Histogram,
+    pub broadcast_updates: Counter,
+    pub frames_delivered: Counter,
+    pub outbound_conflated: Counter,
+    pub slow_consumer_disconnects: Counter,
+    pub heartbeat_reaps: Counter,
+    pub garbage_disconnects: Counter,
+}
+
+/// How a like/unlike request ended, as the `outcome` label of `fanfare_likes_total`.
+#[derive(Debug, Clone, Copy)]
+pub enum LikeOutcome {
+    Accepted,
+    Duplicate,
+    Resent,
+    Overloaded,
+    Failed,
+}
+
+impl LikeOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            LikeOutcome::Accepted => "accepted",
+            LikeOutcome::Duplicate => "duplicate",
+            LikeOutcome::Resent => "resent",
+            LikeOutcome::Overloaded => "overloaded",
+            LikeOutcome::Failed => "failed",
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connections_active: Gauge::default(),
+            connections_opened: Counter::default(),
+            subscriptions_active: Gauge::default(),
+            tracks_with_listeners: Gauge::default(),
+            likes: Family::default(),
+            protocol_errors: Family::default(),
+            // 0.5 ms .. ~1 s
+            broadcast_lag: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0,
+            ]),
+            broadcast_updates: Counter::default(),
+            frames_delivered: Counter::default(),
+            outbound_conflated: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            heartbeat_reaps: Counter::default(),
+            garbage_disconnects: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("fanfare_connections_active", "Open WebSocket connections", m.connections_active.clone());
+        registry.register("fanfare_connections_opened", "WebSocket connections accepted", m.connections_opened.clone());
+        registry.register("fanfare_subscriptions_active", "Active (connection, track) subscriptions", m.subscriptions_active.clone());
+        registry.register("fanfare_tracks_with_listeners", "Tracks with at least one local listener", m.tracks_with_listeners.clone());
+        registry.register("fanfare_likes", "Like and unlike requests by outcome", m.likes.clone());
+        registry.register("fanfare_protocol_errors", "Error frames sent, by code", m.protocol_errors.clone());
+        registry.register(
+            "fanfare_broadcast_lag_seconds",
+            "Time from the first like of an update being accepted to the update queued on every local socket",
+            m.broadcast_lag.clone(),
+        );
+        registry.register("fanfare_broadcast_updates", "Per-track updates built (each serialized once)", m.broadcast_updates.clone());
+        registry.register("fanfare_frames_delivered", "Update frames queued to sockets", m.frames_delivered.clone());
+        registry.register("fanfare_outbound_conflated", "Updates that replaced an unsent older update of the same track", m.outbound_conflated.clone());
+        registry.register("fanfare_slow_consumer_disconnects", "Connections dropped for not reading", m.slow_consumer_disconnects.clone());
+        registry.register("fanfare_heartbeat_reaps", "Connections closed for silence past the heartbeat timeout", m.heartbeat_reaps.clone());
+        registry.register("fanfare_garbage_disconnects", "Connections closed (1008) for sending repeated bad frames", m.garbage_disconnects.clone());
+        Metrics { registry, ..m }
+    }
+
+    pub fn like(&self, outcome: LikeOutcome) {
+        self.likes.get_or_create(&[("outcome", outcome.label())]).inc();
+    }
+
+    pub fn protocol_error(&self, code: &'static str) {
+        self.protocol_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::with_capacity(4096);
+        if let Err(err) = encode(&mut text, &self.registry) {
+            tracing::error!(error = %err, "cannot encode metrics");
+        }
+        text
+    }
+}

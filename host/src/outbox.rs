@@ -1,0 +1,107 @@
+//! A connection's bounded queue of broadcast updates.
+//!
+//! Fan-out never waits on a socket: it drops the shared frame bytes into this queue and moves
+//! on. When a reader falls behind and the queue is full, a new update replaces the unsent one
+//! of the same track (the reader gets the latest count, not every step); when even that is not
+//! possible the outbox is marked overflowed and the session disconnects the slow consumer.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Identifies one WebSocket connection on this node.
+pub type ConnId = u64;
+
+pub struct Outbox {
+    pub conn: ConnId,
+    capacity: usize,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    updates: VecDeque<(Arc<str>, Utf8Bytes)>,
+    overflowed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    Conflated,
+    Overflowed,
+}
+
+impl Outbox {
+    pub fn new(conn: ConnId, capacity: usize) -> Outbox {
+        Outbox {
+            conn,
+            capacity,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an update without ever blocking.
+    pub fn push(&self, track: &Arc<str>, frame: &Utf8Bytes) -> Push {
+        let outcome = {
+            let mut state = self.lock();
+            if state.overflowed {
+                return Push::Overflowed;
+            }
+            if state.updates.len() < self.capacity {
+                state.updates.push_back((track.clone(), frame.clone()));
+                Push::Queued
+            } else if let Some(slot) = state.updates.iter_mut().find(|(t, _)| t == track) {
+                slot.1 = frame.clone();
+                Push::Conflated
+            } else {
+                state.overflowed = true;
+                Push::Overflowed
+            }
+        };
+        if outcome != Push::Conflated {
+            self.wake.notify_one();
+        }
+        outcome
+    }
+
+    /// Moves every queued frame into `into`; returns false if the outbox overflowed.
+    pub fn take(&self, into: &mut Vec<Utf8Bytes>) -> bool {
+        let mut state = self.lock();
+        into.extend(state.updates.drain(..).map(|(_, frame)| frame));
+        !state.overflowed
+    }
+
+    /// Resolves when something was pushed since the last call (no wake-up is ever lost).
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflates_then_overflows() {
+        let outbox = Outbox::new(1, 2);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
+        assert_eq!(outbox.push(&a, &"a1".into()), Push::Queued);
+        assert_eq!(outbox.push(&b, &"b1".into()), Push::Queued);
+        assert_eq!(outbox.push(&a, &"a2".into()), Push::Conflated);
+        let mut frames = Vec::new();
+        assert!(outbox.take(&mut frames));
+        assert_eq!(frames, vec![Utf8Bytes::from("a2"), Utf8Bytes::from("b1")]);
+        outbox.push(&a, &"a3".into());
+        outbox.push(&b, &"b3".into());
+        assert_eq!(outbox.push(&c, &"c3".into()), Push::Overflowed);
+        assert!(!outbox.take(&mut frames));
+    }
+}

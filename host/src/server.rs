@@ -1,0 +1,240 @@
+//! The listener: HTTP routes and the WebSocket upgrade on one port, and the shutdown order.
+//!
+//! hyper parses HTTP; `/v1/ws` answers 101 itself and hands the upgraded stream to a session
+//! task running tokio-tungstenite. Everything else is a small JSON or text response.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+
+use crate::node::Node;
+use crate::protocol;
+use crate::session;
+
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const INDEX_HTML: &str = include_str!("../static/index.html");
+
+type Body = Full<Bytes>;
+
+/// Accepts connections until shutdown, then stops accepting and lets HTTP requests finish.
+pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        connections.spawn(async move {
+            let service = service_fn(|req| route(node.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(%peer, error = %err, "http connection ended");
+                    }
+                }
+                _ = node.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported here\n"));
+    }
+    let response = match path.as_str() {
+        "/v1/ws" => upgrade(node, req),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if node.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" => {
+            let mut response = Response::new(Body::from(node.metrics.render()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            response
+        }
+        "/" => {
+            let mut response = Response::new(Body::from(INDEX_HTML));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            response
+        }
+        _ => match path.strip_prefix("/v1/tracks/") {
+            Some(track) => track_count(&node, track).await,
+            None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
+        },
+    };
+    Ok(response)
+}
+
+async fn track_count(node: &Node, track: &str) -> Response<Body> {
+    if !protocol::is_valid_track(track) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "track ids match [A-Za-z0-9_.:-]{1,128}",
+        );
+    }
+    match node.ledger.count(track).await {
+        Ok(count) => json(StatusCode::OK, serde_json::json!({ "track": track, "count": count })),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot read count");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "cannot read the count")
+        }
+    }
+}
+
+/// Answers the WebSocket handshake and spawns the session on the upgraded stream.
+fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+    if !node.is_ready() {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "node is shutting down");
+    }
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let (Some(key), true, true, true) = (
+        key,
+        version_ok,
+        has_token(header::CONNECTION, "upgrade"),
+        has_token(header::UPGRADE, "websocket"),
+    ) else {
+        let mut response = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_request",
+            "this endpoint needs a WebSocket (version 13) upgrade",
+        );
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return response;
+    };
+    let user = match query_param(req.uri().query(), "user") {
+        None | Some("") => format!("anon-{:012x}", rand::random::<u64>() >> 16),
+        Some(user) if protocol::is_valid_user(user) => user.to_owned(),
+        Some(_) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "user ids match [A-Za-z0-9_.-]{1,64}",
+            );
+        }
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1 << 20)
+        .max_message_size(Some(node.config.max_frame_bytes))
+        .max_frame_size(Some(node.config.max_frame_bytes));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let session_node = node.clone();
+    node.sessions.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                session::run(session_node, ws, Arc::from(user)).await;
+            }
+            Err(err) => tracing::debug!(error = %err, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::from(value.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(status, serde_json::json!({ "error": code, "message": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn reads_query_parameters() {
+        assert_eq!(query_param(Some("user=ana&x=1"), "user"), Some("ana"));
+        assert_eq!(query_param(Some("x=1&user"), "user"), Some(""));
+        assert_eq!(query_param(Some("username=bob"), "user"), None);
+        assert_eq!(query_param(None, "user"), None);
+    }
+}

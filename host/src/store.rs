@@ -1,0 +1,88 @@
+//! The embedded SQLite database: schema, opening, and the read queries the node serves.
+//!
+//! One file under the data directory holds every effective like event and the per-track
+//! counts. WAL mode lets the ledger read while the event-log writer commits; `synchronous=FULL`
+//! makes a commit survive power loss, and group commit keeps that affordable.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS like_events (
+    seq            INTEGER PRIMARY KEY,
+    event_id       TEXT NOT NULL UNIQUE,
+    user           TEXT NOT NULL,
+    track          TEXT NOT NULL,
+    action         TEXT NOT NULL CHECK (action IN ('like', 'unlike')),
+    key            TEXT NOT NULL,
+    accepted_at_ms INTEGER NOT NULL,
+    node           TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS like_events_by_pair ON like_events (user, track, seq);
+CREATE INDEX IF NOT EXISTS like_events_by_track_time ON like_events (track, accepted_at_ms);
+CREATE TABLE IF NOT EXISTS track_counts (
+    track TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Location of the database file inside the data directory.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("fanfare.db")
+}
+
+/// Opens (creating if needed) the database, applies the schema and checks it is writable.
+pub fn open(data_dir: &Path) -> anyhow::Result<Connection> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let path = database_path(data_dir);
+    let conn = Connection::open(&path)
+        .with_context(|| format!("cannot open database {}", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .with_context(|| format!("cannot write to database {} (is the data directory writable?)", path.display()))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA)
+        .with_context(|| format!("cannot create schema in {}", path.display()))?;
+    Ok(conn)
+}
+
+/// Opens an extra connection for reads beside the writer.
+pub fn open_reader(data_dir: &Path) -> anyhow::Result<Connection> {
+    let path = database_path(data_dir);
+    let conn = Connection::open(&path)
+        .with_context(|| format!("cannot open database {}", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Highest event sequence number stored so far (0 for an empty store).
+pub fn last_seq(conn: &Connection) -> anyhow::Result<u64> {
+    let seq: Option<i64> = conn.query_row("SELECT MAX(seq) FROM like_events", [], |row| row.get(0))?;
+    Ok(seq.unwrap_or(0).max(0) as u64)
+}
+
+/// The stored like count of a track.
+pub fn track_count(conn: &Connection, track: &str) -> rusqlite::Result<u64> {
+    let count: Option<i64> = conn
+        .prepare_cached("SELECT count FROM track_counts WHERE track = ?1")?
+        .query_row(params![track], |row| row.get(0))
+        .optional()?;
+    Ok(count.unwrap_or(0).max(0) as u64)
+}
+
+/// The newest effective events of one (user, track) pair, newest first: (key, action).
+pub fn recent_pair_events(
+    conn: &Connection,
+    user: &str,
+    track: &str,
+    limit: usize,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, action FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![user, track, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    rows.collect()
+}
