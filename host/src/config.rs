@@ -25,11 +25,21 @@ pub struct Config {
     pub config: Option<PathBuf>,
 
     /// Address to serve HTTP and WebSocket on.
-    #[arg(long, env = "FANFARE_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    #[arg(
+        long,
+        env = "FANFARE_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR:PORT"
+    )]
     pub listen: SocketAddr,
 
     /// Directory holding the embedded SQLite store; created if missing.
-    #[arg(long, env = "FANFARE_DATA_DIR", default_value = "./data", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "FANFARE_DATA_DIR",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
     pub data_dir: PathBuf,
 
     /// Name of this node in events and logs (default: a random id per start).
@@ -37,40 +47,85 @@ pub struct Config {
     pub node_id: Option<String>,
 
     /// Close a connection that sent nothing (no frame, no ping) for this long.
-    #[arg(long, env = "FANFARE_HEARTBEAT_TIMEOUT", default_value_t = 75_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "FANFARE_HEARTBEAT_TIMEOUT",
+        default_value_t = 75_000,
+        value_name = "MS"
+    )]
     pub heartbeat_timeout: u64,
 
     /// Ping interval announced to clients in `welcome`; must be below the heartbeat timeout.
-    #[arg(long, env = "FANFARE_HEARTBEAT_INTERVAL", default_value_t = 30_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "FANFARE_HEARTBEAT_INTERVAL",
+        default_value_t = 30_000,
+        value_name = "MS"
+    )]
     pub heartbeat_interval: u64,
 
     /// Longest time likes on a track are summed before one update goes out (for the largest
     /// audiences; small audiences get a few ms). At most 150 so delivery stays under 200 ms.
-    #[arg(long, env = "FANFARE_BROADCAST_WINDOW", default_value_t = 50, value_name = "MS")]
+    #[arg(
+        long,
+        env = "FANFARE_BROADCAST_WINDOW",
+        default_value_t = 50,
+        value_name = "MS"
+    )]
     pub broadcast_window: u64,
 
     /// Largest inbound WebSocket message; bigger ones close the connection with code 1009.
-    #[arg(long, env = "FANFARE_MAX_FRAME_BYTES", default_value_t = 4096, value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "FANFARE_MAX_FRAME_BYTES",
+        default_value_t = 4096,
+        value_name = "BYTES"
+    )]
     pub max_frame_bytes: usize,
 
     /// Outbound frames queued per connection before updates are conflated (latest per track).
-    #[arg(long, env = "FANFARE_OUTBOUND_QUEUE", default_value_t = 64, value_name = "FRAMES")]
+    #[arg(
+        long,
+        env = "FANFARE_OUTBOUND_QUEUE",
+        default_value_t = 64,
+        value_name = "FRAMES"
+    )]
     pub outbound_queue: usize,
 
     /// A connection whose socket accepts no bytes for this long is dropped as a slow consumer.
-    #[arg(long, env = "FANFARE_SLOW_CONSUMER_TIMEOUT", default_value_t = 10_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "FANFARE_SLOW_CONSUMER_TIMEOUT",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
     pub slow_consumer_timeout: u64,
 
     /// Tracks one connection may subscribe to at once.
-    #[arg(long, env = "FANFARE_MAX_SUBSCRIPTIONS", default_value_t = 1000, value_name = "N")]
+    #[arg(
+        long,
+        env = "FANFARE_MAX_SUBSCRIPTIONS",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
     pub max_subscriptions: usize,
 
     /// Likes one connection may have waiting for their ack; reading pauses beyond this.
-    #[arg(long, env = "FANFARE_MAX_INFLIGHT", default_value_t = 64, value_name = "N")]
+    #[arg(
+        long,
+        env = "FANFARE_MAX_INFLIGHT",
+        default_value_t = 64,
+        value_name = "N"
+    )]
     pub max_inflight: usize,
 
     /// How long shutdown waits for connections to finish their in-flight likes.
-    #[arg(long, env = "FANFARE_SHUTDOWN_TIMEOUT", default_value_t = 10_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "FANFARE_SHUTDOWN_TIMEOUT",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
     pub shutdown_timeout: u64,
 
     /// Log output format.
@@ -78,7 +133,12 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Log filter in tracing-subscriber's EnvFilter syntax (RUST_LOG also works).
-    #[arg(long, env = "FANFARE_LOG", default_value = "info", value_name = "FILTER")]
+    #[arg(
+        long,
+        env = "FANFARE_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
     pub log: String,
 }
 
@@ -109,7 +169,11 @@ impl Config {
         let mut merged = vec![args.first().cloned().unwrap_or_else(|| "fanfare".into())];
         for (key, value) in &table {
             let id = key.replace('-', "_");
-            if id == "config" || !Config::command().get_arguments().any(|a| a.get_id() == id.as_str()) {
+            if id == "config"
+                || !Config::command()
+                    .get_arguments()
+                    .any(|a| a.get_id() == id.as_str())
+            {
                 bail!("unknown option `{key}` in {}", path.display());
             }
             let explicit = matches!(
@@ -122,7 +186,10 @@ impl Config {
                     toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_) => {
                         value.to_string()
                     }
-                    _ => bail!("option `{key}` in {} must be a string or number", path.display()),
+                    _ => bail!(
+                        "option `{key}` in {} must be a string or number",
+                        path.display()
+                    ),
                 };
                 merged.push(format!("--{}={value}", id.replace('_', "-")).into());
             }
@@ -152,7 +219,9 @@ impl Config {
             bail!("--max-frame-bytes must be between 64 and 1048576");
         }
         if self.outbound_queue < 4 || self.max_inflight == 0 || self.max_subscriptions == 0 {
-            bail!("--outbound-queue must be at least 4, --max-inflight and --max-subscriptions at least 1");
+            bail!(
+                "--outbound-queue must be at least 4, --max-inflight and --max-subscriptions at least 1"
+            );
         }
         if let Some(node) = &self.node_id
             && !crate::protocol::is_valid_user(node)
@@ -200,7 +269,10 @@ mod tests {
     fn toml_fills_what_flags_leave_out() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("fanfare.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nbroadcast-window = 20\nmax_frame_bytes = 1000\n")?;
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\nbroadcast-window = 20\nmax_frame_bytes = 1000\n",
+        )?;
         let path = file.to_string_lossy().to_string();
         let config = load(&["fanfare", "--config", &path, "--max-frame-bytes", "2000"])?;
         assert_eq!(config.listen.port(), 9000);
@@ -216,7 +288,10 @@ mod tests {
         std::fs::write(&file, "listen_port = 1\n")?;
         let path = file.to_string_lossy().to_string();
         let err = load(&["fanfare", "--config", &path]).unwrap_err();
-        assert!(err.to_string().contains("unknown option `listen_port`"), "{err:#}");
+        assert!(
+            err.to_string().contains("unknown option `listen_port`"),
+            "{err:#}"
+        );
         std::fs::write(&file, "heartbeat-timeout = \"soon\"\n")?;
         assert!(load(&["fanfare", "--config", &path]).is_err());
         assert!(load(&["fanfare", "--broadcast-window", "500"]).is_err());

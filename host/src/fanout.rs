@@ -5,10 +5,7 @@
 //! couple of milliseconds, a track with thousands waits up to `--broadcast-window`, which
 //! trades a little latency for far fewer frames. Delivery never awaits a socket.
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -18,8 +15,8 @@ use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Push};
 use crate::protocol::{LikesFrame, RecentLike};
 use crate::registry::Registry;
+use crate::sharded::ShardedMap;
 
-const SHARDS: usize = 64;
 /// Likes shown per update in `recent`.
 pub const RECENT_LIMIT: usize = 10;
 /// Audience at which the window reaches its configured maximum.
@@ -57,7 +54,7 @@ enum Origin {
 }
 
 pub struct Fanout {
-    pending: Box<[Mutex<HashMap<Arc<str>, Pending>>]>,
+    pending: ShardedMap<Pending>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     max_window: Duration,
@@ -66,19 +63,11 @@ pub struct Fanout {
 impl Fanout {
     pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, max_window: Duration) -> Fanout {
         Fanout {
-            pending: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            pending: ShardedMap::default(),
             registry,
             metrics,
             max_window,
         }
-    }
-
-    fn shard(&self, track: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Pending>> {
-        let mut hasher = DefaultHasher::new();
-        track.hash(&mut hasher);
-        self.pending[(hasher.finish() as usize) % SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long likes on a track with this many listeners are summed before delivery.
@@ -87,7 +76,9 @@ impl Fanout {
             return Duration::ZERO;
         }
         let share = (audience as u64).min(FULL_WINDOW_AUDIENCE);
-        let scaled = self.max_window.mul_f64(share as f64 / FULL_WINDOW_AUDIENCE as f64);
+        let scaled = self
+            .max_window
+            .mul_f64(share as f64 / FULL_WINDOW_AUDIENCE as f64);
         scaled.max(MIN_WINDOW.min(self.max_window))
     }
 
@@ -99,7 +90,7 @@ impl Fanout {
         }
         let track = like.track.clone();
         let opened = {
-            let mut shard = self.shard(&track);
+            let mut shard = self.pending.lock(&track);
             match shard.get_mut(&track) {
                 Some(pending) => {
                     pending.fold(like);
@@ -127,7 +118,9 @@ impl Fanout {
 
     /// Closes the track's window: shape once, serialize once, queue everywhere.
     fn flush(&self, track: &Arc<str>) {
-        let Some(pending) = self.shard(track).remove(track) else { return };
+        let Some(pending) = self.pending.lock(track).remove(track) else {
+            return;
+        };
         let frame = LikesFrame {
             kind: "likes",
             track,

@@ -40,7 +40,10 @@ async fn run(
     let decision = node.ledger.apply(user, request).await.map_err(|err| {
         node.metrics.like(LikeOutcome::Failed);
         tracing::error!(error = %err, "ledger failed");
-        (ErrorCode::Internal, "the like could not be recorded".to_owned())
+        (
+            ErrorCode::Internal,
+            "the like could not be recorded".to_owned(),
+        )
     })?;
 
     match decision.outcome {
@@ -50,7 +53,11 @@ async fn run(
                 track: event.track.clone(),
                 count: decision.count,
                 version: event.seq,
-                delta: if request.action == Action::Like { 1 } else { -1 },
+                delta: if request.action == Action::Like {
+                    1
+                } else {
+                    -1
+                },
                 like: RecentLike {
                     user: user.to_string(),
                     id: request.key.clone(),
@@ -59,16 +66,32 @@ async fn run(
                 origin: conn,
             });
             // 5. The ack waits until the event is durable.
-            node.event_log.append(event).await.map_err(|err| durability_error(node, err))?;
+            node.event_log
+                .append(event)
+                .await
+                .map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Accepted);
-            Ok(Ack { count: decision.count, duplicate: false })
+            Ok(Ack {
+                count: decision.count,
+                duplicate: false,
+            })
         }
         Outcome::Duplicate | Outcome::Resent => {
             // Nothing changes, but the state we confirm must itself be durable before the ack.
-            node.event_log.barrier().await.map_err(|err| durability_error(node, err))?;
+            node.event_log
+                .barrier()
+                .await
+                .map_err(|err| durability_error(node, err))?;
             let duplicate = decision.outcome == Outcome::Duplicate;
-            node.metrics.like(if duplicate { LikeOutcome::Duplicate } else { LikeOutcome::Resent });
-            Ok(Ack { count: decision.count, duplicate })
+            node.metrics.like(if duplicate {
+                LikeOutcome::Duplicate
+            } else {
+                LikeOutcome::Resent
+            });
+            Ok(Ack {
+                count: decision.count,
+                duplicate,
+            })
         }
     }
 }
@@ -77,7 +100,10 @@ fn durability_error(node: &Node, err: EventLogError) -> (ErrorCode, String) {
     match err {
         EventLogError::Closed => {
             node.metrics.like(LikeOutcome::Overloaded);
-            (ErrorCode::Overloaded, "the node is shutting down, retry with the same id".to_owned())
+            (
+                ErrorCode::Overloaded,
+                "the node is shutting down, retry with the same id".to_owned(),
+            )
         }
     }
 }

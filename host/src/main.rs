@@ -12,8 +12,10 @@ mod protocol;
 mod registry;
 mod server;
 mod session;
+mod sharded;
 mod store;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -36,7 +38,10 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("fanfare: cannot start the runtime: {err}");
@@ -57,7 +62,10 @@ fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -70,12 +78,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(
-        node = %node.id,
-        listen = %listener.local_addr().unwrap_or(listen),
-        data_dir = %node.config.data_dir.display(),
-        "fanfare node serving"
-    );
+    let local = listener.local_addr().unwrap_or(listen);
+    tracing::info!(node = %node.id, listen = %local, data_dir = %node.config.data_dir.display(), "fanfare node serving");
+    // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
+    println!("fanfare listening on http://{local}");
     tokio::spawn(watch_signals(node.clone()));
     server::serve(node.clone(), listener).await;
     shutdown(node).await
@@ -101,10 +107,16 @@ async fn watch_signals(node: Arc<Node>) {
 async fn shutdown(node: Arc<Node>) -> anyhow::Result<()> {
     node.sessions.close();
     let grace = node.config.shutdown_timeout() + std::time::Duration::from_secs(3);
-    if tokio::time::timeout(grace, node.sessions.wait()).await.is_err() {
+    if tokio::time::timeout(grace, node.sessions.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some sessions did not finish in time");
     }
-    node.event_log.close().await.context("cannot flush the event log")?;
+    node.event_log
+        .close()
+        .await
+        .context("cannot flush the event log")?;
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -78,28 +78,78 @@ impl Metrics {
             garbage_disconnects: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("fanfare_connections_active", "Open WebSocket connections", m.connections_active.clone());
-        registry.register("fanfare_connections_opened", "WebSocket connections accepted", m.connections_opened.clone());
-        registry.register("fanfare_subscriptions_active", "Active (connection, track) subscriptions", m.subscriptions_active.clone());
-        registry.register("fanfare_tracks_with_listeners", "Tracks with at least one local listener", m.tracks_with_listeners.clone());
-        registry.register("fanfare_likes", "Like and unlike requests by outcome", m.likes.clone());
-        registry.register("fanfare_protocol_errors", "Error frames sent, by code", m.protocol_errors.clone());
+        registry.register(
+            "fanfare_connections_active",
+            "Open WebSocket connections",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "fanfare_connections_opened",
+            "WebSocket connections accepted",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "fanfare_subscriptions_active",
+            "Active (connection, track) subscriptions",
+            m.subscriptions_active.clone(),
+        );
+        registry.register(
+            "fanfare_tracks_with_listeners",
+            "Tracks with at least one local listener",
+            m.tracks_with_listeners.clone(),
+        );
+        registry.register(
+            "fanfare_likes",
+            "Like and unlike requests by outcome",
+            m.likes.clone(),
+        );
+        registry.register(
+            "fanfare_protocol_errors",
+            "Error frames sent, by code",
+            m.protocol_errors.clone(),
+        );
         registry.register(
             "fanfare_broadcast_lag_seconds",
             "Time from the first like of an update being accepted to the update queued on every local socket",
             m.broadcast_lag.clone(),
         );
-        registry.register("fanfare_broadcast_updates", "Per-track updates built (each serialized once)", m.broadcast_updates.clone());
-        registry.register("fanfare_frames_delivered", "Update frames queued to sockets", m.frames_delivered.clone());
-        registry.register("fanfare_outbound_conflated", "Updates that replaced an unsent older update of the same track", m.outbound_conflated.clone());
-        registry.register("fanfare_slow_consumer_disconnects", "Connections dropped for not reading", m.slow_consumer_disconnects.clone());
-        registry.register("fanfare_heartbeat_reaps", "Connections closed for silence past the heartbeat timeout", m.heartbeat_reaps.clone());
-        registry.register("fanfare_garbage_disconnects", "Connections closed (1008) for sending repeated bad frames", m.garbage_disconnects.clone());
+        registry.register(
+            "fanfare_broadcast_updates",
+            "Per-track updates built (each serialized once)",
+            m.broadcast_updates.clone(),
+        );
+        registry.register(
+            "fanfare_frames_delivered",
+            "Update frames queued to sockets",
+            m.frames_delivered.clone(),
+        );
+        registry.register(
+            "fanfare_outbound_conflated",
+            "Updates that replaced an unsent older update of the same track",
+            m.outbound_conflated.clone(),
+        );
+        registry.register(
+            "fanfare_slow_consumer_disconnects",
+            "Connections dropped for not reading",
+            m.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "fanfare_heartbeat_reaps",
+            "Connections closed for silence past the heartbeat timeout",
+            m.heartbeat_reaps.clone(),
+        );
+        registry.register(
+            "fanfare_garbage_disconnects",
+            "Connections closed (1008) for sending repeated bad frames",
+            m.garbage_disconnects.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     pub fn like(&self, outcome: LikeOutcome) {
-        self.likes.get_or_create(&[("outcome", outcome.label())]).inc();
+        self.likes
+            .get_or_create(&[("outcome", outcome.label())])
+            .inc();
     }
 
     pub fn protocol_error(&self, code: &'static str) {

@@ -167,7 +167,10 @@ fn track_field(fields: &Map<String, Value>, key: &Option<String>) -> Result<Stri
             "field `track` must match [A-Za-z0-9_.:-]{1,128}",
             key.clone(),
         )),
-        Some(_) => Err(FrameError::bad("field `track` must be a string", key.clone())),
+        Some(_) => Err(FrameError::bad(
+            "field `track` must be a string",
+            key.clone(),
+        )),
         None => Err(FrameError::bad("missing field `track`", key.clone())),
     }
 }
@@ -221,7 +224,9 @@ pub enum ServerFrame<'a> {
 impl ServerFrame<'_> {
     pub fn to_json(&self) -> String {
         // Serializing these plain structs cannot fail: no maps with non-string keys, no floats.
-        serde_json::to_string(self).unwrap_or_else(|_| String::from(r#"{"type":"error","code":"internal","message":"encoding"}"#))
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            String::from(r#"{"type":"error","code":"internal","message":"encoding"}"#)
+        })
     }
 }
 
@@ -283,7 +288,11 @@ mod tests {
             r#"{"type":"like","track":5,"id":"k"}"#,
             r#"{"type":"subscribe","track":""}"#,
         ] {
-            assert_eq!(decode(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad}");
+            assert_eq!(
+                decode(bad).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{bad}"
+            );
         }
         let long_key = format!(r#"{{"type":"like","track":"t","id":"{}"}}"#, "k".repeat(65));
         assert!(decode(&long_key).is_err());
@@ -317,6 +326,9 @@ mod tests {
             message: "m",
             id: None,
         };
-        assert_eq!(err.to_json(), r#"{"type":"error","code":"too_large","message":"m"}"#);
+        assert_eq!(
+            err.to_json(),
+            r#"{"type":"error","code":"too_large","message":"m"}"#
+        );
     }
 }

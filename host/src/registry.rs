@@ -4,40 +4,30 @@
 //! track's listener list (reference counts only) and delivers outside the lock.
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
-
-const SHARDS: usize = 64;
+use crate::sharded::ShardedMap;
 
 type Audience = HashMap<ConnId, Arc<Outbox>>;
 
 pub struct Registry {
-    shards: Box<[Mutex<HashMap<Arc<str>, Audience>>]>,
+    tracks: ShardedMap<Audience>,
     metrics: Arc<Metrics>,
 }
 
 impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Registry {
         Registry {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            tracks: ShardedMap::default(),
             metrics,
         }
     }
 
-    fn shard(&self, track: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Audience>> {
-        let mut hasher = DefaultHasher::new();
-        track.hash(&mut hasher);
-        let index = (hasher.finish() as usize) % SHARDS;
-        self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Adds a listener; returns the shared track name and whether it was new.
     pub fn subscribe(&self, track: &str, outbox: &Arc<Outbox>) -> (Arc<str>, bool) {
-        let mut shard = self.shard(track);
+        let mut shard = self.tracks.lock(track);
         if !shard.contains_key(track) {
             shard.insert(Arc::from(track), Audience::new());
             self.metrics.tracks_with_listeners.inc();
@@ -56,8 +46,10 @@ impl Registry {
 
     /// Removes a listener; returns whether it was there.
     pub fn unsubscribe(&self, track: &str, conn: ConnId) -> bool {
-        let mut shard = self.shard(track);
-        let Some(audience) = shard.get_mut(track) else { return false };
+        let mut shard = self.tracks.lock(track);
+        let Some(audience) = shard.get_mut(track) else {
+            return false;
+        };
         let removed = audience.remove(&conn).is_some();
         if removed {
             self.metrics.subscriptions_active.dec();
@@ -70,13 +62,13 @@ impl Registry {
     }
 
     pub fn audience_size(&self, track: &str) -> usize {
-        self.shard(track).get(track).map_or(0, HashMap::len)
+        self.tracks.lock(track).get(track).map_or(0, HashMap::len)
     }
 
     /// Copies the track's listeners into `into` (cleared first).
     pub fn listeners(&self, track: &str, into: &mut Vec<Arc<Outbox>>) {
         into.clear();
-        if let Some(audience) = self.shard(track).get(track) {
+        if let Some(audience) = self.tracks.lock(track).get(track) {
             into.extend(audience.values().cloned());
         }
     }

@@ -78,7 +78,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
 async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported here\n"));
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported here\n",
+        ));
     }
     let response = match path.as_str() {
         "/v1/ws" => upgrade(node, req),
@@ -89,15 +92,18 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>
             let mut response = Response::new(Body::from(node.metrics.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             response
         }
         "/" => {
             let mut response = Response::new(Body::from(INDEX_HTML));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
             response
         }
         _ => match path.strip_prefix("/v1/tracks/") {
@@ -117,10 +123,17 @@ async fn track_count(node: &Node, track: &str) -> Response<Body> {
         );
     }
     match node.ledger.count(track).await {
-        Ok(count) => json(StatusCode::OK, serde_json::json!({ "track": track, "count": count })),
+        Ok(count) => json(
+            StatusCode::OK,
+            serde_json::json!({ "track": track, "count": count }),
+        ),
         Err(err) => {
             tracing::error!(error = %err, "cannot read count");
-            json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "cannot read the count")
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "cannot read the count",
+            )
         }
     }
 }
@@ -128,13 +141,19 @@ async fn track_count(node: &Node, track: &str) -> Response<Body> {
 /// Answers the WebSocket handshake and spawns the session on the upgraded stream.
 fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     if !node.is_ready() {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "node is shutting down");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "node is shutting down",
+        );
     }
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
         })
     };
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -152,9 +171,10 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
             "bad_request",
             "this endpoint needs a WebSocket (version 13) upgrade",
         );
-        response
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return response;
     };
     let user = match query_param(req.uri().query(), "user") {
@@ -179,7 +199,12 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     node.sessions.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
                 session::run(session_node, ws, Arc::from(user)).await;
             }
             Err(err) => tracing::debug!(error = %err, "upgrade failed"),
@@ -207,23 +232,28 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Body::from(value.to_string()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
 fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(status, serde_json::json!({ "error": code, "message": message }))
+    json(
+        status,
+        serde_json::json!({ "error": code, "message": message }),
+    )
 }
 
 #[cfg(test)]

@@ -53,7 +53,10 @@ impl End {
             End::TooLarge => (CloseCode::Size, "frame too large"),
             End::Garbage => (CloseCode::Policy, "too many bad frames"),
         };
-        Some(CloseFrame { code, reason: reason.into() })
+        Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })
     }
 }
 
@@ -170,7 +173,12 @@ where
         match frame {
             ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
             ClientFrame::Like(request) => {
-                let work = like::handle(self.node.clone(), self.user.clone(), self.outbox.conn, request);
+                let work = like::handle(
+                    self.node.clone(),
+                    self.user.clone(),
+                    self.outbox.conn,
+                    request,
+                );
                 self.inflight.push(Box::pin(work));
                 Ok(())
             }
@@ -179,7 +187,8 @@ where
                 if let Some(name) = self.tracks.take(track.as_str()) {
                     self.node.registry.unsubscribe(&name, self.outbox.conn);
                 }
-                self.send(ServerFrame::Unsubscribed { track: &track }.to_json()).await
+                self.send(ServerFrame::Unsubscribed { track: &track }.to_json())
+                    .await
             }
         }
     }
@@ -194,10 +203,20 @@ where
         let (name, _) = self.node.registry.subscribe(&track, &self.outbox);
         self.tracks.insert(name);
         match self.node.ledger.count(&track).await {
-            Ok(count) => self.send(ServerFrame::Subscribed { track: &track, count }.to_json()).await,
+            Ok(count) => {
+                self.send(
+                    ServerFrame::Subscribed {
+                        track: &track,
+                        count,
+                    }
+                    .to_json(),
+                )
+                .await
+            }
             Err(err) => {
                 tracing::error!(error = %err, "cannot read track count");
-                self.send_error(ErrorCode::Internal, "cannot read the track count", None).await
+                self.send_error(ErrorCode::Internal, "cannot read the track count", None)
+                    .await
             }
         }
     }
@@ -208,7 +227,8 @@ where
             self.bad_since = Instant::now();
         }
         self.bad_frames += 1;
-        self.send_error(err.code, &err.message, err.key.as_deref()).await?;
+        self.send_error(err.code, &err.message, err.key.as_deref())
+            .await?;
         if self.bad_frames > GARBAGE_LIMIT {
             self.node.metrics.garbage_disconnects.inc();
             return Err(End::Garbage);
@@ -232,9 +252,15 @@ where
         }
     }
 
-    async fn send_error(&mut self, code: ErrorCode, message: &str, id: Option<&str>) -> Result<(), End> {
+    async fn send_error(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        id: Option<&str>,
+    ) -> Result<(), End> {
         self.node.metrics.protocol_error(code.as_str());
-        self.send(ServerFrame::Error { code, message, id }.to_json()).await
+        self.send(ServerFrame::Error { code, message, id }.to_json())
+            .await
     }
 
     async fn send(&mut self, text: String) -> Result<(), End> {
@@ -276,7 +302,10 @@ where
             }
         }
         if end == End::TooLarge {
-            let message = format!("frames are limited to {} bytes", self.node.config.max_frame_bytes);
+            let message = format!(
+                "frames are limited to {} bytes",
+                self.node.config.max_frame_bytes
+            );
             let _ = self.send_error(ErrorCode::TooLarge, &message, None).await;
         }
         if let Some(frame) = end.close_frame() {

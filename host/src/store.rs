@@ -42,7 +42,12 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Connection> {
         .with_context(|| format!("cannot open database {}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")
-        .with_context(|| format!("cannot write to database {} (is the data directory writable?)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot write to database {} (is the data directory writable?)",
+                path.display()
+            )
+        })?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("cannot create schema in {}", path.display()))?;
@@ -60,7 +65,8 @@ pub fn open_reader(data_dir: &Path) -> anyhow::Result<Connection> {
 
 /// Highest event sequence number stored so far (0 for an empty store).
 pub fn last_seq(conn: &Connection) -> anyhow::Result<u64> {
-    let seq: Option<i64> = conn.query_row("SELECT MAX(seq) FROM like_events", [], |row| row.get(0))?;
+    let seq: Option<i64> =
+        conn.query_row("SELECT MAX(seq) FROM like_events", [], |row| row.get(0))?;
     Ok(seq.unwrap_or(0).max(0) as u64)
 }
 
@@ -83,6 +89,8 @@ pub fn recent_pair_events(
     let mut stmt = conn.prepare_cached(
         "SELECT key, action FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT ?3",
     )?;
-    let rows = stmt.query_map(params![user, track, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let rows = stmt.query_map(params![user, track, limit as i64], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
     rows.collect()
 }

@@ -1,1 +1,287 @@
+//! Helpers for integration tests that drive the real `fanfare` binary over real sockets.
+//!
+//! A [`NodeProcess`] starts the binary on a kernel-chosen port (`--listen 127.0.0.1:0`, the
+//! node prints the bound address), and kills it when dropped, so a failing test leaves nothing
+//! behind. A [`WsClient`] speaks protocol v1 with plain tokio-tungstenite.
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Default time to wait for something that should happen.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Path of the `fanfare` binary: `FANFARE_BIN`, else next to the test executable's target dir.
+pub fn fanfare_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("FANFARE_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>/fanfare
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    profile_dir.join("fanfare")
+}
+
+/// A running node process with its own data directory.
+pub struct NodeProcess {
+    child: Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts a node on a free port with the given data directory and extra flags.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProcess> {
+        let bin = fanfare_bin();
+        if !bin.exists() {
+            bail!(
+                "{} not found: run `cargo build --workspace --bins` first",
+                bin.display()
+            );
+        }
+        let mut child = Command::new(&bin)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("FANFARE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix("fanfare listening on http://") {
+                    return Ok(addr.to_owned());
+                }
+            }
+            Err(anyhow!("fanfare exited before listening"))
+        })
+        .await
+        .context("fanfare did not start listening in time")??;
+        // Keep draining stdout so the node never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(NodeProcess {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    pub fn ws_url(&self, user: &str) -> String {
+        format!("ws://{}/v1/ws?user={user}", self.addr)
+    }
+
+    pub async fn connect(&self, user: &str) -> anyhow::Result<WsClient> {
+        WsClient::connect(&self.ws_url(user)).await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Sends a signal (e.g. "TERM", "KILL") to the node.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{name} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, patience: Duration) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(patience, self.child.wait())
+            .await
+            .context("node did not exit in time")??;
+        Ok(status.code())
+    }
+
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// GET on the node: (status, body).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(&self.addr, path).await
+    }
+
+    pub async fn track_count(&self, track: &str) -> anyhow::Result<u64> {
+        let (status, body) = self.get(&format!("/v1/tracks/{track}")).await?;
+        if status != 200 {
+            bail!("GET count: {status} {body}");
+        }
+        let value: Value = serde_json::from_str(&body)?;
+        value["count"].as_u64().context("count missing")
+    }
+
+    /// Reads one sample from `/metrics` (the exact series name with labels, if any).
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let (_, body) = self.get("/metrics").await?;
+        body.lines()
+            .find_map(|line| {
+                line.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("metric {series} not found"))
+    }
+
+    /// Polls a metric until it satisfies `check`.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        check: impl Fn(f64) -> bool,
+    ) -> anyhow::Result<f64> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let value = self.metric(series).await.unwrap_or(f64::NAN);
+            if check(value) {
+                return Ok(value);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("metric {series} stuck at {value}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Minimal HTTP/1.1 GET over a fresh TCP connection.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status code")?;
+    Ok((status, body.to_owned()))
+}
+
+/// A protocol v1 client.
+pub struct WsClient {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub user: String,
+}
+
+impl WsClient {
+    /// Connects and consumes the `welcome` frame.
+    pub async fn connect(url: &str) -> anyhow::Result<WsClient> {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .with_context(|| format!("connect {url}"))?;
+        let mut client = WsClient {
+            ws,
+            user: String::new(),
+        };
+        let welcome = client.recv().await?;
+        if welcome["type"] != "welcome" {
+            bail!("expected welcome, got {welcome}");
+        }
+        client.user = welcome["user"].as_str().unwrap_or_default().to_owned();
+        Ok(client)
+    }
+
+    pub async fn send(&mut self, frame: Value) -> anyhow::Result<()> {
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn send_raw(&mut self, message: Message) -> anyhow::Result<()> {
+        self.ws.send(message).await?;
+        Ok(())
+    }
+
+    /// Next text frame as JSON (pings and pongs skipped).
+    pub async fn recv(&mut self) -> anyhow::Result<Value> {
+        match self.recv_message(PATIENCE).await? {
+            Message::Text(text) => Ok(serde_json::from_str(&text)?),
+            other => bail!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Next data or close message, skipping pings and pongs.
+    pub async fn recv_message(&mut self, patience: Duration) -> anyhow::Result<Message> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .context("timed out waiting for a frame")?;
+            match next {
+                None => bail!("connection ended"),
+                Some(Err(err)) => bail!("websocket error: {err}"),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(message)) => return Ok(message),
+            }
+        }
+    }
+
+    /// Reads frames until one satisfies `want`; returns it.
+    pub async fn recv_until(&mut self, want: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        loop {
+            let frame = self.recv().await?;
+            if want(&frame) {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// Waits for the server's close frame and returns it.
+    pub async fn expect_close(&mut self, patience: Duration) -> anyhow::Result<Option<CloseFrame>> {
+        loop {
+            match self.recv_message(patience).await {
+                Ok(Message::Close(frame)) => return Ok(frame),
+                Ok(_) => continue,
+                Err(err) => bail!("no close frame: {err}"),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, track: &str) -> anyhow::Result<u64> {
+        self.send(json!({"type": "subscribe", "track": track}))
+            .await?;
+        let reply = self
+            .recv_until(|f| f["type"] == "subscribed" && f["track"] == track)
+            .await?;
+        reply["count"].as_u64().context("subscribed without count")
+    }
+
+    /// Sends a like/unlike and waits for its ack (or error) frame.
+    pub async fn like(&mut self, action: &str, track: &str, key: &str) -> anyhow::Result<Value> {
+        self.send(json!({"type": action, "track": track, "id": key}))
+            .await?;
+        self.recv_until(|f| (f["type"] == "ack" || f["type"] == "error") && f["id"] == key)
+            .await
+    }
+}

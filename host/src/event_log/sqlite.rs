@@ -186,7 +186,9 @@ fn commit(conn: &mut Connection, batch: &[Request]) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
         for request in batch {
-            let Request::Append(event, _) = request else { continue };
+            let Request::Append(event, _) = request else {
+                continue;
+            };
             let inserted = insert
                 .execute(params![
                     event.seq as i64,
@@ -204,7 +206,9 @@ fn commit(conn: &mut Connection, batch: &[Request]) -> Result<(), String> {
                     Action::Like => 1,
                     Action::Unlike => -1,
                 };
-                count.execute(params![&*event.track, delta]).map_err(|e| e.to_string())?;
+                count
+                    .execute(params![&*event.track, delta])
+                    .map_err(|e| e.to_string())?;
             }
         }
     }

@@ -46,7 +46,11 @@ struct Pair {
 
 impl EmbeddedLedger {
     /// `durable_seq` comes from the event log: pairs at or below it may be evicted.
-    pub fn open(data_dir: &Path, node: Arc<str>, durable_seq: Arc<AtomicU64>) -> anyhow::Result<Self> {
+    pub fn open(
+        data_dir: &Path,
+        node: Arc<str>,
+        durable_seq: Arc<AtomicU64>,
+    ) -> anyhow::Result<Self> {
         let reader = crate::store::open_reader(data_dir)?;
         let next_seq = crate::store::last_seq(&reader)? + 1;
         Ok(EmbeddedLedger {
@@ -65,7 +69,9 @@ impl EmbeddedLedger {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than stopping the node would, so keep serving.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -92,8 +98,15 @@ fn load_pair(reader: &Connection, user: &str, track: &str) -> Result<Pair, Ledge
     let events =
         crate::store::recent_pair_events(reader, user, track, KEYS_PER_PAIR).map_err(storage)?;
     let liked = events.first().is_some_and(|(_, action)| action == "like");
-    let keys = events.into_iter().map(|(key, _)| key.into_boxed_str()).collect();
-    Ok(Pair { liked, last_seq: 0, keys })
+    let keys = events
+        .into_iter()
+        .map(|(key, _)| key.into_boxed_str())
+        .collect();
+    Ok(Pair {
+        liked,
+        last_seq: 0,
+        keys,
+    })
 }
 
 impl State {
@@ -115,7 +128,13 @@ impl Ledger for EmbeddedLedger {
         let pair_key = format!("{user}\n{track}");
         let mut guard = self.lock();
         guard.evict_committed(self.durable_seq.load(Ordering::Acquire));
-        let State { reader, next_seq, counts, pairs, .. } = &mut *guard;
+        let State {
+            reader,
+            next_seq,
+            counts,
+            pairs,
+            ..
+        } = &mut *guard;
         let (track_name, count) = load_count(reader, counts, track)?;
         let pair = match pairs.entry(pair_key) {
             Entry::Occupied(entry) => entry.into_mut(),
@@ -123,11 +142,17 @@ impl Ledger for EmbeddedLedger {
         };
 
         if pair.keys.iter().any(|k| **k == *request.key) {
-            return Ok(Decision { count, outcome: Outcome::Resent });
+            return Ok(Decision {
+                count,
+                outcome: Outcome::Resent,
+            });
         }
         let wants_liked = request.action == Action::Like;
         if pair.liked == wants_liked {
-            return Ok(Decision { count, outcome: Outcome::Duplicate });
+            return Ok(Decision {
+                count,
+                outcome: Outcome::Duplicate,
+            });
         }
         let seq = *next_seq;
         *next_seq += 1;
@@ -135,7 +160,11 @@ impl Ledger for EmbeddedLedger {
         pair.last_seq = seq;
         pair.keys.push_front(request.key.clone().into_boxed_str());
         pair.keys.truncate(KEYS_PER_PAIR);
-        let count = if wants_liked { count + 1 } else { count.saturating_sub(1) };
+        let count = if wants_liked {
+            count + 1
+        } else {
+            count.saturating_sub(1)
+        };
         counts.insert(track_name.clone(), count);
         let event = LikeEvent {
             event_id: uuid::Uuid::now_v7().to_string(),
@@ -147,7 +176,10 @@ impl Ledger for EmbeddedLedger {
             accepted_at_ms: now_ms(),
             node: self.node.clone(),
         };
-        Ok(Decision { count, outcome: Outcome::Applied(event) })
+        Ok(Decision {
+            count,
+            outcome: Outcome::Applied(event),
+        })
     }
 
     async fn count(&self, track: &str) -> Result<u64, LedgerError> {
@@ -170,7 +202,11 @@ mod tests {
     use crate::event_log::{EventLog, SqliteEventLog};
 
     fn request(action: Action, track: &str, key: &str) -> LikeRequest {
-        LikeRequest { action, track: track.into(), key: key.into() }
+        LikeRequest {
+            action,
+            track: track.into(),
+            key: key.into(),
+        }
     }
 
     #[tokio::test]
@@ -180,23 +216,47 @@ mod tests {
         {
             let log = SqliteEventLog::start(dir.path())?;
             let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.durable_seq())?;
-            let first = ledger.apply(&ana, &request(Action::Like, "t", "k1")).await?;
+            let first = ledger
+                .apply(&ana, &request(Action::Like, "t", "k1"))
+                .await?;
             assert_eq!(first.count, 1);
-            let Outcome::Applied(event) = first.outcome else { panic!("expected applied") };
+            let Outcome::Applied(event) = first.outcome else {
+                panic!("expected applied")
+            };
             log.append(event).await?;
-            let again = ledger.apply(&ana, &request(Action::Like, "t", "k2")).await?;
-            assert_eq!(again, Decision { count: 1, outcome: Outcome::Duplicate });
-            let resent = ledger.apply(&ana, &request(Action::Like, "t", "k1")).await?;
-            assert_eq!(resent, Decision { count: 1, outcome: Outcome::Resent });
+            let again = ledger
+                .apply(&ana, &request(Action::Like, "t", "k2"))
+                .await?;
+            assert_eq!(
+                again,
+                Decision {
+                    count: 1,
+                    outcome: Outcome::Duplicate
+                }
+            );
+            let resent = ledger
+                .apply(&ana, &request(Action::Like, "t", "k1"))
+                .await?;
+            assert_eq!(
+                resent,
+                Decision {
+                    count: 1,
+                    outcome: Outcome::Resent
+                }
+            );
             log.close().await?;
         }
         // A new process sees the committed state: the like and its key.
         let log = SqliteEventLog::start(dir.path())?;
         let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.durable_seq())?;
         assert_eq!(ledger.count("t").await?, 1);
-        let resent = ledger.apply(&ana, &request(Action::Like, "t", "k1")).await?;
+        let resent = ledger
+            .apply(&ana, &request(Action::Like, "t", "k1"))
+            .await?;
         assert_eq!(resent.outcome, Outcome::Resent);
-        let unlike = ledger.apply(&ana, &request(Action::Unlike, "t", "k3")).await?;
+        let unlike = ledger
+            .apply(&ana, &request(Action::Unlike, "t", "k3"))
+            .await?;
         assert_eq!(unlike.count, 0);
         assert!(matches!(unlike.outcome, Outcome::Applied(ref e) if e.seq == 2));
         Ok(())
