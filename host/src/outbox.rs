@@ -1,9 +1,12 @@
 //! A connection's bounded queue of broadcast updates.
 //!
 //! Fan-out never waits on a socket: it drops the shared frame bytes into this queue and moves
-//! on. When a reader falls behind and the queue is full, a new update replaces the unsent one
-//! of the same track (the reader gets the latest count, not every step); when even that is not
-//! possible the outbox is marked overflowed and the session disconnects the slow consumer.
+//! on. Past `soft` entries a reader is behind, and a new update replaces the unsent one of the
+//! same track (the reader gets the latest count, not every step). Entries only share frame
+//! bytes, so holding one per subscribed track is cheap; `hard` (soft + the subscription limit)
+//! is never reached by a well-behaved connection, and reaching it marks the outbox overflowed
+//! so the session disconnects. A reader that is merely stuck is caught by the session's write
+//! timeout.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -16,7 +19,8 @@ pub type ConnId = u64;
 
 pub struct Outbox {
     pub conn: ConnId,
-    capacity: usize,
+    soft: usize,
+    hard: usize,
     state: Mutex<State>,
     wake: Notify,
 }
@@ -35,10 +39,11 @@ pub enum Push {
 }
 
 impl Outbox {
-    pub fn new(conn: ConnId, capacity: usize) -> Outbox {
+    pub fn new(conn: ConnId, soft: usize, hard: usize) -> Outbox {
         Outbox {
             conn,
-            capacity,
+            soft,
+            hard: hard.max(soft),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
         }
@@ -55,12 +60,16 @@ impl Outbox {
             if state.overflowed {
                 return Push::Overflowed;
             }
-            if state.updates.len() < self.capacity {
+            let len = state.updates.len();
+            if len < self.soft {
                 state.updates.push_back((track.clone(), frame.clone()));
                 Push::Queued
             } else if let Some(slot) = state.updates.iter_mut().find(|(t, _)| t == track) {
                 slot.1 = frame.clone();
                 Push::Conflated
+            } else if len < self.hard {
+                state.updates.push_back((track.clone(), frame.clone()));
+                Push::Queued
             } else {
                 state.overflowed = true;
                 Push::Overflowed
@@ -91,7 +100,7 @@ mod tests {
 
     #[test]
     fn conflates_then_overflows() {
-        let outbox = Outbox::new(1, 2);
+        let outbox = Outbox::new(1, 2, 3);
         let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "c".into());
         assert_eq!(outbox.push(&a, &"a1".into()), Push::Queued);
         assert_eq!(outbox.push(&b, &"b1".into()), Push::Queued);
@@ -101,7 +110,14 @@ mod tests {
         assert_eq!(frames, vec![Utf8Bytes::from("a2"), Utf8Bytes::from("b1")]);
         outbox.push(&a, &"a3".into());
         outbox.push(&b, &"b3".into());
-        assert_eq!(outbox.push(&c, &"c3".into()), Push::Overflowed);
+        assert_eq!(
+            outbox.push(&c, &"c3".into()),
+            Push::Queued,
+            "a new track fits below hard"
+        );
+        assert_eq!(outbox.push(&c, &"c4".into()), Push::Conflated);
+        let d: Arc<str> = "d".into();
+        assert_eq!(outbox.push(&d, &"d4".into()), Push::Overflowed);
         assert!(!outbox.take(&mut frames));
     }
 }

@@ -77,7 +77,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let conn = node.next_conn_id();
-    let outbox = Arc::new(Outbox::new(conn, node.config.outbound_queue));
+    let soft = node.config.outbound_queue;
+    let outbox = Arc::new(Outbox::new(
+        conn,
+        soft,
+        soft + node.config.max_subscriptions,
+    ));
     node.metrics.connections_opened.inc();
     node.metrics.connections_active.inc();
     let mut session = Session {

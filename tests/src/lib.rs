@@ -156,7 +156,16 @@ impl NodeProcess {
         series: &str,
         check: impl Fn(f64) -> bool,
     ) -> anyhow::Result<f64> {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
+        self.wait_metric_for(series, PATIENCE, check).await
+    }
+
+    pub async fn wait_metric_for(
+        &self,
+        series: &str,
+        patience: Duration,
+        check: impl Fn(f64) -> bool,
+    ) -> anyhow::Result<f64> {
+        let deadline = tokio::time::Instant::now() + patience;
         loop {
             let value = self.metric(series).await.unwrap_or(f64::NAN);
             if check(value) {
