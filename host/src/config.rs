@@ -42,6 +42,12 @@ pub struct Config {
     )]
     pub data_dir: PathBuf,
 
+    /// Plugin manifest (TOML) naming the WebAssembly component for each slot; changes to files
+    /// next to it, SIGHUP and `POST /admin/plugins/reload` reload it. Without it every slot
+    /// uses built-in behaviour.
+    #[arg(long, env = "FANFARE_PLUGINS", value_name = "FILE")]
+    pub plugins: Option<PathBuf>,
+
     /// Name of this node in events and logs (default: a random id per start).
     #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Push};
+use crate::plugins::Plugins;
 use crate::protocol::{LikesFrame, RecentLike};
 use crate::registry::Registry;
 use crate::sharded::ShardedMap;
@@ -57,15 +58,17 @@ pub struct Fanout {
     pending: ShardedMap<Pending>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    plugins: Arc<Plugins>,
     max_window: Duration,
 }
 
 impl Fanout {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, max_window: Duration) -> Fanout {
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, plugins: Arc<Plugins>, max_window: Duration) -> Fanout {
         Fanout {
             pending: ShardedMap::default(),
             registry,
             metrics,
+            plugins,
             max_window,
         }
     }
@@ -104,37 +107,43 @@ impl Fanout {
         };
         if opened {
             let window = self.window_for(audience);
-            if window.is_zero() {
-                self.flush(&track);
-            } else {
-                let fanout = self.clone();
-                tokio::spawn(async move {
+            let fanout = self.clone();
+            tokio::spawn(async move {
+                if !window.is_zero() {
                     tokio::time::sleep(window).await;
-                    fanout.flush(&track);
-                });
-            }
+                }
+                fanout.flush(&track).await;
+            });
         }
     }
 
     /// Closes the track's window: shape once, serialize once, queue everywhere.
-    fn flush(&self, track: &Arc<str>) {
+    async fn flush(&self, track: &Arc<str>) {
         let Some(pending) = self.pending.lock(track).remove(track) else {
             return;
         };
-        let frame = LikesFrame {
-            kind: "likes",
-            track,
-            count: pending.count,
-            delta: pending.delta,
-            recent: &pending.recent,
-        };
-        let bytes = match serde_json::to_string(&frame) {
-            Ok(text) => Utf8Bytes::from(text),
-            Err(err) => {
-                tracing::error!(error = %err, %track, "cannot serialize update");
-                return;
+        // Shape once (plugin, or the built-in frame), serialize once.
+        let shaped = self.plugins.shape(track, pending.count, pending.delta, &pending.recent).await;
+        let text = match shaped {
+            Some(text) => text,
+            None => {
+                let frame = LikesFrame {
+                    kind: "likes",
+                    track,
+                    count: pending.count,
+                    delta: pending.delta,
+                    recent: &pending.recent,
+                };
+                match serde_json::to_string(&frame) {
+                    Ok(text) => text,
+                    Err(err) => {
+                        tracing::error!(error = %err, %track, "cannot serialize update");
+                        return;
+                    }
+                }
             }
         };
+        let bytes = Utf8Bytes::from(text);
         let mut listeners = Vec::new();
         self.registry.listeners(track, &mut listeners);
         let skip = match pending.origin {
@@ -195,7 +204,9 @@ mod tests {
     fn window_grows_with_audience_within_bounds() {
         let metrics = Arc::new(Metrics::new());
         let registry = Arc::new(Registry::new(metrics.clone()));
-        let fanout = Fanout::new(registry, metrics, Duration::from_millis(50));
+        let counters = Arc::new(crate::plugins::counters::MemoryCounters::default());
+        let plugins = Arc::new(Plugins::new(None, "unused".into(), counters, metrics.clone()));
+        let fanout = Fanout::new(registry, metrics, plugins, Duration::from_millis(50));
         assert_eq!(fanout.window_for(1), Duration::from_millis(2));
         assert_eq!(fanout.window_for(2_500), Duration::from_millis(25));
         assert_eq!(fanout.window_for(1_000_000), Duration::from_millis(50));

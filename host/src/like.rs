@@ -9,12 +9,13 @@ use crate::ledger::Outcome;
 use crate::metrics::LikeOutcome;
 use crate::node::Node;
 use crate::outbox::ConnId;
+use crate::plugins::Gate;
 use crate::protocol::{Action, ErrorCode, LikeRequest, RecentLike};
 
-/// What the liker is told: an ack, or an error with a code.
+/// What the liker is told: an ack, or a refusal.
 pub struct Reply {
     pub request: LikeRequest,
-    pub result: Result<Ack, (ErrorCode, String)>,
+    pub result: Result<Ack, Refusal>,
 }
 
 pub struct Ack {
@@ -22,28 +23,44 @@ pub struct Ack {
     pub duplicate: bool,
 }
 
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u32>,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: &str) -> Refusal {
+        Refusal { code, message: message.to_owned(), retry_after_ms: None }
+    }
+}
+
 pub async fn handle(node: Arc<Node>, user: Arc<str>, conn: ConnId, request: LikeRequest) -> Reply {
     let result = run(&node, &user, conn, &request).await;
     Reply { request, result }
 }
 
-async fn run(
-    node: &Node,
-    user: &Arc<str>,
-    conn: ConnId,
-    request: &LikeRequest,
-) -> Result<Ack, (ErrorCode, String)> {
-    // 1. Rate limiting and 2. validation: ids are already checked by the protocol decoder;
-    //    deployment-specific slots (plugins) hook in here.
+async fn run(node: &Node, user: &Arc<str>, conn: ConnId, request: &LikeRequest) -> Result<Ack, Refusal> {
+    // 1. Rate limiting (plugin slot; built-in: none). 2. Validation (plugin slot; built-in:
+    //    the id rules the protocol decoder already enforced).
+    for gate in [
+        node.plugins.rate_limit(user, request).await,
+        node.plugins.validate(user, request).await,
+    ] {
+        if let Gate::Refuse { code, message, retry_after_ms } = gate {
+            node.metrics.like(match code {
+                ErrorCode::RateLimited => LikeOutcome::RateLimited,
+                _ => LikeOutcome::Rejected,
+            });
+            return Err(Refusal { code, message, retry_after_ms });
+        }
+    }
 
     // 3. The ledger applies the once-only rule and gives the new total, without waiting for disk.
     let decision = node.ledger.apply(user, request).await.map_err(|err| {
         node.metrics.like(LikeOutcome::Failed);
         tracing::error!(error = %err, "ledger failed");
-        (
-            ErrorCode::Internal,
-            "the like could not be recorded".to_owned(),
-        )
+        Refusal::new(ErrorCode::Internal, "the like could not be recorded; retry with the same id")
     })?;
 
     match decision.outcome {
@@ -53,57 +70,30 @@ async fn run(
                 track: event.track.clone(),
                 count: decision.count,
                 version: event.seq,
-                delta: if request.action == Action::Like {
-                    1
-                } else {
-                    -1
-                },
-                like: RecentLike {
-                    user: user.to_string(),
-                    id: request.key.clone(),
-                    action: request.action,
-                },
+                delta: if request.action == Action::Like { 1 } else { -1 },
+                like: RecentLike { user: user.to_string(), id: request.key.clone(), action: request.action },
                 origin: conn,
             });
             // 5. The ack waits until the event is durable.
-            node.event_log
-                .append(event)
-                .await
-                .map_err(|err| durability_error(node, err))?;
+            node.event_log.append(event).await.map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Accepted);
-            Ok(Ack {
-                count: decision.count,
-                duplicate: false,
-            })
+            Ok(Ack { count: decision.count, duplicate: false })
         }
         Outcome::Duplicate | Outcome::Resent => {
             // Nothing changes, but the state we confirm must itself be durable before the ack.
-            node.event_log
-                .barrier()
-                .await
-                .map_err(|err| durability_error(node, err))?;
+            node.event_log.barrier().await.map_err(|err| durability_error(node, err))?;
             let duplicate = decision.outcome == Outcome::Duplicate;
-            node.metrics.like(if duplicate {
-                LikeOutcome::Duplicate
-            } else {
-                LikeOutcome::Resent
-            });
-            Ok(Ack {
-                count: decision.count,
-                duplicate,
-            })
+            node.metrics.like(if duplicate { LikeOutcome::Duplicate } else { LikeOutcome::Resent });
+            Ok(Ack { count: decision.count, duplicate })
         }
     }
 }
 
-fn durability_error(node: &Node, err: EventLogError) -> (ErrorCode, String) {
+fn durability_error(node: &Node, err: EventLogError) -> Refusal {
     match err {
         EventLogError::Closed => {
             node.metrics.like(LikeOutcome::Overloaded);
-            (
-                ErrorCode::Overloaded,
-                "the node is shutting down, retry with the same id".to_owned(),
-            )
+            Refusal::new(ErrorCode::Overloaded, "the node is shutting down; retry with the same id")
         }
     }
 }

@@ -8,6 +8,7 @@ mod like;
 mod metrics;
 mod node;
 mod outbox;
+mod plugins;
 mod protocol;
 mod registry;
 mod server;
@@ -74,7 +75,7 @@ fn init_tracing(config: &Config) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
-    let node = Node::embedded(config)?;
+    let node = Node::embedded(config).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -83,6 +84,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
     println!("fanfare listening on http://{local}");
     tokio::spawn(watch_signals(node.clone()));
+    plugins::reload::spawn_triggers(node.plugins.clone(), node.shutdown.clone())?;
     server::serve(node.clone(), listener).await;
     shutdown(node).await
 }

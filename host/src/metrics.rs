@@ -10,6 +10,13 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Label = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
+
+fn plugin_latency_histogram() -> Histogram {
+    // 1 µs .. ~65 ms
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-6, 4.0, 9))
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +33,9 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     pub heartbeat_reaps: Counter,
     pub garbage_disconnects: Counter,
+    plugin_calls: HistogramFamily,
+    plugin_events: Family<Labels2, Counter>,
+    plugin_reloads: Family<Labels2, Counter>,
 }
 
 /// How a like/unlike request ended, as the `outcome` label of `fanfare_likes_total`.
@@ -34,6 +44,8 @@ pub enum LikeOutcome {
     Accepted,
     Duplicate,
     Resent,
+    Rejected,
+    RateLimited,
     Overloaded,
     Failed,
 }
@@ -44,6 +56,8 @@ impl LikeOutcome {
             LikeOutcome::Accepted => "accepted",
             LikeOutcome::Duplicate => "duplicate",
             LikeOutcome::Resent => "resent",
+            LikeOutcome::Rejected => "rejected",
+            LikeOutcome::RateLimited => "rate_limited",
             LikeOutcome::Overloaded => "overloaded",
             LikeOutcome::Failed => "failed",
         }
@@ -76,6 +90,9 @@ impl Metrics {
             slow_consumer_disconnects: Counter::default(),
             heartbeat_reaps: Counter::default(),
             garbage_disconnects: Counter::default(),
+            plugin_calls: Family::new_with_constructor(plugin_latency_histogram),
+            plugin_events: Family::default(),
+            plugin_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -143,6 +160,21 @@ impl Metrics {
             "Connections closed (1008) for sending repeated bad frames",
             m.garbage_disconnects.clone(),
         );
+        registry.register(
+            "fanfare_plugin_call_seconds",
+            "Plugin call latency by slot (count = calls)",
+            m.plugin_calls.clone(),
+        );
+        registry.register(
+            "fanfare_plugin_events",
+            "Plugin rejections, traps and timeouts by slot",
+            m.plugin_events.clone(),
+        );
+        registry.register(
+            "fanfare_plugin_reloads",
+            "Plugin load attempts by slot and outcome (loaded, refused, unloaded)",
+            m.plugin_reloads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -154,6 +186,18 @@ impl Metrics {
 
     pub fn protocol_error(&self, code: &'static str) {
         self.protocol_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    pub fn plugin_call(&self, slot: &'static str, seconds: f64) {
+        self.plugin_calls.get_or_create(&[("slot", slot)]).observe(seconds);
+    }
+
+    pub fn plugin_event(&self, slot: &'static str, event: &'static str) {
+        self.plugin_events.get_or_create(&[("slot", slot), ("event", event)]).inc();
+    }
+
+    pub fn plugin_reload(&self, slot: &'static str, outcome: &'static str) {
+        self.plugin_reloads.get_or_create(&[("slot", slot), ("outcome", outcome)]).inc();
     }
 
     pub fn render(&self) -> String {

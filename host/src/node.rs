@@ -12,6 +12,8 @@ use crate::fanout::Fanout;
 use crate::ledger::{EmbeddedLedger, Ledger};
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
+use crate::plugins::Plugins;
+use crate::plugins::counters::MemoryCounters;
 use crate::registry::Registry;
 
 pub struct Node {
@@ -21,6 +23,7 @@ pub struct Node {
     pub event_log: Arc<dyn EventLog>,
     pub registry: Arc<Registry>,
     pub fanout: Arc<Fanout>,
+    pub plugins: Arc<Plugins>,
     pub metrics: Arc<Metrics>,
     /// The one shutdown signal every loop listens to.
     pub shutdown: CancellationToken,
@@ -31,7 +34,7 @@ pub struct Node {
 
 impl Node {
     /// Opens the embedded store and wires the parts together.
-    pub fn embedded(config: Config) -> anyhow::Result<Arc<Node>> {
+    pub async fn embedded(config: Config) -> anyhow::Result<Arc<Node>> {
         let id: Arc<str> = match &config.node_id {
             Some(id) => Arc::from(id.as_str()),
             None => Arc::from(format!("node-{:08x}", rand::random::<u32>())),
@@ -40,9 +43,18 @@ impl Node {
         let ledger = EmbeddedLedger::open(&config.data_dir, id.clone(), event_log.durable_seq())?;
         let metrics = Arc::new(Metrics::new());
         let registry = Arc::new(Registry::new(metrics.clone()));
+        let counters = Arc::new(MemoryCounters::default());
+        let plugins = Arc::new(Plugins::new(
+            config.plugins.clone(),
+            config.data_dir.join("plugin-cache"),
+            counters,
+            metrics.clone(),
+        ));
+        plugins.load_initial().await?;
         let fanout = Arc::new(Fanout::new(
             registry.clone(),
             metrics.clone(),
+            plugins.clone(),
             config.broadcast_window(),
         ));
         Ok(Arc::new(Node {
@@ -51,6 +63,7 @@ impl Node {
             event_log: Arc::new(event_log),
             registry,
             fanout,
+            plugins,
             metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),

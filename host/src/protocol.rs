@@ -50,7 +50,7 @@ impl Action {
 }
 
 /// Error codes of protocol v1; the wire form is the snake_case name.
-/// Some codes are produced only by optional parts (plugins, auth), hence the allow.
+/// `Unauthorized` is produced by authentication (not yet built), hence the allow.
 #[allow(dead_code)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,6 +218,9 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
+        /// For `rate_limited`: when the client may try again.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u32>,
     },
 }
 
@@ -325,6 +328,7 @@ mod tests {
             code: ErrorCode::TooLarge,
             message: "m",
             id: None,
+            retry_after_ms: None,
         };
         assert_eq!(
             err.to_json(),

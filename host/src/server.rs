@@ -4,6 +4,7 @@
 //! task running tokio-tungstenite. Everything else is a small JSON or text response.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         connections.spawn(async move {
-            let service = service_fn(|req| route(node.clone(), req));
+            let service = service_fn(|req| route(node.clone(), peer, req));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -75,13 +76,13 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
     connections.wait().await;
 }
 
-async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    if path.starts_with("/admin/") {
+        return Ok(admin(&node, peer, req.method(), &path).await);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is supported here\n",
-        ));
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported here\n"));
     }
     let response = match path.as_str() {
         "/v1/ws" => upgrade(node, req),
@@ -92,18 +93,15 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>
             let mut response = Response::new(Body::from(node.metrics.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
             response
         }
         "/" => {
             let mut response = Response::new(Body::from(INDEX_HTML));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
             response
         }
         _ => match path.strip_prefix("/v1/tracks/") {
@@ -112,6 +110,29 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Body>
         },
     };
     Ok(response)
+}
+
+/// Operator endpoints. Until token auth exists they answer loopback clients only.
+async fn admin(node: &Node, peer: SocketAddr, method: &Method, path: &str) -> Response<Body> {
+    if !peer.ip().is_loopback() {
+        return json_error(StatusCode::FORBIDDEN, "unauthorized", "admin endpoints answer loopback clients only");
+    }
+    match (method, path) {
+        (&Method::GET, "/admin/plugins") => json(StatusCode::OK, node.plugins.status()),
+        (&Method::POST, "/admin/plugins/reload") => {
+            let report = node.plugins.reload().await;
+            let status = if report.get("error").is_some() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::OK
+            };
+            json(status, report)
+        }
+        (_, "/admin/plugins" | "/admin/plugins/reload") => {
+            json_error(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "wrong method for this endpoint")
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
+    }
 }
 
 async fn track_count(node: &Node, track: &str) -> Response<Body> {

@@ -253,7 +253,16 @@ where
                 };
                 self.send(frame.to_json()).await
             }
-            Err((code, message)) => self.send_error(code, &message, Some(&request.key)).await,
+            Err(refusal) => {
+                self.node.metrics.protocol_error(refusal.code.as_str());
+                let frame = ServerFrame::Error {
+                    code: refusal.code,
+                    message: &refusal.message,
+                    id: Some(&request.key),
+                    retry_after_ms: refusal.retry_after_ms,
+                };
+                self.send(frame.to_json()).await
+            }
         }
     }
 
@@ -264,8 +273,8 @@ where
         id: Option<&str>,
     ) -> Result<(), End> {
         self.node.metrics.protocol_error(code.as_str());
-        self.send(ServerFrame::Error { code, message, id }.to_json())
-            .await
+        let frame = ServerFrame::Error { code, message, id, retry_after_ms: None };
+        self.send(frame.to_json()).await
     }
 
     async fn send(&mut self, text: String) -> Result<(), End> {
