@@ -63,7 +63,12 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, plugins: Arc<Plugins>, max_window: Duration) -> Fanout {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        plugins: Arc<Plugins>,
+        max_window: Duration,
+    ) -> Fanout {
         Fanout {
             pending: ShardedMap::default(),
             registry,
@@ -123,7 +128,10 @@ impl Fanout {
             return;
         };
         // Shape once (plugin, or the built-in frame), serialize once.
-        let shaped = self.plugins.shape(track, pending.count, pending.delta, &pending.recent).await;
+        let shaped = self
+            .plugins
+            .shape(track, pending.count, pending.delta, &pending.recent)
+            .await;
         let text = match shaped {
             Some(text) => text,
             None => {
@@ -205,7 +213,12 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let registry = Arc::new(Registry::new(metrics.clone()));
         let counters = Arc::new(crate::plugins::counters::MemoryCounters::default());
-        let plugins = Arc::new(Plugins::new(None, "unused".into(), counters, metrics.clone()));
+        let plugins = Arc::new(Plugins::new(
+            None,
+            "unused".into(),
+            counters,
+            metrics.clone(),
+        ));
         let fanout = Fanout::new(registry, metrics, plugins, Duration::from_millis(50));
         assert_eq!(fanout.window_for(1), Duration::from_millis(2));
         assert_eq!(fanout.window_for(2_500), Duration::from_millis(25));

@@ -31,7 +31,11 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(code: ErrorCode, message: &str) -> Refusal {
-        Refusal { code, message: message.to_owned(), retry_after_ms: None }
+        Refusal {
+            code,
+            message: message.to_owned(),
+            retry_after_ms: None,
+        }
     }
 }
 
@@ -40,19 +44,33 @@ pub async fn handle(node: Arc<Node>, user: Arc<str>, conn: ConnId, request: Like
     Reply { request, result }
 }
 
-async fn run(node: &Node, user: &Arc<str>, conn: ConnId, request: &LikeRequest) -> Result<Ack, Refusal> {
+async fn run(
+    node: &Node,
+    user: &Arc<str>,
+    conn: ConnId,
+    request: &LikeRequest,
+) -> Result<Ack, Refusal> {
     // 1. Rate limiting (plugin slot; built-in: none). 2. Validation (plugin slot; built-in:
     //    the id rules the protocol decoder already enforced).
     for gate in [
         node.plugins.rate_limit(user, request).await,
         node.plugins.validate(user, request).await,
     ] {
-        if let Gate::Refuse { code, message, retry_after_ms } = gate {
+        if let Gate::Refuse {
+            code,
+            message,
+            retry_after_ms,
+        } = gate
+        {
             node.metrics.like(match code {
                 ErrorCode::RateLimited => LikeOutcome::RateLimited,
                 _ => LikeOutcome::Rejected,
             });
-            return Err(Refusal { code, message, retry_after_ms });
+            return Err(Refusal {
+                code,
+                message,
+                retry_after_ms,
+            });
         }
     }
 
@@ -60,7 +78,10 @@ async fn run(node: &Node, user: &Arc<str>, conn: ConnId, request: &LikeRequest) 
     let decision = node.ledger.apply(user, request).await.map_err(|err| {
         node.metrics.like(LikeOutcome::Failed);
         tracing::error!(error = %err, "ledger failed");
-        Refusal::new(ErrorCode::Internal, "the like could not be recorded; retry with the same id")
+        Refusal::new(
+            ErrorCode::Internal,
+            "the like could not be recorded; retry with the same id",
+        )
     })?;
 
     match decision.outcome {
@@ -70,21 +91,45 @@ async fn run(node: &Node, user: &Arc<str>, conn: ConnId, request: &LikeRequest) 
                 track: event.track.clone(),
                 count: decision.count,
                 version: event.seq,
-                delta: if request.action == Action::Like { 1 } else { -1 },
-                like: RecentLike { user: user.to_string(), id: request.key.clone(), action: request.action },
+                delta: if request.action == Action::Like {
+                    1
+                } else {
+                    -1
+                },
+                like: RecentLike {
+                    user: user.to_string(),
+                    id: request.key.clone(),
+                    action: request.action,
+                },
                 origin: conn,
             });
             // 5. The ack waits until the event is durable.
-            node.event_log.append(event).await.map_err(|err| durability_error(node, err))?;
+            node.event_log
+                .append(event)
+                .await
+                .map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Accepted);
-            Ok(Ack { count: decision.count, duplicate: false })
+            Ok(Ack {
+                count: decision.count,
+                duplicate: false,
+            })
         }
         Outcome::Duplicate | Outcome::Resent => {
             // Nothing changes, but the state we confirm must itself be durable before the ack.
-            node.event_log.barrier().await.map_err(|err| durability_error(node, err))?;
+            node.event_log
+                .barrier()
+                .await
+                .map_err(|err| durability_error(node, err))?;
             let duplicate = decision.outcome == Outcome::Duplicate;
-            node.metrics.like(if duplicate { LikeOutcome::Duplicate } else { LikeOutcome::Resent });
-            Ok(Ack { count: decision.count, duplicate })
+            node.metrics.like(if duplicate {
+                LikeOutcome::Duplicate
+            } else {
+                LikeOutcome::Resent
+            });
+            Ok(Ack {
+                count: decision.count,
+                duplicate,
+            })
         }
     }
 }
@@ -93,7 +138,10 @@ fn durability_error(node: &Node, err: EventLogError) -> Refusal {
     match err {
         EventLogError::Closed => {
             node.metrics.like(LikeOutcome::Overloaded);
-            Refusal::new(ErrorCode::Overloaded, "the node is shutting down; retry with the same id")
+            Refusal::new(
+                ErrorCode::Overloaded,
+                "the node is shutting down; retry with the same id",
+            )
         }
     }
 }

@@ -1,21 +1,5 @@
 //! `fanfare`: parse the configuration, open the store, serve until a signal, shut down in order.
 
-mod config;
-mod event_log;
-mod fanout;
-mod ledger;
-mod like;
-mod metrics;
-mod node;
-mod outbox;
-mod plugins;
-mod protocol;
-mod registry;
-mod server;
-mod session;
-mod sharded;
-mod store;
-
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,8 +8,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
-use crate::node::Node;
+use fanfare::config::{Config, LogFormat};
+use fanfare::node::Node;
+use fanfare::{plugins, server};
 
 fn main() -> ExitCode {
     let config = match Config::load() {

@@ -15,7 +15,9 @@ type HistogramFamily = Family<Label, Histogram, fn() -> Histogram>;
 
 fn plugin_latency_histogram() -> Histogram {
     // 1 µs .. ~65 ms
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-6, 4.0, 9))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1e-6, 4.0, 9,
+    ))
 }
 
 pub struct Metrics {
@@ -189,15 +191,21 @@ impl Metrics {
     }
 
     pub fn plugin_call(&self, slot: &'static str, seconds: f64) {
-        self.plugin_calls.get_or_create(&[("slot", slot)]).observe(seconds);
+        self.plugin_calls
+            .get_or_create(&[("slot", slot)])
+            .observe(seconds);
     }
 
     pub fn plugin_event(&self, slot: &'static str, event: &'static str) {
-        self.plugin_events.get_or_create(&[("slot", slot), ("event", event)]).inc();
+        self.plugin_events
+            .get_or_create(&[("slot", slot), ("event", event)])
+            .inc();
     }
 
     pub fn plugin_reload(&self, slot: &'static str, outcome: &'static str) {
-        self.plugin_reloads.get_or_create(&[("slot", slot), ("outcome", outcome)]).inc();
+        self.plugin_reloads
+            .get_or_create(&[("slot", slot), ("outcome", outcome)])
+            .inc();
     }
 
     pub fn render(&self) -> String {

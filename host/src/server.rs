@@ -76,13 +76,20 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
     connections.wait().await;
 }
 
-async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn route(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if path.starts_with("/admin/") {
         return Ok(admin(&node, peer, req.method(), &path).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported here\n"));
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported here\n",
+        ));
     }
     let response = match path.as_str() {
         "/v1/ws" => upgrade(node, req),
@@ -93,15 +100,18 @@ async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Res
             let mut response = Response::new(Body::from(node.metrics.render()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             response
         }
         "/" => {
             let mut response = Response::new(Body::from(INDEX_HTML));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
             response
         }
         _ => match path.strip_prefix("/v1/tracks/") {
@@ -115,7 +125,11 @@ async fn route(node: Arc<Node>, peer: SocketAddr, req: Request<Incoming>) -> Res
 /// Operator endpoints. Until token auth exists they answer loopback clients only.
 async fn admin(node: &Node, peer: SocketAddr, method: &Method, path: &str) -> Response<Body> {
     if !peer.ip().is_loopback() {
-        return json_error(StatusCode::FORBIDDEN, "unauthorized", "admin endpoints answer loopback clients only");
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "unauthorized",
+            "admin endpoints answer loopback clients only",
+        );
     }
     match (method, path) {
         (&Method::GET, "/admin/plugins") => json(StatusCode::OK, node.plugins.status()),
@@ -128,9 +142,11 @@ async fn admin(node: &Node, peer: SocketAddr, method: &Method, path: &str) -> Re
             };
             json(status, report)
         }
-        (_, "/admin/plugins" | "/admin/plugins/reload") => {
-            json_error(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "wrong method for this endpoint")
-        }
+        (_, "/admin/plugins" | "/admin/plugins/reload") => json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "bad_request",
+            "wrong method for this endpoint",
+        ),
         _ => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
     }
 }

@@ -273,7 +273,12 @@ where
         id: Option<&str>,
     ) -> Result<(), End> {
         self.node.metrics.protocol_error(code.as_str());
-        let frame = ServerFrame::Error { code, message, id, retry_after_ms: None };
+        let frame = ServerFrame::Error {
+            code,
+            message,
+            id,
+            retry_after_ms: None,
+        };
         self.send(frame.to_json()).await
     }
 

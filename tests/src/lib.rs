@@ -127,6 +127,11 @@ impl NodeProcess {
         http_get(&self.addr, path).await
     }
 
+    /// POST without a body: (status, body).
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_request(&self.addr, "POST", path).await
+    }
+
     pub async fn track_count(&self, track: &str) -> anyhow::Result<u64> {
         let (status, body) = self.get(&format!("/v1/tracks/{track}")).await?;
         if status != 200 {
@@ -181,8 +186,15 @@ impl NodeProcess {
 
 /// Minimal HTTP/1.1 GET over a fresh TCP connection.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request(addr, "GET", path).await
+}
+
+/// Minimal HTTP/1.1 request without a body: (status, body).
+pub async fn http_request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await??;
@@ -292,5 +304,56 @@ impl WsClient {
             .await?;
         self.recv_until(|f| (f["type"] == "ack" || f["type"] == "error") && f["id"] == key)
             .await
+    }
+}
+
+/// A throwaway plugin directory holding copies of the built components and a manifest.
+pub struct PluginDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl PluginDir {
+    /// Copies every built component from the repository's `plugins/` directory.
+    pub fn new() -> anyhow::Result<PluginDir> {
+        let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let dir = tempfile::tempdir()?;
+        let mut copied = 0;
+        for entry in std::fs::read_dir(&built)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "wasm") {
+                std::fs::copy(
+                    &path,
+                    dir.path().join(path.file_name().context("file name")?),
+                )?;
+                copied += 1;
+            }
+        }
+        if copied == 0 {
+            bail!(
+                "no components in {}: run ./scripts/build-plugins first",
+                built.display()
+            );
+        }
+        Ok(PluginDir { dir })
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.path().join("fanfare.toml")
+    }
+
+    /// Replaces the manifest atomically (write + rename), as an operator should.
+    pub fn write_manifest(&self, text: &str) -> anyhow::Result<()> {
+        self.replace_file("fanfare.toml", text.as_bytes())
+    }
+
+    pub fn replace_file(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let partial = self.dir.path().join(format!(".{name}.partial"));
+        std::fs::write(&partial, bytes)?;
+        std::fs::rename(&partial, self.dir.path().join(name))?;
+        Ok(())
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 }

@@ -73,7 +73,10 @@ impl HostState {
         HostState {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
-            limiter: MemoryCap { max_bytes: memory_bytes, refused: false },
+            limiter: MemoryCap {
+                max_bytes: memory_bytes,
+                refused: false,
+            },
             context,
         }
     }
@@ -81,7 +84,10 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -92,7 +98,12 @@ pub struct MemoryCap {
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let allowed = desired <= self.max_bytes;
         if !allowed {
             self.refused = true;
@@ -100,7 +111,12 @@ impl wasmtime::ResourceLimiter for MemoryCap {
         Ok(allowed)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }

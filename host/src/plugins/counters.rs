@@ -60,6 +60,10 @@ mod tests {
         assert_eq!(counters.add("a", 2, 50).await, 3);
         assert_eq!(counters.add("a", 0, 50).await, 3);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(counters.add("a", 1, 50).await, 1, "expired counter starts over");
+        assert_eq!(
+            counters.add("a", 1, 50).await,
+            1,
+            "expired counter starts over"
+        );
     }
 }

@@ -43,7 +43,9 @@ impl PluginEngine {
             .max_wasm_stack(512 << 10)
             .async_stack_size(1 << 20)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(wasm_error).context("cannot create the wasmtime engine")?;
+        let engine = Engine::new(&config)
+            .map_err(wasm_error)
+            .context("cannot create the wasmtime engine")?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -71,7 +73,11 @@ impl PluginEngine {
 
         std::fs::create_dir_all(cache_dir)
             .with_context(|| format!("cannot create plugin cache {}", cache_dir.display()))?;
-        Ok(PluginEngine { engine, linker: Arc::new(linker), cache_dir: cache_dir.to_owned() })
+        Ok(PluginEngine {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir: cache_dir.to_owned(),
+        })
     }
 
     /// Compiles a component, or loads it from the cache keyed by content hash and engine.
@@ -79,14 +85,20 @@ impl PluginEngine {
     pub fn compile(&self, bytes: &[u8], sha256: &str) -> anyhow::Result<(Component, bool)> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
-        let cached = self.cache_dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()));
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        let cached = self
+            .cache_dir
+            .join(format!("{sha256}-{:016x}.cwasm", hasher.finish()));
         if cached.exists() {
             // SAFETY: the cache directory is written only by this function, from components
             // this engine compiled; the file name binds content hash and engine settings.
             match unsafe { Component::deserialize_file(&self.engine, &cached) } {
                 Ok(component) => return Ok((component, true)),
-                Err(err) => tracing::warn!(error = %err, file = %cached.display(), "ignoring bad cache entry"),
+                Err(err) => {
+                    tracing::warn!(error = %err, file = %cached.display(), "ignoring bad cache entry")
+                }
             }
         }
         let component = Component::new(&self.engine, bytes)
@@ -95,7 +107,9 @@ impl PluginEngine {
         match component.serialize() {
             Ok(artifact) => {
                 let partial = cached.with_extension("tmp");
-                if let Err(err) = std::fs::write(&partial, artifact).and_then(|()| std::fs::rename(&partial, &cached)) {
+                if let Err(err) = std::fs::write(&partial, artifact)
+                    .and_then(|()| std::fs::rename(&partial, &cached))
+                {
                     tracing::warn!(error = %err, "cannot write plugin cache");
                 }
             }

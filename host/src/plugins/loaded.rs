@@ -95,11 +95,20 @@ impl LoadedPlugin {
         from_cache: bool,
         context: Arc<PluginContext>,
     ) -> anyhow::Result<LoadedPlugin> {
-        let instance_pre: InstancePre<HostState> = engine.linker.instantiate_pre(component).map_err(wasm_error)?;
+        let instance_pre: InstancePre<HostState> = engine
+            .linker
+            .instantiate_pre(component)
+            .map_err(wasm_error)?;
         let pre = match spec.kind {
-            SlotKind::RateLimit => Pre::RateLimit(rate_limiter::RateLimiterPre::new(instance_pre).map_err(wasm_error)?),
-            SlotKind::Validate => Pre::Validate(validator::ValidatorPre::new(instance_pre).map_err(wasm_error)?),
-            SlotKind::Shape => Pre::Shape(shaper::ShaperPre::new(instance_pre).map_err(wasm_error)?),
+            SlotKind::RateLimit => {
+                Pre::RateLimit(rate_limiter::RateLimiterPre::new(instance_pre).map_err(wasm_error)?)
+            }
+            SlotKind::Validate => {
+                Pre::Validate(validator::ValidatorPre::new(instance_pre).map_err(wasm_error)?)
+            }
+            SlotKind::Shape => {
+                Pre::Shape(shaper::ShaperPre::new(instance_pre).map_err(wasm_error)?)
+            }
         };
         Ok(LoadedPlugin {
             spec,
@@ -124,7 +133,10 @@ impl LoadedPlugin {
     }
 
     async fn instantiate(&self) -> wasmtime::Result<Warm> {
-        let mut store = Store::new(&self.engine, HostState::new(self.context.clone(), self.spec.memory_bytes));
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(self.context.clone(), self.spec.memory_bytes),
+        );
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         // Instantiation runs guest start code: it gets a budget too.

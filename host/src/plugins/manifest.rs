@@ -113,10 +113,17 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
                 toml::Value::String(s) => s,
                 toml::Value::Array(items) => items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    })
                     .collect::<Vec<_>>()
                     .join(","),
-                toml::Value::Table(_) => bail!("[{}] config.{key}: nested tables are not supported", kind.as_str()),
+                toml::Value::Table(_) => bail!(
+                    "[{}] config.{key}: nested tables are not supported",
+                    kind.as_str()
+                ),
                 other => other.to_string(),
             };
             config.insert(key, text);
@@ -164,10 +171,16 @@ mod tests {
     #[test]
     fn refuses_mistakes() {
         let base = Path::new(".");
-        assert!(parse("[validat]\ncomponent = \"x\"", base).is_err(), "unknown slot");
+        assert!(
+            parse("[validat]\ncomponent = \"x\"", base).is_err(),
+            "unknown slot"
+        );
         assert!(parse("[validate]\ncomponent = \"x\"\nbudget_ms = 0", base).is_err());
         assert!(parse("[validate]\ncomponent = \"x\"\npolicy = \"maybe\"", base).is_err());
-        assert!(parse("[validate]\npolicy = \"fail_open\"", base).is_err(), "component missing");
+        assert!(
+            parse("[validate]\npolicy = \"fail_open\"", base).is_err(),
+            "component missing"
+        );
         assert!(parse("not toml [", base).is_err());
     }
 }

@@ -33,7 +33,11 @@ use crate::protocol::{Action, ErrorCode, LikeRequest, RecentLike};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gate {
     Pass,
-    Refuse { code: ErrorCode, message: String, retry_after_ms: Option<u32> },
+    Refuse {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: Option<u32>,
+    },
 }
 
 /// A refused reload, kept for `GET /admin/plugins`.
@@ -81,7 +85,12 @@ fn wit_action(action: Action) -> types::Action {
 
 impl Plugins {
     /// With no manifest every slot stays built-in and no engine is created.
-    pub fn new(manifest: Option<PathBuf>, cache_dir: PathBuf, counters: Arc<dyn Counters>, metrics: Arc<Metrics>) -> Plugins {
+    pub fn new(
+        manifest: Option<PathBuf>,
+        cache_dir: PathBuf,
+        counters: Arc<dyn Counters>,
+        metrics: Arc<Metrics>,
+    ) -> Plugins {
         Plugins {
             manifest,
             cache_dir,
@@ -100,7 +109,9 @@ impl Plugins {
 
     /// Step 1 of a like.
     pub async fn rate_limit(&self, user: &str, request: &LikeRequest) -> Gate {
-        let Some(plugin) = self.slots[index(SlotKind::RateLimit)].load_full() else { return Gate::Pass };
+        let Some(plugin) = self.slots[index(SlotKind::RateLimit)].load_full() else {
+            return Gate::Pass;
+        };
         let wit = wit_request(user, request);
         let result = self
             .timed(&plugin, |bindings, store| {
@@ -128,7 +139,9 @@ impl Plugins {
 
     /// Step 2 of a like.
     pub async fn validate(&self, user: &str, request: &LikeRequest) -> Gate {
-        let Some(plugin) = self.slots[index(SlotKind::Validate)].load_full() else { return Gate::Pass };
+        let Some(plugin) = self.slots[index(SlotKind::Validate)].load_full() else {
+            return Gate::Pass;
+        };
         let wit = wit_request(user, request);
         let result = self
             .timed(&plugin, |bindings, store| {
@@ -145,14 +158,24 @@ impl Plugins {
             Ok(types::Verdict::Reject(reason)) => {
                 self.rejected(&plugin);
                 let message: String = reason.chars().take(200).collect();
-                Gate::Refuse { code: ErrorCode::Rejected, message, retry_after_ms: None }
+                Gate::Refuse {
+                    code: ErrorCode::Rejected,
+                    message,
+                    retry_after_ms: None,
+                }
             }
             Err(failure) => self.failure_gate(&plugin, failure, ErrorCode::Rejected),
         }
     }
 
     /// Shapes one update; `None` means "use the built-in frame" (no plugin, or it failed).
-    pub async fn shape(&self, track: &str, count: u64, delta: i64, recent: &[RecentLike]) -> Option<String> {
+    pub async fn shape(
+        &self,
+        track: &str,
+        count: u64,
+        delta: i64,
+        recent: &[RecentLike],
+    ) -> Option<String> {
         let plugin = self.slots[index(SlotKind::Shape)].load_full()?;
         let update = types::Update {
             track: track.to_owned(),
@@ -160,7 +183,11 @@ impl Plugins {
             delta,
             recent: recent
                 .iter()
-                .map(|r| types::RecentLike { user: r.user.clone(), id: r.id.clone(), action: wit_action(r.action) })
+                .map(|r| types::RecentLike {
+                    user: r.user.clone(),
+                    id: r.id.clone(),
+                    action: wit_action(r.action),
+                })
                 .collect(),
         };
         let result = self
@@ -189,12 +216,16 @@ impl Plugins {
     async fn timed<R>(
         &self,
         plugin: &LoadedPlugin,
-        call: impl for<'a> FnOnce(&'a Bindings, &'a mut wasmtime::Store<bindings::HostState>) -> loaded::CallFuture<'a, R>,
+        call: impl for<'a> FnOnce(
+            &'a Bindings,
+            &'a mut wasmtime::Store<bindings::HostState>,
+        ) -> loaded::CallFuture<'a, R>,
     ) -> Result<R, CallFailure> {
         let slot = plugin.spec.kind.as_str();
         let started = std::time::Instant::now();
         let result = plugin.call(call).await;
-        self.metrics.plugin_call(slot, started.elapsed().as_secs_f64());
+        self.metrics
+            .plugin_call(slot, started.elapsed().as_secs_f64());
         match &result {
             Err(CallFailure::Timeout) => self.metrics.plugin_event(slot, "timeout"),
             Err(_) => self.metrics.plugin_event(slot, "trap"),
@@ -205,7 +236,8 @@ impl Plugins {
 
     fn rejected(&self, plugin: &LoadedPlugin) {
         plugin.stats.rejections.fetch_add(1, Ordering::Relaxed);
-        self.metrics.plugin_event(plugin.spec.kind.as_str(), "rejection");
+        self.metrics
+            .plugin_event(plugin.spec.kind.as_str(), "rejection");
     }
 
     fn failure_gate(&self, plugin: &LoadedPlugin, failure: CallFailure, code: ErrorCode) -> Gate {
@@ -214,7 +246,10 @@ impl Plugins {
             Policy::FailOpen => Gate::Pass,
             Policy::FailClosed => Gate::Refuse {
                 code,
-                message: format!("the {} plugin is unavailable; retry later", plugin.spec.kind.as_str()),
+                message: format!(
+                    "the {} plugin is unavailable; retry later",
+                    plugin.spec.kind.as_str()
+                ),
                 retry_after_ms: None,
             },
         }
@@ -222,7 +257,11 @@ impl Plugins {
 
     /// `GET /admin/plugins`: one entry per slot.
     pub fn status(&self) -> Value {
-        let refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let slots: Vec<Value> = SlotKind::ALL
             .iter()
             .map(|&kind| {
@@ -255,5 +294,7 @@ impl Plugins {
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

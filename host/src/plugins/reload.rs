@@ -26,7 +26,8 @@ impl Plugins {
         let cache_dir = self.cache_dir.clone();
         self.engine
             .get_or_try_init(|| async move {
-                let engine = tokio::task::spawn_blocking(move || PluginEngine::new(&cache_dir)).await??;
+                let engine =
+                    tokio::task::spawn_blocking(move || PluginEngine::new(&cache_dir)).await??;
                 anyhow::Ok(Arc::new(engine))
             })
             .await
@@ -45,7 +46,13 @@ impl Plugins {
             .into_iter()
             .flatten()
             .filter(|s| s["outcome"] == "refused")
-            .map(|s| format!("{}: {}", s["slot"].as_str().unwrap_or("?"), s["reason"].as_str().unwrap_or("?")))
+            .map(|s| {
+                format!(
+                    "{}: {}",
+                    s["slot"].as_str().unwrap_or("?"),
+                    s["reason"].as_str().unwrap_or("?")
+                )
+            })
             .collect();
         if let Some(error) = report["error"].as_str() {
             bail!("{error}");
@@ -65,7 +72,10 @@ impl Plugins {
         let specs = match manifest::load(&path) {
             Ok(specs) => specs,
             Err(err) => {
-                tracing::error!(error = format!("{err:#}"), "plugin manifest refused; keeping current plugins");
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "plugin manifest refused; keeping current plugins"
+                );
                 self.metrics.plugin_reload("manifest", "refused");
                 return json!({ "error": format!("{err:#}") });
             }
@@ -82,7 +92,12 @@ impl Plugins {
         json!({ "slots": slots })
     }
 
-    async fn reload_slot(&self, engine: &Arc<PluginEngine>, kind: SlotKind, spec: Option<SlotSpec>) -> Value {
+    async fn reload_slot(
+        &self,
+        engine: &Arc<PluginEngine>,
+        kind: SlotKind,
+        spec: Option<SlotSpec>,
+    ) -> Value {
         let slot = &self.slots[index(kind)];
         let current = slot.load_full();
         let Some(spec) = spec else {
@@ -98,7 +113,9 @@ impl Plugins {
         let started = std::time::Instant::now();
         let bytes = match tokio::fs::read(&spec.component).await {
             Ok(bytes) => bytes,
-            Err(err) => return self.refuse(kind, component, anyhow!("cannot read component: {err}")),
+            Err(err) => {
+                return self.refuse(kind, component, anyhow!("cannot read component: {err}"));
+            }
         };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         if let Some(current) = &current
@@ -119,7 +136,10 @@ impl Plugins {
                 });
                 tracing::info!(slot = kind.as_str(), plugin = %plugin.name(), sha256 = %plugin.sha256, from_cache = plugin.from_cache, "plugin active");
                 slot.store(Some(plugin));
-                self.refusals.lock().unwrap_or_else(|p| p.into_inner()).remove(&kind);
+                self.refusals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&kind);
                 self.metrics.plugin_reload(kind.as_str(), "loaded");
                 report
             }
@@ -131,8 +151,15 @@ impl Plugins {
         let reason = format!("{err:#}");
         tracing::error!(slot = kind.as_str(), %component, %reason, "plugin refused; the previous one (if any) keeps serving");
         self.metrics.plugin_reload(kind.as_str(), "refused");
-        let refusal = Refusal { component: component.clone(), reason: reason.clone(), at: SystemTime::now() };
-        self.refusals.lock().unwrap_or_else(|p| p.into_inner()).insert(kind, refusal);
+        let refusal = Refusal {
+            component: component.clone(),
+            reason: reason.clone(),
+            at: SystemTime::now(),
+        };
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(kind, refusal);
         json!({ "slot": kind.as_str(), "outcome": "refused", "component": component, "reason": reason })
     }
 
@@ -146,12 +173,17 @@ impl Plugins {
     ) -> anyhow::Result<Arc<LoadedPlugin>> {
         let compiler = engine.clone();
         let key = sha256.clone();
-        let (component, from_cache) = tokio::task::spawn_blocking(move || compiler.compile(&bytes, &key))
-            .await
-            .context("compiler task failed")??;
+        let (component, from_cache) =
+            tokio::task::spawn_blocking(move || compiler.compile(&bytes, &key))
+                .await
+                .context("compiler task failed")??;
         let context = Arc::new(PluginContext {
             slot: spec.kind,
-            name: spec.component.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: spec
+                .component
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             config: spec.config.clone(),
             counters: self.counters.clone(),
         });
@@ -174,7 +206,11 @@ async fn canary(plugin: &LoadedPlugin) -> anyhow::Result<()> {
         track: "fanfare:canary".into(),
         count: 1,
         delta: 1,
-        recent: vec![types::RecentLike { user: "fanfare-canary".into(), id: "canary".into(), action: types::Action::Like }],
+        recent: vec![types::RecentLike {
+            user: "fanfare-canary".into(),
+            id: "canary".into(),
+            action: types::Action::Like,
+        }],
     };
     let frame = plugin
         .call(|bindings, store| {
@@ -198,12 +234,20 @@ async fn canary(plugin: &LoadedPlugin) -> anyhow::Result<()> {
 
 /// Reloads on SIGHUP and on file changes next to the manifest, until shutdown.
 pub fn spawn_triggers(plugins: Arc<Plugins>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(manifest) = plugins.manifest().cloned() else { return Ok(()) };
-    let dir = manifest.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| ".".into());
+    let Some(manifest) = plugins.manifest().cloned() else {
+        return Ok(());
+    };
+    let dir = manifest
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| ".".into());
     let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
-            && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
+            && matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+            )
         {
             let _ = changed.try_send(());
         }
