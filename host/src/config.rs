@@ -48,6 +48,11 @@ pub struct Config {
     #[arg(long, env = "FANFARE_PLUGINS", value_name = "FILE")]
     pub plugins: Option<PathBuf>,
 
+    /// Farm mode: Redis shared by all nodes, `redis://host:port` or
+    /// `redis+sentinel://host:port[,host:port…]/master-name`. Without it the node is alone.
+    #[arg(long, env = "FANFARE_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+
     /// Name of this node in events and logs (default: a random id per start).
     #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,

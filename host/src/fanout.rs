@@ -211,7 +211,7 @@ mod tests {
     #[test]
     fn window_grows_with_audience_within_bounds() {
         let metrics = Arc::new(Metrics::new());
-        let registry = Arc::new(Registry::new(metrics.clone()));
+        let registry = Arc::new(Registry::new(metrics.clone(), None));
         let counters = Arc::new(crate::plugins::counters::MemoryCounters::default());
         let plugins = Arc::new(Plugins::new(
             None,

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod event_log;
 pub mod fanout;
+pub mod farm;
 pub mod ledger;
 pub mod like;
 pub mod metrics;

@@ -87,10 +87,10 @@ async fn run(
     match decision.outcome {
         Outcome::Applied(event) => {
             // 4. Broadcast now; it does not wait for durability.
-            node.fanout.publish(Published {
+            let published = Published {
                 track: event.track.clone(),
                 count: decision.count,
-                version: event.seq,
+                version: event.version,
                 delta: if request.action == Action::Like {
                     1
                 } else {
@@ -102,7 +102,12 @@ async fn run(
                     action: request.action,
                 },
                 origin: conn,
-            });
+            };
+            // Other nodes (farm mode), then this node's listeners.
+            if let Some(bus) = &node.bus {
+                bus.publish(&published);
+            }
+            node.fanout.publish(published);
             // 5. The ack waits until the event is durable.
             node.event_log
                 .append(event)

@@ -60,7 +60,7 @@ fn init_tracing(config: &Config) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
-    let node = Node::embedded(config).await?;
+    let node = Node::start(config).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

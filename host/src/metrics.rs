@@ -38,6 +38,9 @@ pub struct Metrics {
     plugin_calls: HistogramFamily,
     plugin_events: Family<Labels2, Counter>,
     plugin_reloads: Family<Labels2, Counter>,
+    bus_events: Family<Label, Counter>,
+    pub redis_up: Gauge,
+    pub bus_channels: Gauge,
 }
 
 /// How a like/unlike request ended, as the `outcome` label of `fanfare_likes_total`.
@@ -95,6 +98,9 @@ impl Metrics {
             plugin_calls: Family::new_with_constructor(plugin_latency_histogram),
             plugin_events: Family::default(),
             plugin_reloads: Family::default(),
+            bus_events: Family::default(),
+            redis_up: Gauge::default(),
+            bus_channels: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -177,6 +183,21 @@ impl Metrics {
             "Plugin load attempts by slot and outcome (loaded, refused, unloaded)",
             m.plugin_reloads.clone(),
         );
+        registry.register(
+            "fanfare_bus_messages",
+            "Cross-node bus messages by event (published, received, dropped, invalid)",
+            m.bus_events.clone(),
+        );
+        registry.register(
+            "fanfare_redis_up",
+            "1 while the farm's Redis is reachable, 0 while degraded (farm mode only)",
+            m.redis_up.clone(),
+        );
+        registry.register(
+            "fanfare_bus_channels",
+            "Track channels this node is subscribed to on the bus (farm mode)",
+            m.bus_channels.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -206,6 +227,10 @@ impl Metrics {
         self.plugin_reloads
             .get_or_create(&[("slot", slot), ("outcome", outcome)])
             .inc();
+    }
+
+    pub fn bus_event(&self, event: &'static str) {
+        self.bus_events.get_or_create(&[("event", event)]).inc();
     }
 
     pub fn render(&self) -> String {

@@ -3,18 +3,26 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::event_log::{EventLog, SqliteEventLog};
 use crate::fanout::Fanout;
+use crate::farm::bus::RedisBus;
+use crate::farm::counters::RedisCounters;
+use crate::farm::ledger::FarmLedger;
+use crate::farm::link::RedisLink;
 use crate::ledger::{EmbeddedLedger, Ledger};
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
 use crate::plugins::Plugins;
-use crate::plugins::counters::MemoryCounters;
+use crate::plugins::counters::{Counters, MemoryCounters};
 use crate::registry::Registry;
+
+/// How long a starting node waits for Redis before serving degraded.
+const STARTUP_REDIS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct Node {
     pub config: Config,
@@ -24,6 +32,9 @@ pub struct Node {
     pub registry: Arc<Registry>,
     pub fanout: Arc<Fanout>,
     pub plugins: Arc<Plugins>,
+    /// Farm mode: the cross-node bus and the Redis link (None when alone).
+    pub bus: Option<Arc<RedisBus>>,
+    pub redis: Option<Arc<RedisLink>>,
     pub metrics: Arc<Metrics>,
     /// The one shutdown signal every loop listens to.
     pub shutdown: CancellationToken,
@@ -33,17 +44,38 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the embedded store and wires the parts together.
-    pub async fn embedded(config: Config) -> anyhow::Result<Arc<Node>> {
+    /// Opens the embedded store and wires the parts together; with `--redis`, in farm mode.
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Node>> {
         let id: Arc<str> = match &config.node_id {
             Some(id) => Arc::from(id.as_str()),
             None => Arc::from(format!("node-{:08x}", rand::random::<u32>())),
         };
+        let shutdown = CancellationToken::new();
         let event_log = SqliteEventLog::start(&config.data_dir)?;
-        let ledger = EmbeddedLedger::open(&config.data_dir, id.clone(), event_log.durable_seq())?;
+        let mut local = Some(EmbeddedLedger::open(
+            &config.data_dir,
+            id.clone(),
+            event_log.durable_seq(),
+        )?);
         let metrics = Arc::new(Metrics::new());
-        let registry = Arc::new(Registry::new(metrics.clone()));
-        let counters = Arc::new(MemoryCounters::default());
+
+        let farm = match &config.redis {
+            Some(url) => {
+                let link = RedisLink::new(url)?;
+                link.spawn_maintainer(shutdown.clone(), metrics.clone());
+                let (bus, interest, parts) = RedisBus::new(id.clone(), metrics.clone());
+                let embedded = local.take().context("ledger already taken")?;
+                let ledger = FarmLedger::new(link.clone(), embedded, config.data_dir.clone())?;
+                Some((link, bus, interest, parts, ledger))
+            }
+            None => None,
+        };
+        let interest = farm.as_ref().map(|(_, _, interest, _, _)| interest.clone());
+        let registry = Arc::new(Registry::new(metrics.clone(), interest));
+        let counters: Arc<dyn Counters> = match &farm {
+            Some((link, ..)) => Arc::new(RedisCounters::new(link.clone())),
+            None => Arc::new(MemoryCounters::default()),
+        };
         let plugins = Arc::new(Plugins::new(
             config.plugins.clone(),
             config.data_dir.join("plugin-cache"),
@@ -57,19 +89,54 @@ impl Node {
             plugins.clone(),
             config.broadcast_window(),
         ));
+
+        let (ledger, bus, link): (Arc<dyn Ledger>, _, _) = match farm {
+            Some((link, bus, _, parts, ledger)) => {
+                ledger.spawn_reconciler(shutdown.clone());
+                let observer = ledger.clone();
+                let observe =
+                    Arc::new(move |track: &str, count: u64| observer.observe(track, count));
+                bus.spawn(
+                    parts,
+                    link.clone(),
+                    registry.clone(),
+                    fanout.clone(),
+                    observe,
+                    shutdown.clone(),
+                );
+                link.wait_connected(STARTUP_REDIS_WAIT).await;
+                (ledger as Arc<dyn Ledger>, Some(bus), Some(link))
+            }
+            None => {
+                let embedded = local.take().context("ledger already taken")?;
+                (Arc::new(embedded) as Arc<dyn Ledger>, None, None)
+            }
+        };
         Ok(Arc::new(Node {
             id,
-            ledger: Arc::new(ledger),
+            ledger,
             event_log: Arc::new(event_log),
             registry,
             fanout,
             plugins,
+            bus,
+            redis: link,
             metrics,
-            shutdown: CancellationToken::new(),
+            shutdown,
             sessions: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
             config,
         }))
+    }
+
+    /// `None` when healthy; otherwise what is degraded (the node keeps serving).
+    pub fn degraded(&self) -> Option<&'static str> {
+        match &self.redis {
+            Some(link) if !link.is_up() => {
+                Some("redis unreachable: local fan-out only, counts reconcile on return")
+            }
+            _ => None,
+        }
     }
 
     pub fn next_conn_id(&self) -> ConnId {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::farm::bus::Interest;
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
 use crate::sharded::ShardedMap;
@@ -15,22 +16,39 @@ type Audience = HashMap<ConnId, Arc<Outbox>>;
 pub struct Registry {
     tracks: ShardedMap<Audience>,
     metrics: Arc<Metrics>,
+    /// In a farm, told when a track's local audience appears or vanishes.
+    interest: Option<Interest>,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>) -> Registry {
+    pub fn new(metrics: Arc<Metrics>, interest: Option<Interest>) -> Registry {
         Registry {
             tracks: ShardedMap::default(),
             metrics,
+            interest,
+        }
+    }
+
+    /// Every track with at least one local listener.
+    pub fn tracks(&self) -> Vec<Arc<str>> {
+        self.tracks.collect_keys()
+    }
+
+    fn interest_changed(&self, track: &Arc<str>) {
+        if let Some(interest) = &self.interest {
+            interest.changed(track);
         }
     }
 
     /// Adds a listener; returns the shared track name and whether it was new.
     pub fn subscribe(&self, track: &str, outbox: &Arc<Outbox>) -> (Arc<str>, bool) {
         let mut shard = self.tracks.lock(track);
+        let mut appeared = None;
         if !shard.contains_key(track) {
-            shard.insert(Arc::from(track), Audience::new());
+            let name: Arc<str> = Arc::from(track);
+            shard.insert(name.clone(), Audience::new());
             self.metrics.tracks_with_listeners.inc();
+            appeared = Some(name);
         }
         let name = shard
             .get_key_value(track)
@@ -40,6 +58,10 @@ impl Registry {
             .is_some_and(|audience| audience.insert(outbox.conn, outbox.clone()).is_none());
         if added {
             self.metrics.subscriptions_active.inc();
+        }
+        drop(shard);
+        if let Some(track) = appeared {
+            self.interest_changed(&track);
         }
         (name, added)
     }
@@ -54,9 +76,12 @@ impl Registry {
         if removed {
             self.metrics.subscriptions_active.dec();
         }
-        if audience.is_empty() {
-            shard.remove(track);
+        if audience.is_empty()
+            && let Some((name, _)) = shard.remove_entry(track)
+        {
+            drop(shard);
             self.metrics.tracks_with_listeners.dec();
+            self.interest_changed(&name);
         }
         removed
     }

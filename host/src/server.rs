@@ -94,7 +94,14 @@ async fn route(
     let response = match path.as_str() {
         "/v1/ws" => upgrade(node, req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if node.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if node.is_ready() => match node.degraded() {
+            None => text(StatusCode::OK, "ready\n"),
+            // Still serving (an L4 balancer should keep sending traffic), but say what is off.
+            Some(reason) => json(
+                StatusCode::OK,
+                serde_json::json!({ "status": "degraded", "reason": reason }),
+            ),
+        },
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
             let mut response = Response::new(Body::from(node.metrics.render()));

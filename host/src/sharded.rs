@@ -31,4 +31,19 @@ impl<V> ShardedMap<V> {
         // A panic elsewhere while holding a shard must not take every later caller down too.
         self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// A snapshot of every key, one shard at a time.
+    pub fn collect_keys(&self) -> Vec<Arc<str>> {
+        let mut keys = Vec::new();
+        for shard in self.shards.iter() {
+            keys.extend(
+                shard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned(),
+            );
+        }
+        keys
+    }
 }

@@ -26,6 +26,10 @@ CREATE TABLE IF NOT EXISTS track_counts (
     track TEXT PRIMARY KEY,
     count INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
 
 /// Location of the database file inside the data directory.
@@ -93,4 +97,63 @@ pub fn recent_pair_events(
         Ok((row.get(0)?, row.get(1)?))
     })?;
     rows.collect()
+}
+
+/// A small integer setting kept beside the data (e.g. the farm's degraded-mode marker).
+pub fn meta_get(conn: &Connection, key: &str) -> anyhow::Result<Option<u64>> {
+    let value: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            params![key],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(value.map(|v| v.max(0) as u64))
+}
+
+pub fn meta_set(conn: &Connection, key: &str, value: u64) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+        params![key, value as i64],
+    )?;
+    Ok(())
+}
+
+/// An event as stored, for replays.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub user: String,
+    pub track: String,
+    pub action: String,
+    pub key: String,
+    pub accepted_at_ms: i64,
+}
+
+/// Up to `limit` events with `seq >= from`, in order.
+pub fn events_from(conn: &Connection, from: u64, limit: usize) -> anyhow::Result<Vec<StoredEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, user, track, action, key, accepted_at_ms FROM like_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![from as i64, limit as i64], |row| {
+        Ok(StoredEvent {
+            seq: row.get::<_, i64>(0)?.max(0) as u64,
+            user: row.get(1)?,
+            track: row.get(2)?,
+            action: row.get(3)?,
+            key: row.get(4)?,
+            accepted_at_ms: row.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The first event accepted at or after `since_ms`.
+pub fn first_seq_since(conn: &Connection, since_ms: i64) -> anyhow::Result<Option<u64>> {
+    let seq: Option<i64> = conn.query_row(
+        "SELECT MIN(seq) FROM like_events WHERE accepted_at_ms >= ?1",
+        params![since_ms],
+        |row| row.get(0),
+    )?;
+    Ok(seq.map(|s| s.max(0) as u64))
 }

@@ -357,3 +357,124 @@ impl PluginDir {
         self.dir.path().join(name)
     }
 }
+
+/// A port the kernel just handed out (for servers that cannot bind port 0 themselves).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A real `redis-server` (or `redis-sentinel`) process on loopback, killed when dropped.
+pub struct RedisProcess {
+    child: Option<Child>,
+    pub port: u16,
+    args: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+impl RedisProcess {
+    /// A master with no persistence: a restart starts empty, the hardest case for convergence.
+    pub async fn start() -> anyhow::Result<RedisProcess> {
+        Self::launch(vec![]).await
+    }
+
+    pub async fn replica_of(master: &RedisProcess) -> anyhow::Result<RedisProcess> {
+        Self::launch(vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port.to_string(),
+        ])
+        .await
+    }
+
+    async fn launch(extra: Vec<String>) -> anyhow::Result<RedisProcess> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut args = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+        ];
+        args.extend(extra);
+        let mut redis = RedisProcess {
+            child: None,
+            port,
+            args,
+            dir,
+        };
+        redis.restart().await?;
+        Ok(redis)
+    }
+
+    /// A Sentinel watching `master` as `mymaster`, quick to declare it down.
+    pub async fn sentinel(master: &RedisProcess) -> anyhow::Result<RedisProcess> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.path().display(),
+                master.port
+            ),
+        )?;
+        let args = vec![conf.display().to_string(), "--sentinel".to_owned()];
+        let mut sentinel = RedisProcess {
+            child: None,
+            port,
+            args,
+            dir,
+        };
+        sentinel.restart().await?;
+        Ok(sentinel)
+    }
+
+    /// (Re)starts the server on the same port and waits until it answers.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start redis-server (run ./scripts/setup)")?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                stream.write_all(b"PING\r\n").await?;
+                let mut reply = [0u8; 16];
+                let n = stream.read(&mut reply).await.unwrap_or(0);
+                if reply[..n].starts_with(b"+PONG") {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("redis on port {} did not come up", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// kill -9.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}

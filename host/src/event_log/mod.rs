@@ -20,6 +20,9 @@ pub struct LikeEvent {
     pub event_id: String,
     /// Order of acceptance on this node's ledger.
     pub seq: u64,
+    /// Orders updates of one track for broadcasts: the local sequence on one node, the
+    /// track's Redis version in a farm (the same on every node).
+    pub version: u64,
     pub user: Arc<str>,
     pub track: Arc<str>,
     pub action: Action,

@@ -120,9 +120,23 @@ impl State {
     }
 }
 
-#[async_trait]
-impl Ledger for EmbeddedLedger {
-    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
+impl EmbeddedLedger {
+    /// Records a state change another authority (the farm ledger) already decided: no
+    /// once-only check, but the pair memory, keys and sequence move as if it had been applied
+    /// here, so local decisions stay informed if that authority becomes unreachable.
+    pub fn record(&self, user: &Arc<str>, request: &LikeRequest) -> Result<LikeEvent, LedgerError> {
+        match self.decide(user, request, true)?.outcome {
+            Outcome::Applied(event) => Ok(event),
+            _ => Err(LedgerError::Storage("forced record was not applied".into())),
+        }
+    }
+
+    fn decide(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+        force: bool,
+    ) -> Result<Decision, LedgerError> {
         let track = request.track.as_str();
         // '\n' cannot occur in user or track ids, so the joined key is unambiguous.
         let pair_key = format!("{user}\n{track}");
@@ -141,14 +155,14 @@ impl Ledger for EmbeddedLedger {
             Entry::Vacant(entry) => entry.insert(load_pair(reader, user, track)?),
         };
 
-        if pair.keys.iter().any(|k| **k == *request.key) {
+        if !force && pair.keys.iter().any(|k| **k == *request.key) {
             return Ok(Decision {
                 count,
                 outcome: Outcome::Resent,
             });
         }
         let wants_liked = request.action == Action::Like;
-        if pair.liked == wants_liked {
+        if !force && pair.liked == wants_liked {
             return Ok(Decision {
                 count,
                 outcome: Outcome::Duplicate,
@@ -169,6 +183,7 @@ impl Ledger for EmbeddedLedger {
         let event = LikeEvent {
             event_id: uuid::Uuid::now_v7().to_string(),
             seq,
+            version: seq,
             user: user.clone(),
             track: track_name,
             action: request.action,
@@ -180,6 +195,13 @@ impl Ledger for EmbeddedLedger {
             count,
             outcome: Outcome::Applied(event),
         })
+    }
+}
+
+#[async_trait]
+impl Ledger for EmbeddedLedger {
+    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
+        self.decide(user, request, false)
     }
 
     async fn count(&self, track: &str) -> Result<u64, LedgerError> {

@@ -1,0 +1,323 @@
+//! Cross-node fan-out over Redis Pub/Sub.
+//!
+//! A node subscribes to a track's channel only while it has local listeners for that track
+//! (the registry reports audiences appearing and vanishing), so traffic scales with interest,
+//! not with the farm. Each accepted like is published once; receiving nodes fold it into
+//! their own per-track window, so every node sends its listeners one update per window with
+//! the newest global count. Publishing never blocks the like path: a bounded queue feeds one
+//! publisher task, and while Redis is down updates for other nodes are dropped (and counted);
+//! local fan-out goes on.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::link::RedisLink;
+use crate::fanout::{Fanout, Published};
+use crate::metrics::Metrics;
+use crate::protocol::{Action, RecentLike};
+use crate::registry::Registry;
+
+const QUEUE: usize = 65_536;
+const PUBLISH_BATCH: usize = 512;
+
+/// Told of every global count seen on the bus (keeps degraded-mode counts fresh).
+pub type CountObserver = Arc<dyn Fn(&str, u64) + Send + Sync>;
+
+fn channel(track: &str) -> String {
+    format!("ff:t:{track}")
+}
+
+/// The wire form of one like between nodes (short keys: it is sent for every like).
+#[derive(Debug, Serialize, Deserialize)]
+struct Wire {
+    n: String,
+    t: String,
+    c: u64,
+    v: u64,
+    d: i64,
+    u: String,
+    k: String,
+    a: Action,
+}
+
+/// Tells the bus that a track's local audience appeared or vanished.
+#[derive(Clone)]
+pub struct Interest {
+    tx: mpsc::Sender<Arc<str>>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl Interest {
+    pub fn changed(&self, track: &Arc<str>) {
+        if self.tx.try_send(track.clone()).is_err() {
+            self.overflowed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+pub struct RedisBus {
+    node: Arc<str>,
+    outgoing: mpsc::Sender<Wire>,
+    metrics: Arc<Metrics>,
+}
+
+/// Receiving side state, handed to the subscriber task.
+pub struct BusParts {
+    interest_rx: mpsc::Receiver<Arc<str>>,
+    overflowed: Arc<AtomicBool>,
+    outgoing_rx: mpsc::Receiver<Wire>,
+}
+
+impl RedisBus {
+    pub fn new(node: Arc<str>, metrics: Arc<Metrics>) -> (Arc<RedisBus>, Interest, BusParts) {
+        let (interest_tx, interest_rx) = mpsc::channel(QUEUE);
+        let (outgoing, outgoing_rx) = mpsc::channel(QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let bus = Arc::new(RedisBus {
+            node,
+            outgoing,
+            metrics,
+        });
+        let interest = Interest {
+            tx: interest_tx,
+            overflowed: overflowed.clone(),
+        };
+        (
+            bus,
+            interest,
+            BusParts {
+                interest_rx,
+                overflowed,
+                outgoing_rx,
+            },
+        )
+    }
+
+    /// Hands a locally accepted like to the other nodes (never waits).
+    pub fn publish(&self, like: &Published) {
+        let wire = Wire {
+            n: self.node.to_string(),
+            t: like.track.to_string(),
+            c: like.count,
+            v: like.version,
+            d: like.delta,
+            u: like.like.user.clone(),
+            k: like.like.id.clone(),
+            a: like.like.action,
+        };
+        if self.outgoing.try_send(wire).is_err() {
+            self.metrics.bus_event("dropped");
+        }
+    }
+
+    /// Starts the publisher and the subscriber tasks.
+    pub fn spawn(
+        self: &Arc<Self>,
+        parts: BusParts,
+        link: Arc<RedisLink>,
+        registry: Arc<Registry>,
+        fanout: Arc<Fanout>,
+        observe: CountObserver,
+        shutdown: CancellationToken,
+    ) {
+        let BusParts {
+            interest_rx,
+            overflowed,
+            outgoing_rx,
+        } = parts;
+        tokio::spawn(publisher(
+            outgoing_rx,
+            link.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
+        let subscriber = Subscriber {
+            node: self.node.clone(),
+            link,
+            registry,
+            fanout,
+            observe,
+            metrics: self.metrics.clone(),
+            interest_rx,
+            overflowed,
+        };
+        tokio::spawn(subscriber.run(shutdown));
+    }
+}
+
+async fn publisher(
+    mut queue: mpsc::Receiver<Wire>,
+    link: Arc<RedisLink>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = queue.recv_many(&mut batch, PUBLISH_BATCH) => n,
+        };
+        if received == 0 {
+            return;
+        }
+        let Some(mut conn) = link.connection() else {
+            for _ in batch.drain(..) {
+                metrics.bus_event("dropped");
+            }
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        for wire in &batch {
+            if let Ok(payload) = serde_json::to_string(wire) {
+                pipe.cmd("PUBLISH")
+                    .arg(channel(&wire.t))
+                    .arg(payload)
+                    .ignore();
+            }
+        }
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => {
+                for _ in 0..batch.len() {
+                    metrics.bus_event("published");
+                }
+            }
+            Err(err) => {
+                link.report(&err);
+                for _ in 0..batch.len() {
+                    metrics.bus_event("dropped");
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+struct Subscriber {
+    node: Arc<str>,
+    link: Arc<RedisLink>,
+    registry: Arc<Registry>,
+    fanout: Arc<Fanout>,
+    observe: CountObserver,
+    metrics: Arc<Metrics>,
+    interest_rx: mpsc::Receiver<Arc<str>>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut generations = self.link.generations();
+        loop {
+            if let Some(session) = self.link.session() {
+                match session.client.get_async_pubsub().await {
+                    Ok(pubsub) => {
+                        if self.serve(pubsub, &mut generations, &shutdown).await {
+                            return;
+                        }
+                    }
+                    Err(err) => self.link.report(&err),
+                }
+            }
+            // Wait for the next (re)connect before subscribing again.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = generations.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// Serves one Pub/Sub connection; returns true on shutdown.
+    async fn serve(
+        &mut self,
+        pubsub: redis::aio::PubSub,
+        generations: &mut tokio::sync::watch::Receiver<u64>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        generations.borrow_and_update();
+        let (mut sink, mut stream) = pubsub.split();
+        let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+        // Everything this node listens to now, then changes as they come.
+        for track in self.registry.tracks() {
+            if sink.subscribe(channel(&track)).await.is_err() {
+                return false;
+            }
+            subscribed.insert(track);
+        }
+        tracing::info!(tracks = subscribed.len(), "bus subscribed");
+        loop {
+            self.metrics.bus_channels.set(subscribed.len() as i64);
+            if self.overflowed.swap(false, Ordering::Relaxed) {
+                let wanted: HashSet<Arc<str>> = self.registry.tracks().into_iter().collect();
+                for track in wanted.difference(&subscribed).cloned().collect::<Vec<_>>() {
+                    let _ = sink.subscribe(channel(&track)).await;
+                    subscribed.insert(track);
+                }
+                for track in subscribed.difference(&wanted).cloned().collect::<Vec<_>>() {
+                    let _ = sink.unsubscribe(channel(&track)).await;
+                    subscribed.remove(&track);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return true,
+                _ = generations.changed() => {
+                    self.metrics.bus_channels.set(0);
+                    return false;
+                }
+                Some(track) = self.interest_rx.recv() => {
+                    let wanted = self.registry.audience_size(&track) > 0;
+                    let result = if wanted && !subscribed.contains(&track) {
+                        subscribed.insert(track.clone());
+                        sink.subscribe(channel(&track)).await
+                    } else if !wanted && subscribed.remove(&track) {
+                        sink.unsubscribe(channel(&track)).await
+                    } else {
+                        Ok(())
+                    };
+                    if let Err(err) = result {
+                        self.link.report(&err);
+                        self.metrics.bus_channels.set(0);
+                        return false;
+                    }
+                }
+                message = stream.next() => {
+                    let Some(message) = message else {
+                        tracing::warn!("bus subscription ended");
+                        self.metrics.bus_channels.set(0);
+                        return false;
+                    };
+                    self.deliver(message.get_payload_bytes());
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, payload: &[u8]) {
+        let Ok(wire) = serde_json::from_slice::<Wire>(payload) else {
+            self.metrics.bus_event("invalid");
+            return;
+        };
+        if *wire.n == *self.node {
+            return; // our own like: already delivered locally
+        }
+        self.metrics.bus_event("received");
+        (self.observe)(&wire.t, wire.c);
+        self.fanout.publish(Published {
+            track: Arc::from(wire.t.as_str()),
+            count: wire.c,
+            version: wire.v,
+            delta: wire.d,
+            like: RecentLike {
+                user: wire.u,
+                id: wire.k,
+                action: wire.a,
+            },
+            origin: 0,
+        });
+    }
+}

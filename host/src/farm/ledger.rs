@@ -1,0 +1,364 @@
+//! The farm ledger: Redis decides the once-only rule and holds the global counts, atomically
+//! in one server-side script, so every node broadcasts the same totals.
+//!
+//! While Redis is unreachable the node keeps deciding with its embedded ledger (its own
+//! history) and shows the last global counts it saw, adjusted; every accepted like is still
+//! durable locally. When Redis is back, the node replays the events it accepted meanwhile
+//! through the same script (idempotent: keys and per-pair timestamps make replays no-ops).
+//! If Redis lost its data (its epoch key changed) the node replays its whole history, and
+//! after a failover it replays its last minute, so counts converge without a restart.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use tokio_util::sync::CancellationToken;
+
+use super::link::RedisLink;
+use crate::event_log::LikeEvent;
+use crate::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
+use crate::protocol::{Action, LikeRequest};
+
+/// KEYS: pairs hash, count, keys list of this user, version. ARGV: user, key, want (1/0), ts.
+/// Returns {count, kind (0 applied, 1 duplicate, 2 resent), version}.
+const APPLY: &str = r"
+local count = tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('LPOS', KEYS[3], ARGV[2]) then return {count, 2, 0} end
+local state = redis.call('HGET', KEYS[1], ARGV[1])
+local liked, ts = false, 0
+if state then
+  liked = string.sub(state, 1, 1) == '1'
+  ts = tonumber(string.sub(state, 3)) or 0
+end
+local want = ARGV[3] == '1'
+local at = tonumber(ARGV[4])
+if liked == want or at < ts then return {count, 1, 0} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. ARGV[4])
+if want then count = count + 1 else count = math.max(count - 1, 0) end
+redis.call('SET', KEYS[2], count)
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], 0, 3)
+redis.call('PEXPIRE', KEYS[3], 604800000)
+local version = redis.call('INCR', KEYS[4])
+return {count, 0, version}
+";
+
+/// Marks the life of one Redis dataset; a new value means Redis lost what it had.
+const EPOCH_KEY: &str = "ff:epoch";
+/// After a failover, replay this much recent history (covers asynchronous replication lag).
+const FAILOVER_REPLAY: Duration = Duration::from_secs(60);
+const REPLAY_BATCH: usize = 500;
+
+fn keys(track: &str, user: &str) -> [String; 4] {
+    // One hash tag per track keeps a track's keys on one slot (Redis Cluster ready).
+    [
+        format!("ff:{{{track}}}:pairs"),
+        format!("ff:{{{track}}}:count"),
+        format!("ff:{{{track}}}:keys:{user}"),
+        format!("ff:{{{track}}}:version"),
+    ]
+}
+
+pub struct FarmLedger {
+    link: Arc<RedisLink>,
+    local: EmbeddedLedger,
+    script: Script,
+    /// Last global count seen per track (from Redis replies and the bus).
+    known: Mutex<HashMap<Arc<str>, u64>>,
+    /// First local sequence number accepted while Redis was down (0 = none).
+    degraded_from: AtomicU64,
+    /// Highest local sequence number handed out so far.
+    last_seq: AtomicU64,
+    data_dir: PathBuf,
+}
+
+enum Kind {
+    Applied(u64),
+    Duplicate,
+    Resent,
+}
+
+impl FarmLedger {
+    pub fn new(
+        link: Arc<RedisLink>,
+        local: EmbeddedLedger,
+        data_dir: PathBuf,
+    ) -> anyhow::Result<Arc<FarmLedger>> {
+        let reader = crate::store::open_reader(&data_dir)?;
+        let degraded_from = crate::store::meta_get(&reader, "farm.degraded_from")?.unwrap_or(0);
+        let last_seq = crate::store::last_seq(&reader)?;
+        Ok(Arc::new(FarmLedger {
+            link,
+            local,
+            script: Script::new(APPLY),
+            known: Mutex::new(HashMap::new()),
+            degraded_from: AtomicU64::new(degraded_from),
+            last_seq: AtomicU64::new(last_seq),
+            data_dir,
+        }))
+    }
+
+    fn remember(&self, track: &str, count: u64) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        match known.get_mut(track) {
+            Some(slot) => *slot = count,
+            None => {
+                known.insert(Arc::from(track), count);
+            }
+        }
+    }
+
+    /// Bus updates from other nodes keep the degraded-mode counts fresh.
+    pub fn observe(&self, track: &str, count: u64) {
+        self.remember(track, count);
+    }
+
+    fn known(&self, track: &str) -> Option<u64> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(track)
+            .copied()
+    }
+
+    async fn run_script(
+        &self,
+        user: &str,
+        track: &str,
+        key: &str,
+        action: Action,
+        at_ms: i64,
+    ) -> Result<(u64, Kind), redis::RedisError> {
+        let Some(mut conn) = self.link.connection() else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "redis is down",
+            )));
+        };
+        let [pairs, count, keys, version] = keys(track, user);
+        let want = if action == Action::Like { "1" } else { "0" };
+        let result: Result<(u64, u8, u64), _> = self
+            .script
+            .key(pairs)
+            .key(count)
+            .key(keys)
+            .key(version)
+            .arg(user)
+            .arg(key)
+            .arg(want)
+            .arg(at_ms)
+            .invoke_async(&mut conn)
+            .await;
+        match result {
+            Ok((count, 0, version)) => Ok((count, Kind::Applied(version))),
+            Ok((count, 2, _)) => Ok((count, Kind::Resent)),
+            Ok((count, _, _)) => Ok((count, Kind::Duplicate)),
+            Err(err) => {
+                self.link.report(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Redis is unreachable: decide locally, remember where the gap began.
+    async fn apply_degraded(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+    ) -> Result<Decision, LedgerError> {
+        let local = self.local.apply(user, request).await?;
+        let mut count = self.known(&request.track).unwrap_or(local.count);
+        if let Outcome::Applied(event) = &local.outcome {
+            self.note_seq(event.seq);
+            if self.degraded_from.load(Ordering::Relaxed) == 0 {
+                self.degraded_from.store(event.seq, Ordering::Relaxed);
+                self.persist_degraded(event.seq);
+            }
+            count = match request.action {
+                Action::Like => count + 1,
+                Action::Unlike => count.saturating_sub(1),
+            };
+            self.remember(&request.track, count);
+        }
+        Ok(Decision {
+            count,
+            outcome: local.outcome,
+        })
+    }
+
+    fn note_seq(&self, seq: u64) {
+        self.last_seq.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    fn persist_degraded(&self, seq: u64) {
+        let result = crate::store::open_reader(&self.data_dir)
+            .and_then(|conn| crate::store::meta_set(&conn, "farm.degraded_from", seq));
+        if let Err(err) = result {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "cannot persist the degraded-mode marker"
+            );
+        }
+    }
+
+    /// Watches reconnects and replays what Redis is missing.
+    pub fn spawn_reconciler(self: &Arc<Self>, shutdown: CancellationToken) {
+        let ledger = self.clone();
+        let mut generations = self.link.generations();
+        tokio::spawn(async move {
+            let mut epoch: Option<String> = None;
+            let mut last_addr: Option<String> = None;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = generations.changed() => if changed.is_err() { return },
+                }
+                let Some(session) = ledger.link.session() else {
+                    continue;
+                };
+                match ledger.reconcile(&mut epoch, &mut last_addr, session).await {
+                    Ok(replayed) => tracing::info!(replayed, "reconciled counts with Redis"),
+                    Err(err) => tracing::warn!(
+                        error = format!("{err:#}"),
+                        "reconcile failed; will retry on the next reconnect"
+                    ),
+                }
+            }
+        });
+    }
+
+    async fn reconcile(
+        &self,
+        epoch: &mut Option<String>,
+        last_addr: &mut Option<String>,
+        session: super::link::Session,
+    ) -> anyhow::Result<u64> {
+        let mut conn = session.conn.clone();
+        let fresh = uuid::Uuid::now_v7().to_string();
+        let set: bool = redis::cmd("SET")
+            .arg(EPOCH_KEY)
+            .arg(&fresh)
+            .arg("NX")
+            .query_async::<Option<String>>(&mut conn)
+            .await?
+            .is_some();
+        let current: String = redis::cmd("GET")
+            .arg(EPOCH_KEY)
+            .query_async(&mut conn)
+            .await?;
+        let lost_data = set || epoch.as_ref().is_some_and(|e| *e != current);
+        let failover = last_addr.as_ref().is_some_and(|a| *a != session.addr);
+        *epoch = Some(current);
+        *last_addr = Some(session.addr.clone());
+
+        let reader = crate::store::open_reader(&self.data_dir)?;
+        let from_seq = if lost_data {
+            1
+        } else {
+            let gap = self.degraded_from.load(Ordering::Relaxed);
+            let recent = if failover {
+                let since = now_ms() - FAILOVER_REPLAY.as_millis() as i64;
+                crate::store::first_seq_since(&reader, since)?.unwrap_or(0)
+            } else {
+                0
+            };
+            match (gap, recent) {
+                (0, 0) => return Ok(0),
+                (0, r) => r,
+                (g, 0) => g,
+                (g, r) => g.min(r),
+            }
+        };
+        // Events appended after this point went through Redis live; the event log may still
+        // be committing a few, so read until the committed tail catches up with what we handed out.
+        let mut replayed = 0u64;
+        let mut next = from_seq;
+        loop {
+            let batch = crate::store::events_from(&reader, next, REPLAY_BATCH)?;
+            if batch.is_empty() {
+                break;
+            }
+            for event in &batch {
+                let action = Action::parse(&event.action).unwrap_or(Action::Like);
+                let (count, _) = self
+                    .run_script(
+                        &event.user,
+                        &event.track,
+                        &event.key,
+                        action,
+                        event.accepted_at_ms,
+                    )
+                    .await?;
+                self.remember(&event.track, count);
+                next = event.seq + 1;
+                replayed += 1;
+            }
+        }
+        self.degraded_from.store(0, Ordering::Relaxed);
+        crate::store::meta_set(&reader, "farm.degraded_from", 0)?;
+        Ok(replayed)
+    }
+}
+
+#[async_trait]
+impl Ledger for FarmLedger {
+    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
+        if !self.link.is_up() {
+            return self.apply_degraded(user, request).await;
+        }
+        let at = now_ms();
+        match self
+            .run_script(user, &request.track, &request.key, request.action, at)
+            .await
+        {
+            Ok((count, kind)) => {
+                self.remember(&request.track, count);
+                let outcome = match kind {
+                    Kind::Applied(version) => {
+                        let mut event: LikeEvent = self.local.record(user, request)?;
+                        self.note_seq(event.seq);
+                        event.accepted_at_ms = at;
+                        event.version = version;
+                        Outcome::Applied(event)
+                    }
+                    Kind::Duplicate => Outcome::Duplicate,
+                    Kind::Resent => Outcome::Resent,
+                };
+                Ok(Decision { count, outcome })
+            }
+            Err(_) => self.apply_degraded(user, request).await,
+        }
+    }
+
+    async fn count(&self, track: &str) -> Result<u64, LedgerError> {
+        if let Some(mut conn) = self.link.connection() {
+            let result: Result<Option<u64>, _> = redis::cmd("GET")
+                .arg(&keys(track, "")[1])
+                .query_async(&mut conn)
+                .await;
+            match result {
+                Ok(count) => {
+                    let count = count.unwrap_or(0);
+                    self.remember(track, count);
+                    return Ok(count);
+                }
+                Err(err) => self.link.report(&err),
+            }
+        }
+        match self.known(track) {
+            Some(count) => Ok(count),
+            None => self.local.count(track).await,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

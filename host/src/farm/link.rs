@@ -1,0 +1,194 @@
+//! One shared, self-healing connection to the farm's Redis (direct or through Sentinel).
+//!
+//! Commands take a cheap clone of the current multiplexed connection or learn at once that
+//! Redis is down (`None`): nothing on the like path waits for a reconnect. A maintainer task
+//! pings, notices failures, reconnects with backoff (asking Sentinel for the current master
+//! each time), and bumps a generation counter that the bus and the ledger watch to
+//! resubscribe and reconcile.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{AsyncConnectionConfig, Client, RedisError};
+use tokio::sync::{Mutex, Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(1000);
+const PING_EVERY: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+enum Target {
+    Direct(Client),
+    Sentinel(Mutex<SentinelClient>),
+}
+
+/// A live connection and where it points.
+#[derive(Clone)]
+pub struct Session {
+    pub conn: MultiplexedConnection,
+    pub client: Client,
+    pub addr: String,
+}
+
+pub struct RedisLink {
+    target: Target,
+    pub description: String,
+    current: std::sync::Mutex<Option<Session>>,
+    up: AtomicBool,
+    failed: Notify,
+    generation: watch::Sender<u64>,
+}
+
+impl RedisLink {
+    /// `redis://host:port[/db]`, or `redis+sentinel://host:port[,host:port…]/master-name`.
+    pub fn new(url: &str) -> anyhow::Result<Arc<RedisLink>> {
+        let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (hosts, master) = rest
+                .split_once('/')
+                .context("a sentinel URL needs the master name: redis+sentinel://h:p,h:p/name")?;
+            if master.is_empty() || hosts.is_empty() {
+                bail!("a sentinel URL needs hosts and a master name");
+            }
+            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+            let client = SentinelClient::build(
+                sentinels,
+                master.to_owned(),
+                None,
+                SentinelServerType::Master,
+            )
+            .context("invalid sentinel addresses")?;
+            Target::Sentinel(Mutex::new(client))
+        } else {
+            Target::Direct(Client::open(url).with_context(|| format!("invalid Redis URL {url}"))?)
+        };
+        Ok(Arc::new(RedisLink {
+            target,
+            description: url.to_owned(),
+            current: std::sync::Mutex::new(None),
+            up: AtomicBool::new(false),
+            failed: Notify::new(),
+            generation: watch::channel(0).0,
+        }))
+    }
+
+    /// The current connection, or `None` at once while Redis is unreachable.
+    pub fn session(&self) -> Option<Session> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn connection(&self) -> Option<MultiplexedConnection> {
+        self.session().map(|s| s.conn)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Changes on every successful (re)connect.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Called by users of the connection when a command failed: connection-level errors (and
+    /// a master that turned replica) drop the connection and wake the maintainer.
+    pub fn report(&self, err: &RedisError) {
+        let fatal = err.is_io_error()
+            || err.is_timeout()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.code() == Some("READONLY")
+            || err.code() == Some("MASTERDOWN");
+        if fatal && self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %err, redis = %self.description, "Redis connection lost; degraded");
+            *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.failed.notify_one();
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Session> {
+        let client = match &self.target {
+            Target::Direct(client) => client.clone(),
+            Target::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await?,
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(COMMAND_TIMEOUT)
+            .set_response_timeout(COMMAND_TIMEOUT);
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        // A master demoted by a failover still accepts connections: make sure we can write.
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+        if let Some(redis::Value::BulkString(role)) = role.first()
+            && role.as_slice() != b"master"
+        {
+            bail!(
+                "{} is a replica, not the master",
+                client.get_connection_info().addr
+            );
+        }
+        let addr = client.get_connection_info().addr.to_string();
+        Ok(Session { conn, client, addr })
+    }
+
+    /// Waits (bounded) for the first connection.
+    pub async fn wait_connected(&self, patience: Duration) {
+        let mut generations = self.generations();
+        let _ = tokio::time::timeout(patience, generations.wait_for(|g| *g > 0)).await;
+    }
+
+    /// Keeps the connection alive until shutdown.
+    pub fn spawn_maintainer(self: &Arc<Self>, shutdown: CancellationToken, metrics: Arc<Metrics>) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                if !link.is_up() {
+                    metrics.redis_up.set(0);
+                    match link.connect().await {
+                        Ok(session) => {
+                            tracing::info!(redis = %link.description, addr = %session.addr, "Redis connected");
+                            *link.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+                            link.up.store(true, Ordering::Relaxed);
+                            metrics.redis_up.set(1);
+                            link.generation.send_modify(|g| *g += 1);
+                            backoff = Duration::from_millis(50);
+                        }
+                        Err(err) => {
+                            tracing::debug!(error = format!("{err:#}"), retry_in = ?backoff, "Redis connect failed");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                            continue;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = link.failed.notified() => {}
+                    _ = tokio::time::sleep(PING_EVERY) => {
+                        if let Some(mut conn) = link.connection() {
+                            let ping: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
+                            if let Err(err) = ping {
+                                link.report(&err);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,258 @@
+//! Farm mode against a real redis-server (and Sentinel): likes and global counts cross
+//! nodes, and Redis failures lose no acked like.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use fanfare_tests::{NodeProcess, PATIENCE, RedisProcess, WsClient};
+use futures_util::future::try_join_all;
+use serde_json::json;
+
+async fn farm(
+    redis_url: &str,
+    nodes: usize,
+) -> anyhow::Result<(Vec<tempfile::TempDir>, Vec<NodeProcess>)> {
+    let mut dirs = Vec::new();
+    let mut started = Vec::new();
+    for i in 0..nodes {
+        let dir = tempfile::tempdir()?;
+        let node_id = format!("node{i}");
+        started.push(
+            NodeProcess::start(dir.path(), &["--redis", redis_url, "--node-id", &node_id]).await?,
+        );
+        dirs.push(dir);
+    }
+    Ok((dirs, started))
+}
+
+/// Subscribes `count` listeners per node and waits until every node listens on the bus.
+async fn listeners(
+    nodes: &[NodeProcess],
+    track: &str,
+    count: usize,
+) -> anyhow::Result<Vec<WsClient>> {
+    let mut all = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for i in 0..count {
+            let mut client = node.connect(&format!("listener{n}x{i}")).await?;
+            client.subscribe(track).await?;
+            all.push(client);
+        }
+        node.wait_metric("fanfare_bus_channels", |v| v >= 1.0)
+            .await?;
+    }
+    Ok(all)
+}
+
+#[tokio::test]
+async fn likes_on_any_node_reach_every_listener_with_the_global_count() -> anyhow::Result<()> {
+    let redis = RedisProcess::start().await?;
+    let (_dirs, nodes) = farm(&redis.url(), 3).await?;
+    let mut all = listeners(&nodes, "farm:hit", 4).await?;
+
+    // One like on node 0 reaches listeners on nodes 1 and 2, with the user and the total.
+    let mut ana = nodes[0].connect("ana").await?;
+    assert_eq!(ana.like("like", "farm:hit", "a1").await?["count"], 1);
+    for listener in all.iter_mut().skip(4) {
+        let update = listener.recv_until(|f| f["type"] == "likes").await?;
+        assert_eq!(update["count"], 1);
+        assert_eq!(update["recent"][0]["user"], "ana");
+    }
+    // The once-only rule is global: ana on another node is a duplicate.
+    let mut ana_elsewhere = nodes[2].connect("ana").await?;
+    assert_eq!(
+        ana_elsewhere.like("like", "farm:hit", "a2").await?["duplicate"],
+        true
+    );
+
+    // 3 nodes × 40 users like at once (each sends its like twice): the total is exact.
+    let users = (0..120).map(|i| {
+        let node = &nodes[i % 3];
+        async move {
+            let mut client = node.connect(&format!("fan{i}")).await?;
+            let key = format!("k{i}");
+            client
+                .send(json!({"type":"like","track":"farm:hit","id":key}))
+                .await?;
+            client
+                .send(json!({"type":"like","track":"farm:hit","id":key}))
+                .await?;
+            for _ in 0..2 {
+                let reply = client
+                    .recv_until(|f| f["type"] == "ack" || f["type"] == "error")
+                    .await?;
+                anyhow::ensure!(reply["type"] == "ack", "{reply}");
+            }
+            anyhow::Ok(())
+        }
+    });
+    try_join_all(users).await?;
+    for node in &nodes {
+        assert_eq!(node.track_count("farm:hit").await?, 121);
+    }
+    for listener in &mut all {
+        listener
+            .recv_until(|f| f["type"] == "likes" && f["count"] == 121)
+            .await?;
+    }
+    // One Redis publish per like, received by the other nodes.
+    let published: f64 = {
+        let mut sum = 0.0;
+        for node in &nodes {
+            sum += node
+                .metric("fanfare_bus_messages_total{event=\"published\"}")
+                .await
+                .unwrap_or(0.0);
+        }
+        sum
+    };
+    assert_eq!(published, 121.0);
+    Ok(())
+}
+
+/// Likes from fresh users on `node` until `stop`, counting acks; any error fails.
+async fn keep_liking(
+    node: &NodeProcess,
+    prefix: &str,
+    stop: &AtomicBool,
+    acked: &AtomicU64,
+) -> anyhow::Result<()> {
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let mut client = node.connect(&format!("{prefix}{i}")).await?;
+        let reply = client.like("like", "farm:live", &format!("k{i}")).await?;
+        anyhow::ensure!(
+            reply["type"] == "ack" && reply["duplicate"] == false,
+            "{reply}"
+        );
+        acked.fetch_add(1, Ordering::Relaxed);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn converge(nodes: &[NodeProcess], track: &str, expected: u64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut counts = Vec::new();
+        for node in nodes {
+            counts.push(node.track_count(track).await?);
+        }
+        if counts.iter().all(|&c| c == expected) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "counts {counts:?} never reached {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fresh like on `from` reaches a listener on `to` within 5 s.
+async fn crosses(from: &NodeProcess, listener: &mut WsClient, user: &str) -> anyhow::Result<()> {
+    let mut client = from.connect(user).await?;
+    let ack = client.like("like", "farm:live", "probe").await?;
+    anyhow::ensure!(ack["type"] == "ack", "{ack}");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        listener.recv_until(|f| f["type"] == "likes" && f["recent"].to_string().contains(user)),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("like from {user} did not cross nodes within 5 s"))??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Result<()> {
+    let mut redis = RedisProcess::start().await?;
+    let (_dirs, nodes) = farm(&redis.url(), 2).await?;
+    let mut watchers = listeners(&nodes[1..], "farm:live", 1).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let traffic = async {
+        tokio::try_join!(
+            keep_liking(&nodes[0], "a", &stop, &acked),
+            keep_liking(&nodes[1], "b", &stop, &acked),
+        )
+    };
+    let chaos = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        redis.kill().await?;
+        nodes[0]
+            .wait_metric("fanfare_redis_up", |v| v == 0.0)
+            .await?;
+        let (_, readyz) = nodes[0].get("/readyz").await?;
+        anyhow::ensure!(readyz.contains("degraded"), "{readyz}");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        redis.restart().await?; // empty: no persistence
+        for node in &nodes {
+            node.wait_metric("fanfare_redis_up", |v| v == 1.0).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        anyhow::Ok(())
+    };
+    let (traffic, chaos) = tokio::join!(traffic, chaos);
+    chaos?;
+    traffic?;
+    let acked = acked.load(Ordering::Relaxed);
+    assert!(acked > 20, "traffic flowed ({acked} acked)");
+    converge(&nodes, "farm:live", acked).await?;
+    for node in &nodes {
+        node.wait_metric("fanfare_bus_channels", |v| v >= 0.0)
+            .await?;
+    }
+    nodes[1]
+        .wait_metric("fanfare_bus_channels", |v| v >= 1.0)
+        .await?;
+    crosses(&nodes[0], &mut watchers[0], "after-restart").await?;
+    converge(&nodes, "farm:live", acked + 1).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sentinel_failover_is_followed_without_restart() -> anyhow::Result<()> {
+    let mut master = RedisProcess::start().await?;
+    let replica = RedisProcess::replica_of(&master).await?;
+    let sentinel = RedisProcess::sentinel(&master).await?;
+    let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+    let (_dirs, nodes) = farm(&url, 2).await?;
+    let mut watchers = listeners(&nodes[1..], "farm:live", 1).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let traffic = async {
+        tokio::try_join!(
+            keep_liking(&nodes[0], "a", &stop, &acked),
+            keep_liking(&nodes[1], "b", &stop, &acked),
+        )
+    };
+    let chaos = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        master.kill().await?;
+        nodes[0]
+            .wait_metric("fanfare_redis_up", |v| v == 0.0)
+            .await?;
+        // Sentinel promotes the replica; the nodes find it through Sentinel by themselves.
+        for node in &nodes {
+            node.wait_metric_for("fanfare_redis_up", Duration::from_secs(20), |v| v == 1.0)
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        anyhow::Ok(())
+    };
+    let (traffic, chaos) = tokio::join!(traffic, chaos);
+    chaos?;
+    traffic?;
+    let acked = acked.load(Ordering::Relaxed);
+    converge(&nodes, "farm:live", acked).await?;
+    nodes[1]
+        .wait_metric("fanfare_bus_channels", |v| v >= 1.0)
+        .await?;
+    crosses(&nodes[0], &mut watchers[0], "after-failover").await?;
+    drop(replica);
+    Ok(())
+}
