@@ -115,6 +115,9 @@ fn reload(c: &mut Criterion) {
             last = Instant::now();
         }
     });
+    // Baseline: the same ticker with no reloads, for the same kind of duration.
+    runtime.block_on(tokio::time::sleep(Duration::from_secs(3)));
+    let idle = std::mem::take(&mut *stall.lock().expect("lock"));
     let mut flip = 0u64;
     c.bench_function("reload one changed slot (artifact from cache)", |b| {
         b.to_async(&runtime).iter(|| {

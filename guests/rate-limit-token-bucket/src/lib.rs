@@ -12,9 +12,12 @@ mod logic;
 
 struct Plugin;
 
+/// Config is fixed for the life of an instance (a reload makes new instances): read it once.
+static CONFIG: std::sync::OnceLock<logic::Limits> = std::sync::OnceLock::new();
+
 impl Guest for Plugin {
     fn check(request: LikeRequest) -> RateDecision {
-        let limits = logic::Limits::from_config(|key| host::config(key));
+        let limits = CONFIG.get_or_init(|| logic::Limits::from_config(|key| host::config(key)));
         let subject = match limits.per_track {
             true => format!("{}|{}", request.user, request.track),
             false => request.user,

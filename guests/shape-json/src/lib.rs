@@ -12,9 +12,12 @@ mod logic;
 
 struct Plugin;
 
+/// Config is fixed for the life of an instance (a reload makes new instances): read it once.
+static CONFIG: std::sync::OnceLock<logic::Options> = std::sync::OnceLock::new();
+
 impl Guest for Plugin {
     fn shape(update: Update) -> String {
-        let options = logic::Options::from_config(|key| host::config(key));
+        let options = CONFIG.get_or_init(|| logic::Options::from_config(|key| host::config(key)));
         logic::shape(&options, &update)
     }
 }

@@ -12,9 +12,12 @@ mod logic;
 
 struct Plugin;
 
+/// Config is fixed for the life of an instance (a reload makes new instances): read it once.
+static CONFIG: std::sync::OnceLock<logic::Rules> = std::sync::OnceLock::new();
+
 impl Guest for Plugin {
     fn validate(request: LikeRequest) -> Verdict {
-        let rules = logic::Rules::from_config(|key| host::config(key));
+        let rules = CONFIG.get_or_init(|| logic::Rules::from_config(|key| host::config(key)));
         match rules.check(&request.user, &request.track) {
             Ok(()) => Verdict::Accept,
             Err(reason) => {

@@ -117,7 +117,15 @@ impl Plugins {
                 return self.refuse(kind, component, anyhow!("cannot read component: {err}"));
             }
         };
-        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let (bytes, sha256) = match tokio::task::spawn_blocking(move || {
+            let sha256 = hex::encode(Sha256::digest(&bytes));
+            (bytes, sha256)
+        })
+        .await
+        {
+            Ok(hashed) => hashed,
+            Err(err) => return self.refuse(kind, component, anyhow!("hashing failed: {err}")),
+        };
         if let Some(current) = &current
             && current.sha256 == sha256
             && current.spec == spec
@@ -171,12 +179,6 @@ impl Plugins {
         bytes: Vec<u8>,
         sha256: String,
     ) -> anyhow::Result<Arc<LoadedPlugin>> {
-        let compiler = engine.clone();
-        let key = sha256.clone();
-        let (component, from_cache) =
-            tokio::task::spawn_blocking(move || compiler.compile(&bytes, &key))
-                .await
-                .context("compiler task failed")??;
         let context = Arc::new(PluginContext {
             slot: spec.kind,
             name: spec
@@ -187,8 +189,16 @@ impl Plugins {
             config: spec.config.clone(),
             counters: self.counters.clone(),
         });
-        let plugin = LoadedPlugin::link(engine, &component, spec, sha256, from_cache, context)
-            .context("component does not fit its slot")?;
+        // Compiling (or deserializing) and linking (type-checking every import) both take
+        // milliseconds: keep them off the event loop.
+        let engine = engine.clone();
+        let plugin = tokio::task::spawn_blocking(move || {
+            let (component, from_cache) = engine.compile(&bytes, &sha256)?;
+            LoadedPlugin::link(&engine, &component, spec, sha256, from_cache, context)
+                .context("component does not fit its slot")
+        })
+        .await
+        .context("compiler task failed")??;
         canary(&plugin).await?;
         Ok(Arc::new(plugin))
     }
