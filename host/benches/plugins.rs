@@ -116,7 +116,7 @@ fn reload(c: &mut Criterion) {
         }
     });
     // Baseline: the same ticker with no reloads, for the same kind of duration.
-    runtime.block_on(tokio::time::sleep(Duration::from_secs(3)));
+    runtime.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
     let idle = std::mem::take(&mut *stall.lock().expect("lock"));
     let mut flip = 0u64;
     c.bench_function("reload one changed slot (artifact from cache)", |b| {
@@ -128,11 +128,15 @@ fn reload(c: &mut Criterion) {
             )
             .expect("write manifest");
             let plugins = plugins.clone();
-            async move { plugins.reload().await }
+            // Run the reload as a task on the single worker thread, the same event loop as
+            // the ticker, so the ticker's lateness is the reload's own blocking time.
+            let task =
+                tokio::runtime::Handle::current().spawn(async move { plugins.reload().await });
+            async move { task.await.expect("reload task") }
         })
     });
     println!(
-        "worst event-loop stall (1 ms ticker lateness) during reloads: {:?}",
+        "1 ms ticker worst lateness: {idle:?} idle, {:?} during back-to-back reloads",
         *stall.lock().expect("lock")
     );
 }

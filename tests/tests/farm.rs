@@ -1,7 +1,6 @@
 //! Farm mode against a real redis-server (and Sentinel): likes and global counts cross
 //! nodes, and Redis failures lose no acked like.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -165,13 +164,14 @@ async fn crosses(from: &NodeProcess, listener: &mut WsClient, user: &str) -> any
     Ok(())
 }
 
-#[tokio::test]
-async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Result<()> {
-    let mut redis = RedisProcess::start().await?;
-    let (_dirs, nodes) = farm(&redis.url(), 2).await?;
-    let mut watchers = listeners(&nodes[1..], "farm:live", 1).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
+/// Runs likes from fresh users on both nodes while `chaos` runs, then stops the traffic and
+/// returns how many likes were acked (any refused like fails the run).
+async fn under_traffic(
+    nodes: &[NodeProcess],
+    chaos: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<u64> {
+    let stop = AtomicBool::new(false);
+    let acked = AtomicU64::new(0);
     let traffic = async {
         tokio::try_join!(
             keep_liking(&nodes[0], "a", &stop, &acked),
@@ -180,6 +180,25 @@ async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Res
     };
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let result = chaos.await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        result
+    };
+    let (traffic, chaos) = tokio::join!(traffic, chaos);
+    chaos?;
+    traffic?;
+    let acked = acked.load(Ordering::Relaxed);
+    anyhow::ensure!(acked > 20, "traffic flowed ({acked} acked)");
+    Ok(acked)
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Result<()> {
+    let mut redis = RedisProcess::start().await?;
+    let (_dirs, nodes) = farm(&redis.url(), 2).await?;
+    let mut watchers = listeners(&nodes[1..], "farm:live", 1).await?;
+    let acked = under_traffic(&nodes, async {
         redis.kill().await?;
         nodes[0]
             .wait_metric("fanfare_redis_up", |v| v == 0.0)
@@ -191,20 +210,10 @@ async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Res
         for node in &nodes {
             node.wait_metric("fanfare_redis_up", |v| v == 1.0).await?;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        stop.store(true, Ordering::Relaxed);
-        anyhow::Ok(())
-    };
-    let (traffic, chaos) = tokio::join!(traffic, chaos);
-    chaos?;
-    traffic?;
-    let acked = acked.load(Ordering::Relaxed);
-    assert!(acked > 20, "traffic flowed ({acked} acked)");
+        Ok(())
+    })
+    .await?;
     converge(&nodes, "farm:live", acked).await?;
-    for node in &nodes {
-        node.wait_metric("fanfare_bus_channels", |v| v >= 0.0)
-            .await?;
-    }
     nodes[1]
         .wait_metric("fanfare_bus_channels", |v| v >= 1.0)
         .await?;
@@ -216,21 +225,12 @@ async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Res
 #[tokio::test]
 async fn sentinel_failover_is_followed_without_restart() -> anyhow::Result<()> {
     let mut master = RedisProcess::start().await?;
-    let replica = RedisProcess::replica_of(&master).await?;
+    let _replica = RedisProcess::replica_of(&master).await?;
     let sentinel = RedisProcess::sentinel(&master).await?;
     let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
     let (_dirs, nodes) = farm(&url, 2).await?;
     let mut watchers = listeners(&nodes[1..], "farm:live", 1).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let traffic = async {
-        tokio::try_join!(
-            keep_liking(&nodes[0], "a", &stop, &acked),
-            keep_liking(&nodes[1], "b", &stop, &acked),
-        )
-    };
-    let chaos = async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = under_traffic(&nodes, async {
         master.kill().await?;
         nodes[0]
             .wait_metric("fanfare_redis_up", |v| v == 0.0)
@@ -240,19 +240,13 @@ async fn sentinel_failover_is_followed_without_restart() -> anyhow::Result<()> {
             node.wait_metric_for("fanfare_redis_up", Duration::from_secs(20), |v| v == 1.0)
                 .await?;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        stop.store(true, Ordering::Relaxed);
-        anyhow::Ok(())
-    };
-    let (traffic, chaos) = tokio::join!(traffic, chaos);
-    chaos?;
-    traffic?;
-    let acked = acked.load(Ordering::Relaxed);
+        Ok(())
+    })
+    .await?;
     converge(&nodes, "farm:live", acked).await?;
     nodes[1]
         .wait_metric("fanfare_bus_channels", |v| v >= 1.0)
         .await?;
     crosses(&nodes[0], &mut watchers[0], "after-failover").await?;
-    drop(replica);
     Ok(())
 }

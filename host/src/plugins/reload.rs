@@ -102,7 +102,7 @@ impl Plugins {
         let current = slot.load_full();
         let Some(spec) = spec else {
             if current.is_some() {
-                slot.store(None);
+                retire(slot.swap(None));
                 self.metrics.plugin_reload(kind.as_str(), "unloaded");
                 tracing::info!(slot = kind.as_str(), "plugin unloaded; built-in behaviour");
                 return json!({ "slot": kind.as_str(), "outcome": "unloaded" });
@@ -143,7 +143,7 @@ impl Plugins {
                     "ms": started.elapsed().as_secs_f64() * 1000.0,
                 });
                 tracing::info!(slot = kind.as_str(), plugin = %plugin.name(), sha256 = %plugin.sha256, from_cache = plugin.from_cache, "plugin active");
-                slot.store(Some(plugin));
+                retire(slot.swap(Some(plugin)));
                 self.refusals
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -192,15 +192,26 @@ impl Plugins {
         // Compiling (or deserializing) and linking (type-checking every import) both take
         // milliseconds: keep them off the event loop.
         let engine = engine.clone();
+        let runtime = tokio::runtime::Handle::current();
         let plugin = tokio::task::spawn_blocking(move || {
             let (component, from_cache) = engine.compile(&bytes, &sha256)?;
-            LoadedPlugin::link(&engine, &component, spec, sha256, from_cache, context)
-                .context("component does not fit its slot")
+            let plugin = LoadedPlugin::link(&engine, &component, spec, sha256, from_cache, context)
+                .context("component does not fit its slot")?;
+            // The canary's first instantiation is the slow one: it too runs off the event loop.
+            runtime.block_on(canary(&plugin))?;
+            anyhow::Ok(plugin)
         })
         .await
         .context("compiler task failed")??;
-        canary(&plugin).await?;
         Ok(Arc::new(plugin))
+    }
+}
+
+/// Drops a replaced plugin off the event loop: freeing its instances and compiled code
+/// (munmap, decommit) takes milliseconds. Calls still running hold their own `Arc`.
+fn retire(old: Option<Arc<LoadedPlugin>>) {
+    if let Some(old) = old {
+        tokio::task::spawn_blocking(move || drop(old));
     }
 }
 
