@@ -233,7 +233,7 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
         }
     };
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(1 << 20)
         .max_message_size(Some(node.config.max_frame_bytes))

@@ -250,3 +250,45 @@ async fn sentinel_failover_is_followed_without_restart() -> anyhow::Result<()> {
     crosses(&nodes[0], &mut watchers[0], "after-failover").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn plugin_rate_limits_hold_across_nodes() -> anyhow::Result<()> {
+    let redis = RedisProcess::start().await?;
+    let plugins = fanfare_tests::PluginDir::new()?;
+    plugins.write_manifest(
+        "[rate_limit]\ncomponent = \"rate_limit_token_bucket.wasm\"\nconfig = { likes = 3, window_ms = 60000 }\n",
+    )?;
+    let manifest = plugins.manifest_path();
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..2 {
+        let dir = tempfile::tempdir()?;
+        let args = [
+            "--redis",
+            &redis.url(),
+            "--plugins",
+            manifest.to_str().unwrap_or_default(),
+            "--node-id",
+        ];
+        let node_id = format!("node{i}");
+        let mut all: Vec<&str> = args.to_vec();
+        all.push(&node_id);
+        nodes.push(NodeProcess::start(dir.path(), &all).await?);
+        dirs.push(dir);
+    }
+    // The same user alternates nodes: the limit of 3 per window counts both.
+    let mut replies = Vec::new();
+    for i in 0..4 {
+        let mut client = nodes[i % 2].connect("eager").await?;
+        replies.push(
+            client
+                .like("like", &format!("t{i}"), &format!("k{i}"))
+                .await?,
+        );
+    }
+    for reply in &replies[..3] {
+        assert_eq!(reply["type"], "ack", "{reply}");
+    }
+    assert_eq!(replies[3]["code"], "rate_limited", "{}", replies[3]);
+    Ok(())
+}

@@ -352,3 +352,57 @@ async fn a_node_refuses_to_start_with_a_broken_manifest() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failing_shaper_falls_back_to_the_built_in_frame() -> anyhow::Result<()> {
+    let plugins = PluginDir::new()?;
+    let manifest = |mode: &str| {
+        format!(
+            "[shape]\ncomponent = \"misbehave_shaper.wasm\"\nbudget_ms = 20\nconfig = {{ mode = \"{mode}\" }}\n"
+        )
+    };
+    plugins.write_manifest(&manifest("ok"))?;
+    let data = tempfile::tempdir()?;
+    let path = plugins.manifest_path();
+    let node = NodeProcess::start(
+        data.path(),
+        &["--plugins", path.to_str().unwrap_or_default()],
+    )
+    .await?;
+    let mut listener = node.connect("listener").await?;
+    listener.subscribe("t").await?;
+    let mut liker = node.connect("liker").await?;
+    liker.like("like", "t", "k0").await?;
+    // Working shaper: its own (smaller) frame.
+    let shaped = listener.recv_until(|f| f["type"] == "likes").await?;
+    assert_eq!(shaped, json!({"type":"likes","track":"t","count":1}));
+
+    for (n, mode) in ["trap", "loop", "huge"].into_iter().enumerate() {
+        plugins.write_manifest(&manifest(mode))?;
+        assert_eq!(node.post("/admin/plugins/reload").await?.0, 200);
+        let action = if n % 2 == 0 { "unlike" } else { "like" };
+        liker.like(action, "t", &format!("k{}", n + 1)).await?;
+        let update = listener.recv_until(|f| f["type"] == "likes").await?;
+        // The built-in protocol-v1 frame, with the right total.
+        assert_eq!(
+            update["count"],
+            if action == "like" { 1 } else { 0 },
+            "{mode}: {update}"
+        );
+        assert!(
+            update["recent"].is_array(),
+            "{mode}: built-in frame expected, got {update}"
+        );
+    }
+    // Stats in /admin/plugins are per loaded version; metrics add up across reloads.
+    for event in ["trap", "timeout", "invalid_output"] {
+        let series = format!("fanfare_plugin_events_total{{slot=\"shape\",event=\"{event}\"}}");
+        assert!(node.metric(&series).await? >= 1.0, "{series}");
+    }
+    let shape = slot(&status(&node).await?, "shape").clone();
+    assert!(
+        shape["errors"].as_u64() >= Some(1),
+        "oversized output counts as an error: {shape}"
+    );
+    Ok(())
+}

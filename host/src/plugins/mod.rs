@@ -203,6 +203,9 @@ impl Plugins {
         match result {
             Ok(frame) if !frame.is_empty() && frame.len() <= 64 * 1024 => Some(frame),
             Ok(_) => {
+                plugin.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .plugin_event(plugin.spec.kind.as_str(), "invalid_output");
                 tracing::warn!(plugin = %plugin.name(), "shaper returned an empty or oversized frame; using built-in");
                 None
             }
