@@ -28,6 +28,7 @@ use crate::session;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const INDEX_HTML: &str = include_str!("../static/index.html");
+const CLIENT_JS: &str = include_str!("../static/client.js");
 
 type Body = Full<Bytes>;
 
@@ -113,14 +114,8 @@ async fn route(
             );
             response
         }
-        "/" => {
-            let mut response = Response::new(Body::from(INDEX_HTML));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            response
-        }
+        "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
+        "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
         _ => match path.strip_prefix("/v1/tracks/") {
             Some(track) => track_count(&node, track).await,
             None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
@@ -271,6 +266,14 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value)
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

@@ -45,6 +45,15 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts a node on a free port with the given data directory and extra flags.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProcess> {
+        Self::start_on("127.0.0.1:0", data_dir, extra).await
+    }
+
+    /// Starts a node on a given address (e.g. to restart one where its clients expect it).
+    pub async fn start_on(
+        listen: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<NodeProcess> {
         let bin = fanfare_bin();
         if !bin.exists() {
             bail!(
@@ -54,7 +63,7 @@ impl NodeProcess {
         }
         let mut child = Command::new(&bin)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

@@ -22,9 +22,21 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let sockets: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
+    let sockets: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5000);
     let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &["--heartbeat-timeout", "600000", "--heartbeat-interval", "300000"]).await?;
+    let node = NodeProcess::start(
+        dir.path(),
+        &[
+            "--heartbeat-timeout",
+            "600000",
+            "--heartbeat-interval",
+            "300000",
+        ],
+    )
+    .await?;
     // Warm up allocator and runtime with a few connections first.
     let mut clients = Vec::with_capacity(sockets);
     for i in 0..10 {
@@ -44,6 +56,13 @@ async fn main() -> anyhow::Result<()> {
     let per = (after - before) as f64 * 1024.0 / (sockets - 10) as f64;
     println!("| idle subscribed sockets | node RSS before | after | per socket |");
     println!("|---|---|---|---|");
-    println!("| {} | {} KiB | {} KiB | {:.0} B ({:.2} KiB) |", sockets, before, after, per, per / 1024.0);
+    println!(
+        "| {} | {} KiB | {} KiB | {:.0} B ({:.2} KiB) |",
+        sockets,
+        before,
+        after,
+        per,
+        per / 1024.0
+    );
     Ok(())
 }

@@ -1,0 +1,351 @@
+//! Rust client for Fanfare protocol v1 (see `docs/protocol.md`).
+//!
+//! One background task owns the socket. It pings at the interval the node announces,
+//! reconnects with exponential backoff and full jitter (or after a random spread when the node
+//! drains with 1001), resubscribes every track and resends every unacked like with its original
+//! key on return, so nothing is lost or counted twice.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fanfare_client::ClientError> {
+//! let client = fanfare_client::Client::connect("ws://127.0.0.1:8080/v1/ws?user=ana");
+//! let count = client.subscribe("demo:track-1").await?;
+//! let ack = client.like("demo:track-1", "key-1").await?;
+//! let mut updates = client.updates();
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const DRAIN_SPREAD: Duration = Duration::from_secs(5);
+
+/// Connection state, observable with [`Client::state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Connecting,
+    Connected { user: String },
+    Reconnecting { attempt: u32, retry_in: Duration },
+    Closed,
+}
+
+/// A like's acknowledgement: the total after it, and whether it changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub count: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    #[error("refused ({code}): {message}")]
+    Refused {
+        code: String,
+        message: String,
+        retry_after_ms: Option<u64>,
+    },
+    #[error("client closed")]
+    Closed,
+}
+
+enum Command {
+    Subscribe(String, oneshot::Sender<u64>),
+    Unsubscribe(String),
+    Like(Value, String, oneshot::Sender<Result<Ack, ClientError>>),
+    Close,
+}
+
+/// A handle to the connection task; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    state: watch::Receiver<State>,
+    updates: broadcast::Sender<Value>,
+}
+
+impl Client {
+    /// Starts connecting to a `/v1/ws` URL (with `?user=` or `?token=`); returns at once.
+    pub fn connect(url: impl Into<String>) -> Client {
+        let (commands, inbox) = mpsc::channel(1024);
+        let (state_tx, state) = watch::channel(State::Connecting);
+        let (updates, _) = broadcast::channel(1024);
+        let driver = Driver {
+            url: url.into(),
+            inbox,
+            state: state_tx,
+            updates: updates.clone(),
+            tracks: HashMap::new(),
+            pending: HashMap::new(),
+            waiting: HashMap::new(),
+        };
+        tokio::spawn(driver.run());
+        Client {
+            commands,
+            state,
+            updates,
+        }
+    }
+
+    /// Subscribes (and stays subscribed across reconnects); resolves with the current count.
+    pub async fn subscribe(&self, track: &str) -> Result<u64, ClientError> {
+        let (done, count) = oneshot::channel();
+        self.send(Command::Subscribe(track.to_owned(), done))
+            .await?;
+        count.await.map_err(|_| ClientError::Closed)
+    }
+
+    pub async fn unsubscribe(&self, track: &str) -> Result<(), ClientError> {
+        self.send(Command::Unsubscribe(track.to_owned())).await
+    }
+
+    /// Likes a track; resolves once the node acked it (durably), across reconnects.
+    pub async fn like(&self, track: &str, key: &str) -> Result<Ack, ClientError> {
+        self.request("like", track, key).await
+    }
+
+    pub async fn unlike(&self, track: &str, key: &str) -> Result<Ack, ClientError> {
+        self.request("unlike", track, key).await
+    }
+
+    async fn request(&self, action: &str, track: &str, key: &str) -> Result<Ack, ClientError> {
+        let frame = json!({"type": action, "track": track, "id": key});
+        let (done, ack) = oneshot::channel();
+        self.send(Command::Like(frame, key.to_owned(), done))
+            .await?;
+        ack.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Every `likes` update of subscribed tracks, as JSON.
+    pub fn updates(&self) -> broadcast::Receiver<Value> {
+        self.updates.subscribe()
+    }
+
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+
+    async fn send(&self, command: Command) -> Result<(), ClientError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+}
+
+struct Driver {
+    url: String,
+    inbox: mpsc::Receiver<Command>,
+    state: watch::Sender<State>,
+    updates: broadcast::Sender<Value>,
+    /// Subscribed tracks with their last known count.
+    tracks: HashMap<String, u64>,
+    /// Unacked likes by key: the frame to resend and who waits.
+    pending: HashMap<String, (Value, oneshot::Sender<Result<Ack, ClientError>>)>,
+    waiting: HashMap<String, Vec<oneshot::Sender<u64>>>,
+}
+
+enum Next {
+    Reconnect { drained: bool },
+    Stop,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut attempt: u32 = 0;
+        loop {
+            let next = match tokio_tungstenite::connect_async(self.url.as_str()).await {
+                Ok((socket, _)) => self.serve(socket, &mut attempt).await,
+                Err(err) => {
+                    tracing::debug!(error = %err, "connect failed");
+                    Next::Reconnect { drained: false }
+                }
+            };
+            let delay = match next {
+                Next::Stop => break,
+                Next::Reconnect { drained: true } => DRAIN_SPREAD.mul_f64(rand::random::<f64>()),
+                Next::Reconnect { drained: false } => {
+                    let ceiling = BACKOFF_MIN
+                        .saturating_mul(1 << attempt.min(10))
+                        .min(BACKOFF_MAX);
+                    ceiling.mul_f64(rand::random::<f64>())
+                }
+            };
+            attempt += 1;
+            let _ = self.state.send(State::Reconnecting {
+                attempt,
+                retry_in: delay,
+            });
+            // Commands keep arriving while we wait: queue them for the next connection.
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    command = self.inbox.recv() => match command {
+                        None | Some(Command::Close) => { self.stop(); return; }
+                        Some(command) => {
+                            self.remember(command);
+                        }
+                    },
+                }
+            }
+        }
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for (_, (_, done)) in self.pending.drain() {
+            let _ = done.send(Err(ClientError::Closed));
+        }
+        let _ = self.state.send(State::Closed);
+    }
+
+    /// Records a command so that it is (re)sent on the next connection.
+    fn remember(&mut self, command: Command) -> Option<Value> {
+        match command {
+            Command::Subscribe(track, done) => {
+                self.tracks.entry(track.clone()).or_insert(0);
+                self.waiting.entry(track.clone()).or_default().push(done);
+                Some(json!({"type": "subscribe", "track": track}))
+            }
+            Command::Unsubscribe(track) => {
+                self.tracks.remove(&track);
+                Some(json!({"type": "unsubscribe", "track": track}))
+            }
+            Command::Like(frame, key, done) => {
+                self.pending.insert(key, (frame.clone(), done));
+                Some(frame)
+            }
+            Command::Close => None,
+        }
+    }
+
+    async fn serve<S>(
+        &mut self,
+        mut socket: tokio_tungstenite::WebSocketStream<S>,
+        attempt: &mut u32,
+    ) -> Next
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                command = self.inbox.recv() => {
+                    let Some(command) = command else { return Next::Stop };
+                    if matches!(command, Command::Close) {
+                        let _ = socket.close(None).await;
+                        return Next::Stop;
+                    }
+                    if let Some(frame) = self.remember(command)
+                        && socket.send(Message::text(frame.to_string())).await.is_err()
+                    {
+                        return Next::Reconnect { drained: false };
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if socket.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+                        return Next::Reconnect { drained: false };
+                    }
+                }
+                message = socket.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+                        if frame["type"] == "welcome" {
+                            *attempt = 0;
+                            let every = Duration::from_millis(frame["heartbeat_ms"].as_u64().unwrap_or(30_000).max(100));
+                            heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            let user = frame["user"].as_str().unwrap_or_default().to_owned();
+                            let _ = self.state.send(State::Connected { user });
+                            if self.resume(&mut socket).await.is_err() {
+                                return Next::Reconnect { drained: false };
+                            }
+                        } else {
+                            self.dispatch(frame);
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let drained = frame.is_some_and(|f| u16::from(f.code) == 1001);
+                        return Next::Reconnect { drained };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Next::Reconnect { drained: false },
+                },
+            }
+        }
+    }
+
+    /// After (re)connecting: resubscribe everything, resend every unacked like as it was.
+    async fn resume<S>(
+        &mut self,
+        socket: &mut tokio_tungstenite::WebSocketStream<S>,
+    ) -> Result<(), ()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut frames: Vec<String> = self
+            .tracks
+            .keys()
+            .map(|track| json!({"type": "subscribe", "track": track}).to_string())
+            .collect();
+        frames.extend(self.pending.values().map(|(frame, _)| frame.to_string()));
+        for frame in frames {
+            socket.feed(Message::text(frame)).await.map_err(|_| ())?;
+        }
+        socket.flush().await.map_err(|_| ())
+    }
+
+    fn dispatch(&mut self, frame: Value) {
+        let track = frame["track"].as_str().unwrap_or_default().to_owned();
+        let count = frame["count"].as_u64().unwrap_or(0);
+        match frame["type"].as_str() {
+            Some("subscribed") => {
+                if let Some(known) = self.tracks.get_mut(&track) {
+                    *known = count;
+                }
+                for done in self.waiting.remove(&track).unwrap_or_default() {
+                    let _ = done.send(count);
+                }
+            }
+            Some("likes") => {
+                if let Some(known) = self.tracks.get_mut(&track) {
+                    *known = count;
+                }
+                let _ = self.updates.send(frame);
+            }
+            Some("ack") => {
+                let key = frame["id"].as_str().unwrap_or_default();
+                if let Some((_, done)) = self.pending.remove(key) {
+                    let duplicate = frame["duplicate"].as_bool().unwrap_or(false);
+                    let _ = done.send(Ok(Ack { count, duplicate }));
+                }
+            }
+            Some("error") => {
+                let code = frame["code"].as_str().unwrap_or("internal").to_owned();
+                let key = frame["id"].as_str().unwrap_or_default();
+                // Overloaded and internal are transient: keep the like for the next resend.
+                if !matches!(code.as_str(), "overloaded" | "internal")
+                    && let Some((_, done)) = self.pending.remove(key)
+                {
+                    let _ = done.send(Err(ClientError::Refused {
+                        code,
+                        message: frame["message"].as_str().unwrap_or_default().to_owned(),
+                        retry_after_ms: frame["retry_after_ms"].as_u64(),
+                    }));
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The Rust client (`fanfare-client`) against a node that is killed and restarted: it
+//! reconnects by itself, resubscribes, takes the current count, and resends an unacked like
+//! with its original key so it is counted exactly once.
+
+use std::time::Duration;
+
+use fanfare_client::{Ack, Client, ClientError, State};
+use fanfare_tests::{NodeProcess, PATIENCE};
+
+async fn wait_connected(client: &Client) -> anyhow::Result<()> {
+    let mut state = client.state();
+    tokio::time::timeout(
+        PATIENCE,
+        state.wait_for(|s| matches!(s, State::Connected { .. })),
+    )
+    .await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn reconnects_resubscribes_and_resends_after_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut node = NodeProcess::start(dir.path(), &[]).await?;
+    let addr = node.addr.clone();
+    let listener = Client::connect(node.ws_url("listener"));
+    let liker = Client::connect(node.ws_url("liker"));
+    assert_eq!(listener.subscribe("resume").await?, 0);
+    let mut updates = listener.updates();
+    assert_eq!(
+        liker.like("resume", "k1").await?,
+        Ack {
+            count: 1,
+            duplicate: false
+        }
+    );
+    let update = tokio::time::timeout(PATIENCE, updates.recv()).await??;
+    assert_eq!(update["count"], 1);
+
+    // The node dies; both clients notice and keep retrying.
+    node.kill().await?;
+    let mut state = listener.state();
+    tokio::time::timeout(
+        PATIENCE,
+        state.wait_for(|s| matches!(s, State::Reconnecting { .. })),
+    )
+    .await??;
+
+    // A like made while the node is down waits, unacked, for the node to return.
+    let second = Client::connect(format!("ws://{addr}/v1/ws?user=second"));
+    let pending = tokio::spawn({
+        let second = second.clone();
+        async move { second.like("resume", "k2").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "no ack while the node is down");
+
+    let node = NodeProcess::start_on(&addr, dir.path(), &[]).await?;
+    wait_connected(&listener).await?;
+    let ack = tokio::time::timeout(PATIENCE, pending).await???;
+    assert_eq!(
+        ack,
+        Ack {
+            count: 2,
+            duplicate: false
+        },
+        "resent and counted once"
+    );
+
+    // The listener resubscribed by itself and hears new likes again.
+    let update = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let update = updates.recv().await?;
+            if update["count"] == 2 {
+                return anyhow::Ok(update);
+            }
+        }
+    })
+    .await??;
+    assert_eq!(update["recent"][0]["user"], "second");
+
+    // Re-sending the first like's key after the restart changes nothing.
+    assert_eq!(
+        liker.like("resume", "k1").await?,
+        Ack {
+            count: 2,
+            duplicate: false
+        }
+    );
+    assert_eq!(node.track_count("resume").await?, 2);
+    // Refusals surface as errors with their code.
+    let refused = liker.like("bad track", "k9").await.unwrap_err();
+    assert!(
+        matches!(refused, ClientError::Refused { ref code, .. } if code == "bad_request"),
+        "{refused:?}"
+    );
+    listener.close().await;
+    Ok(())
+}
