@@ -155,8 +155,19 @@ struct Driver {
 }
 
 enum Next {
-    Reconnect { drained: bool },
+    Reconnect { drained: Option<Duration> },
     Stop,
+}
+
+/// The delay a draining node asks for in its close reason (`reconnect_after_ms=N`), or a
+/// random spread when it gives none.
+fn drain_delay(reason: &str) -> Duration {
+    reason
+        .split("reconnect_after_ms=")
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_else(|| DRAIN_SPREAD.mul_f64(rand::random::<f64>()))
 }
 
 impl Driver {
@@ -167,13 +178,15 @@ impl Driver {
                 Ok((socket, _)) => self.serve(socket, &mut attempt).await,
                 Err(err) => {
                     tracing::debug!(error = %err, "connect failed");
-                    Next::Reconnect { drained: false }
+                    Next::Reconnect { drained: None }
                 }
             };
             let delay = match next {
                 Next::Stop => break,
-                Next::Reconnect { drained: true } => DRAIN_SPREAD.mul_f64(rand::random::<f64>()),
-                Next::Reconnect { drained: false } => {
+                Next::Reconnect {
+                    drained: Some(delay),
+                } => delay,
+                Next::Reconnect { drained: None } => {
                     let ceiling = BACKOFF_MIN
                         .saturating_mul(1 << attempt.min(10))
                         .min(BACKOFF_MAX);
@@ -251,12 +264,12 @@ impl Driver {
                     if let Some(frame) = self.remember(command)
                         && socket.send(Message::text(frame.to_string())).await.is_err()
                     {
-                        return Next::Reconnect { drained: false };
+                        return Next::Reconnect { drained: None };
                     }
                 }
                 _ = heartbeat.tick() => {
                     if socket.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
-                        return Next::Reconnect { drained: false };
+                        return Next::Reconnect { drained: None };
                     }
                 }
                 message = socket.next() => match message {
@@ -269,18 +282,18 @@ impl Driver {
                             let user = frame["user"].as_str().unwrap_or_default().to_owned();
                             let _ = self.state.send(State::Connected { user });
                             if self.resume(&mut socket).await.is_err() {
-                                return Next::Reconnect { drained: false };
+                                return Next::Reconnect { drained: None };
                             }
                         } else {
                             self.dispatch(frame);
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
-                        let drained = frame.is_some_and(|f| u16::from(f.code) == 1001);
+                        let drained = frame.filter(|f| u16::from(f.code) == 1001).map(|f| drain_delay(&f.reason));
                         return Next::Reconnect { drained };
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return Next::Reconnect { drained: false },
+                    Some(Err(_)) | None => return Next::Reconnect { drained: None },
                 },
             }
         }

@@ -139,6 +139,92 @@ pub struct Config {
     )]
     pub shutdown_timeout: u64,
 
+    /// How clients prove who they are: `dev` trusts `?user=` (embedded default), `jwt`
+    /// requires a signed token whose `sub` is the user.
+    #[arg(long, env = "FANFARE_AUTH", value_enum, default_value_t = AuthMode::Dev)]
+    pub auth: AuthMode,
+
+    /// HS256 secret for `--auth jwt` (at least 32 bytes).
+    #[arg(
+        long,
+        env = "FANFARE_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// RS256/ES256 public key (PEM) or JWKS file for `--auth jwt`.
+    #[arg(long, env = "FANFARE_JWT_KEY", value_name = "FILE")]
+    pub jwt_key: Option<PathBuf>,
+
+    /// Bearer token for `/admin/*`; without it admin endpoints answer loopback clients only.
+    #[arg(
+        long,
+        env = "FANFARE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Browser origins allowed to upgrade (comma-separated); empty allows any. Requests
+    /// without an Origin header (non-browser clients) are not affected.
+    #[arg(
+        long,
+        env = "FANFARE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Serve `/metrics` on this separate address instead of the public port.
+    #[arg(long, env = "FANFARE_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// WebSocket connections this node accepts at once (beyond: HTTP 503).
+    #[arg(
+        long,
+        env = "FANFARE_MAX_CONNECTIONS",
+        default_value_t = 50_000,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// WebSocket connections from one source IP at once (beyond: HTTP 429).
+    #[arg(
+        long,
+        env = "FANFARE_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 1_000,
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// Inbound messages per second per connection, bursts of twice that (beyond: `rate_limited`).
+    #[arg(
+        long,
+        env = "FANFARE_MAX_MESSAGES_PER_SECOND",
+        default_value_t = 50,
+        value_name = "N"
+    )]
+    pub max_messages_per_second: u32,
+
+    /// Time for a client to send its HTTP request headers (slowloris guard).
+    #[arg(
+        long,
+        env = "FANFARE_HANDSHAKE_TIMEOUT",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
+    pub handshake_timeout: u64,
+
+    /// On SIGTERM, connections are closed spread over this period, each told when to reconnect.
+    #[arg(
+        long,
+        env = "FANFARE_DRAIN_PERIOD",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
+    pub drain_period: u64,
+
     /// Log output format.
     #[arg(long, env = "FANFARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -151,6 +237,12 @@ pub struct Config {
         value_name = "FILTER"
     )]
     pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    Dev,
+    Jwt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -194,6 +286,15 @@ impl Config {
             if !explicit {
                 let value = match value {
                     toml::Value::String(s) => s.clone(),
+                    toml::Value::Array(items) => items
+                        .iter()
+                        .map(|v| {
+                            v.as_str()
+                                .map(str::to_owned)
+                                .unwrap_or_else(|| v.to_string())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
                     toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_) => {
                         value.to_string()
                     }
@@ -252,6 +353,14 @@ impl Config {
 
     pub fn slow_consumer_timeout(&self) -> Duration {
         Duration::from_millis(self.slow_consumer_timeout)
+    }
+
+    pub fn drain_period(&self) -> Duration {
+        Duration::from_millis(self.drain_period)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout.max(100))
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

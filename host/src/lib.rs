@@ -1,12 +1,14 @@
 //! Fanfare node as a library: the binary in `main.rs` wires it to a process, and benches and
 //! tools reuse the same parts.
 
+pub mod auth;
 pub mod config;
 pub mod event_log;
 pub mod fanout;
 pub mod farm;
 pub mod ledger;
 pub mod like;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

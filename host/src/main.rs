@@ -68,6 +68,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(node = %node.id, listen = %local, data_dir = %node.config.data_dir.display(), "fanfare node serving");
     // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
     println!("fanfare listening on http://{local}");
+    if let Some(addr) = node.config.metrics_listen {
+        let metrics_listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(listen = %addr, "metrics served on their own address");
+        tokio::spawn(server::serve_metrics(node.clone(), metrics_listener));
+    }
     tokio::spawn(watch_signals(node.clone()));
     plugins::reload::spawn_triggers(node.plugins.clone(), node.shutdown.clone())?;
     server::serve(node.clone(), listener).await;
@@ -90,10 +97,13 @@ async fn watch_signals(node: Arc<Node>) {
     node.shutdown.cancel();
 }
 
-/// Sessions first (they finish in-flight likes and close with 1001), then the event log.
+/// Sessions first (each closes at its moment within the drain period with 1001, after
+/// finishing its in-flight likes), then the event log.
 async fn shutdown(node: Arc<Node>) -> anyhow::Result<()> {
     node.sessions.close();
-    let grace = node.config.shutdown_timeout() + std::time::Duration::from_secs(3);
+    let grace = node.config.drain_period()
+        + node.config.shutdown_timeout()
+        + std::time::Duration::from_secs(3);
     if tokio::time::timeout(grace, node.sessions.wait())
         .await
         .is_err()

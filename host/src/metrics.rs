@@ -41,6 +41,8 @@ pub struct Metrics {
     bus_events: Family<Label, Counter>,
     pub redis_up: Gauge,
     pub bus_channels: Gauge,
+    upgrades_refused: Family<Label, Counter>,
+    pub messages_rate_limited: Counter,
 }
 
 /// How a like/unlike request ended, as the `outcome` label of `fanfare_likes_total`.
@@ -101,6 +103,8 @@ impl Metrics {
             bus_events: Family::default(),
             redis_up: Gauge::default(),
             bus_channels: Gauge::default(),
+            upgrades_refused: Family::default(),
+            messages_rate_limited: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,6 +202,16 @@ impl Metrics {
             "Track channels this node is subscribed to on the bus (farm mode)",
             m.bus_channels.clone(),
         );
+        registry.register(
+            "fanfare_upgrades_refused",
+            "WebSocket upgrades refused, by reason (unauthorized, origin, node_full, ip_full, draining)",
+            m.upgrades_refused.clone(),
+        );
+        registry.register(
+            "fanfare_messages_rate_limited",
+            "Inbound frames refused for exceeding --max-messages-per-second",
+            m.messages_rate_limited.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -231,6 +245,12 @@ impl Metrics {
 
     pub fn bus_event(&self, event: &'static str) {
         self.bus_events.get_or_create(&[("event", event)]).inc();
+    }
+
+    pub fn upgrade_refused(&self, reason: &'static str) {
+        self.upgrades_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     pub fn render(&self) -> String {

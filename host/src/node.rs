@@ -7,6 +7,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::event_log::{EventLog, SqliteEventLog};
 use crate::fanout::Fanout;
@@ -15,6 +16,7 @@ use crate::farm::counters::RedisCounters;
 use crate::farm::ledger::FarmLedger;
 use crate::farm::link::RedisLink;
 use crate::ledger::{EmbeddedLedger, Ledger};
+use crate::limits::ConnectionGate;
 use crate::metrics::Metrics;
 use crate::outbox::ConnId;
 use crate::plugins::Plugins;
@@ -36,6 +38,8 @@ pub struct Node {
     pub bus: Option<Arc<RedisBus>>,
     pub redis: Option<Arc<RedisLink>>,
     pub metrics: Arc<Metrics>,
+    pub auth: Auth,
+    pub gate: Arc<ConnectionGate>,
     /// The one shutdown signal every loop listens to.
     pub shutdown: CancellationToken,
     /// Every WebSocket session, so shutdown can wait for their in-flight likes.
@@ -51,6 +55,8 @@ impl Node {
             None => Arc::from(format!("node-{:08x}", rand::random::<u32>())),
         };
         let shutdown = CancellationToken::new();
+        let auth = Auth::from_config(&config)?;
+        let gate = ConnectionGate::new(config.max_connections, config.max_connections_per_ip);
         let event_log = SqliteEventLog::start(&config.data_dir)?;
         let mut local = Some(EmbeddedLedger::open(
             &config.data_dir,
@@ -122,6 +128,8 @@ impl Node {
             bus,
             redis: link,
             metrics,
+            auth,
+            gate,
             shutdown,
             sessions: TaskTracker::new(),
             next_conn: AtomicU64::new(1),

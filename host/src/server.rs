@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
+use crate::limits::Refusal;
 use crate::node::Node;
 use crate::protocol;
 use crate::session;
@@ -55,7 +56,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
             let service = service_fn(|req| route(node.clone(), peer, req));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(node.config.handshake_timeout())
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
@@ -84,7 +85,7 @@ async fn route(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if path.starts_with("/admin/") {
-        return Ok(admin(&node, peer, req.method(), &path).await);
+        return Ok(admin(&node, peer, &req, &path).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(
@@ -93,7 +94,7 @@ async fn route(
         ));
     }
     let response = match path.as_str() {
-        "/v1/ws" => upgrade(node, req),
+        "/v1/ws" => upgrade(node, peer, req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if node.is_ready() => match node.degraded() {
             None => text(StatusCode::OK, "ready\n"),
@@ -104,16 +105,7 @@ async fn route(
             ),
         },
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/metrics" => {
-            let mut response = Response::new(Body::from(node.metrics.render()));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            response
-        }
+        "/metrics" if node.config.metrics_listen.is_none() => metrics_response(&node),
         "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
         _ => match path.strip_prefix("/v1/tracks/") {
@@ -125,13 +117,36 @@ async fn route(
 }
 
 /// Operator endpoints. Until token auth exists they answer loopback clients only.
-async fn admin(node: &Node, peer: SocketAddr, method: &Method, path: &str) -> Response<Body> {
-    if !peer.ip().is_loopback() {
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "unauthorized",
-            "admin endpoints answer loopback clients only",
-        );
+async fn admin(
+    node: &Node,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    path: &str,
+) -> Response<Body> {
+    let method = req.method();
+    match &node.config.admin_token {
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given.is_none_or(|given| !constant_time_eq(given.as_bytes(), token.as_bytes())) {
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "admin token required",
+                );
+            }
+        }
+        None if !peer.ip().is_loopback() => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "unauthorized",
+                "admin endpoints answer loopback clients only (no --admin-token set)",
+            );
+        }
+        None => {}
     }
     match (method, path) {
         (&Method::GET, "/admin/plugins") => json(StatusCode::OK, node.plugins.status()),
@@ -178,8 +193,9 @@ async fn track_count(node: &Node, track: &str) -> Response<Body> {
 }
 
 /// Answers the WebSocket handshake and spawns the session on the upgraded stream.
-fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
     if !node.is_ready() {
+        node.metrics.upgrade_refused("draining");
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
@@ -216,14 +232,51 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
         );
         return response;
     };
-    let user = match query_param(req.uri().query(), "user") {
-        None | Some("") => format!("anon-{:012x}", rand::random::<u64>() >> 16),
-        Some(user) if protocol::is_valid_user(user) => user.to_owned(),
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
+        && !node.config.allowed_origins.is_empty()
+        && !node
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == origin)
+    {
+        node.metrics.upgrade_refused("origin");
+        return json_error(StatusCode::FORBIDDEN, "unauthorized", "origin not allowed");
+    }
+    let identity = match node.auth.authenticate(headers, req.uri().query()) {
+        Ok(identity) => identity,
+        Err(reason) => {
+            node.metrics.upgrade_refused("unauthorized");
+            return json_error(StatusCode::UNAUTHORIZED, "unauthorized", &reason);
+        }
+    };
+    let user = match identity.user {
+        None => format!("anon-{:012x}", rand::random::<u64>() >> 16),
+        Some(user) if protocol::is_valid_user(&user) => user,
         Some(_) => {
             return json_error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 "user ids match [A-Za-z0-9_.-]{1,64}",
+            );
+        }
+    };
+    let admission = match node.gate.admit(peer.ip()) {
+        Ok(admission) => admission,
+        Err(Refusal::NodeFull) => {
+            node.metrics.upgrade_refused("node_full");
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "this node is full; try another",
+            );
+        }
+        Err(Refusal::IpFull) => {
+            node.metrics.upgrade_refused("ip_full");
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many connections from your address",
             );
         }
     };
@@ -236,6 +289,7 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_node = node.clone();
     node.sessions.spawn(async move {
+        let _admission = admission;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
@@ -254,18 +308,58 @@ fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(protocol) = identity.protocol {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol),
+        );
+    }
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
 }
 
-fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
-        .find(|(key, _)| *key == name)
-        .map(|(_, value)| value)
+/// Serves only `/metrics` on its own address (`--metrics-listen`), until shutdown.
+pub async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let service = service_fn(|req: Request<Incoming>| {
+                let node = node.clone();
+                async move {
+                    Ok::<_, Infallible>(match req.uri().path() {
+                        "/metrics" => metrics_response(&node),
+                        _ => json_error(StatusCode::NOT_FOUND, "bad_request", "only /metrics here"),
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn metrics_response(node: &Node) -> Response<Body> {
+    let mut response = Response::new(Body::from(node.metrics.render()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
@@ -301,17 +395,4 @@ fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
         status,
         serde_json::json!({ "error": code, "message": message }),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::query_param;
-
-    #[test]
-    fn reads_query_parameters() {
-        assert_eq!(query_param(Some("user=ana&x=1"), "user"), Some("ana"));
-        assert_eq!(query_param(Some("x=1&user"), "user"), Some(""));
-        assert_eq!(query_param(Some("username=bob"), "user"), None);
-        assert_eq!(query_param(None, "user"), None);
-    }
 }

@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::like::{self, Reply};
+use crate::limits::MessageBucket;
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, ServerFrame};
@@ -35,7 +36,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     ClientClosed,
-    Shutdown,
+    /// Drained on shutdown; the client is told to reconnect after this many milliseconds.
+    Shutdown(u64),
     HeartbeatTimeout,
     SlowConsumer,
     TooLarge,
@@ -47,7 +49,13 @@ impl End {
     fn close_frame(self) -> Option<CloseFrame> {
         let (code, reason) = match self {
             End::ClientClosed | End::Broken => return None,
-            End::Shutdown => (CloseCode::Away, "node shutting down"),
+            End::Shutdown(after_ms) => {
+                let reason = format!("node draining; reconnect_after_ms={after_ms}");
+                return Some(CloseFrame {
+                    code: CloseCode::Away,
+                    reason: reason.into(),
+                });
+            }
             End::HeartbeatTimeout => (CloseCode::Normal, "heartbeat timeout"),
             End::SlowConsumer => (CloseCode::Again, "slow consumer"),
             End::TooLarge => (CloseCode::Size, "frame too large"),
@@ -69,6 +77,7 @@ struct Session<S> {
     inflight: FuturesUnordered<BoxFuture<'static, Reply>>,
     bad_frames: u32,
     bad_since: Instant,
+    inbound: MessageBucket,
 }
 
 /// Serves one upgraded connection until it ends.
@@ -77,6 +86,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let conn = node.next_conn_id();
+    let node_rate = node.config.max_messages_per_second;
     let soft = node.config.outbound_queue;
     let outbox = Arc::new(Outbox::new(
         conn,
@@ -94,6 +104,7 @@ where
         inflight: FuturesUnordered::new(),
         bad_frames: 0,
         bad_since: Instant::now(),
+        inbound: MessageBucket::new(node_rate),
     };
     let end = session.serve().await;
     tracing::debug!(conn, user = %session.user, ?end, "session ended");
@@ -117,10 +128,23 @@ where
         let shutdown = self.node.shutdown.clone();
         let max_inflight = self.node.config.max_inflight;
         let mut frames = Vec::new();
+        // On shutdown each connection keeps being served until its own random moment within
+        // the drain period, so closes (and reconnects) spread out instead of stampeding.
+        let mut drain_at: Option<Instant> = None;
+        let mut drain = pin!(tokio::time::sleep(Duration::ZERO));
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = shutdown.cancelled(), if drain_at.is_none() => {
+                    let period = self.node.config.drain_period();
+                    let at = Instant::now() + period.mul_f64(rand::random::<f64>());
+                    drain_at = Some(at);
+                    drain.as_mut().reset(at);
+                }
+                _ = &mut drain, if drain_at.is_some() => {
+                    let spread = self.node.config.drain_period().max(Duration::from_secs(1));
+                    return End::Shutdown(spread.mul_f64(rand::random::<f64>()).as_millis() as u64);
+                }
                 Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
                     if let Err(end) = self.send_reply(reply).await {
                         return end;
@@ -155,6 +179,16 @@ where
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
+        if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.inbound.take() {
+            self.node.metrics.messages_rate_limited.inc();
+            let limit = self.node.config.max_messages_per_second;
+            let err = FrameError {
+                code: ErrorCode::RateLimited,
+                message: format!("more than {limit} messages per second; this one was dropped"),
+                key: None,
+            };
+            return self.on_bad_frame(err).await;
+        }
         match message {
             Message::Text(text) => match protocol::decode(&text) {
                 Ok(frame) => self.on_frame(frame).await,
@@ -315,6 +349,7 @@ where
         }
         let deadline = Instant::now() + self.node.config.shutdown_timeout();
         let socket_usable = !matches!(end, End::Broken | End::SlowConsumer | End::ClientClosed);
+        // Draining: no more reading; what was accepted finishes and is acked below.
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.inflight.next()).await {
             if socket_usable {
                 let _ = self.send_reply(reply).await;

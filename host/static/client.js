@@ -192,8 +192,9 @@ export class FanfareClient extends EventTarget {
     if (this.closedByUser) return;
     let delay;
     if (event.code === 1001) {
-      // Drain hint: the node is going away; spread reconnects out.
-      delay = Math.random() * DRAIN_SPREAD_MS;
+      // Drain hint: the node is going away and says when to come back (spread per client).
+      const hint = /reconnect_after_ms=(\d+)/.exec(event.reason ?? "");
+      delay = hint ? Number(hint[1]) : Math.random() * DRAIN_SPREAD_MS;
     } else {
       const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this.attempt);
       delay = Math.random() * ceiling; // full jitter

@@ -198,6 +198,15 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     http_request(addr, "GET", path).await
 }
 
+/// Sends a raw HTTP request and returns the whole response text.
+pub async fn raw_http(addr: &str, request: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await??;
+    Ok(String::from_utf8_lossy(&raw).to_string())
+}
+
 /// Minimal HTTP/1.1 request without a body: (status, body).
 pub async fn http_request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await?;

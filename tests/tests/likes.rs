@@ -180,7 +180,7 @@ async fn acked_likes_survive_kill_and_restart() -> anyhow::Result<()> {
 #[tokio::test]
 async fn graceful_shutdown_stores_every_accepted_like() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut node = NodeProcess::start(dir.path(), &[]).await?;
+    let mut node = NodeProcess::start(dir.path(), &["--drain-period", "500"]).await?;
     let mut clients = Vec::new();
     for i in 0..20 {
         clients.push(node.connect(&format!("fan{i}")).await?);

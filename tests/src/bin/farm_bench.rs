@@ -47,7 +47,18 @@ async fn main() -> anyhow::Result<()> {
     let redis = RedisProcess::start().await?;
     let dir_a = tempfile::tempdir()?;
     let dir_b = tempfile::tempdir()?;
-    let a = NodeProcess::start(dir_a.path(), &["--redis", &redis.url(), "--node-id", "a"]).await?;
+    let a = NodeProcess::start(
+        dir_a.path(),
+        &[
+            "--redis",
+            &redis.url(),
+            "--node-id",
+            "a",
+            "--max-messages-per-second",
+            "1000000",
+        ],
+    )
+    .await?;
     let b = NodeProcess::start(dir_b.path(), &["--redis", &redis.url(), "--node-id", "b"]).await?;
 
     let mut listeners = Vec::new();

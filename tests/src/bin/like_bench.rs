@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let connections: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(32);
     let window: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(64);
     let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::start(dir.path(), &["--max-messages-per-second", "1000000"]).await?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
 
     let clients = (0..connections).map(|c| {
