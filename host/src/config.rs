@@ -139,6 +139,24 @@ pub struct Config {
     )]
     pub shutdown_timeout: u64,
 
+    /// TLS certificate chain (PEM): the port then serves wss:// and https://.
+    #[arg(
+        long,
+        env = "FANFARE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(
+        long,
+        env = "FANFARE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
     /// How clients prove who they are: `dev` trusts `?user=` (embedded default), `jwt`
     /// requires a signed token whose `sub` is the user.
     #[arg(long, env = "FANFARE_AUTH", value_enum, default_value_t = AuthMode::Dev)]

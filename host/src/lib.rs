@@ -19,3 +19,4 @@ pub mod server;
 pub mod session;
 pub mod sharded;
 pub mod store;
+pub mod tls;

@@ -60,6 +60,10 @@ fn init_tracing(config: &Config) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(fanfare::tls::Tls::load(cert, key)?),
+        _ => None,
+    };
     let node = Node::start(config).await?;
     let listener = TcpListener::bind(listen)
         .await
@@ -67,7 +71,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(node = %node.id, listen = %local, data_dir = %node.config.data_dir.display(), "fanfare node serving");
     // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
-    println!("fanfare listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("fanfare listening on {scheme}://{local}");
     if let Some(addr) = node.config.metrics_listen {
         let metrics_listener = TcpListener::bind(addr)
             .await
@@ -77,7 +82,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(watch_signals(node.clone()));
     plugins::reload::spawn_triggers(node.plugins.clone(), node.shutdown.clone())?;
-    server::serve(node.clone(), listener).await;
+    if let Some(tls) = &tls {
+        tls.spawn_watch(node.shutdown.clone())?;
+    }
+    server::serve(node.clone(), listener, tls).await;
     shutdown(node).await
 }
 

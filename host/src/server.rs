@@ -26,6 +26,8 @@ use crate::limits::Refusal;
 use crate::node::Node;
 use crate::protocol;
 use crate::session;
+use crate::tls::Tls;
+use tracing::Instrument;
 
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -34,7 +36,7 @@ const CLIENT_JS: &str = include_str!("../static/client.js");
 type Body = Full<Bytes>;
 
 /// Accepts connections until shutdown, then stops accepting and lets HTTP requests finish.
-pub async fn serve(node: Arc<Node>, listener: TcpListener) {
+pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<Tls>>) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -52,33 +54,75 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let node = node.clone();
-        connections.spawn(async move {
-            let service = service_fn(|req| route(node.clone(), peer, req));
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(node.config.handshake_timeout())
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(err) = result {
-                        tracing::debug!(%peer, error = %err, "http connection ended");
-                    }
-                }
-                _ = node.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        match &tls {
+            None => {
+                connections.spawn(serve_http(node, peer, stream));
             }
-        });
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                connections.spawn(async move {
+                    // The TLS handshake gets the same deadline as the HTTP headers.
+                    match tokio::time::timeout(
+                        node.config.handshake_timeout(),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => serve_http(node, peer, stream).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     connections.close();
     connections.wait().await;
 }
 
+/// One HTTP/1.1 connection (plain or TLS); upgrades hand the stream to a session.
+async fn serve_http<S>(node: Arc<Node>, peer: SocketAddr, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(|req| route(node.clone(), peer, req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.config.handshake_timeout())
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "http connection ended");
+            }
+        }
+        _ = node.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Every request runs in a span with its own id, so its log lines can be found together.
 async fn route(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span =
+        tracing::debug_span!("request", id, %peer, method = %req.method(), path = req.uri().path());
+    route_inner(node, peer, req).instrument(span).await
+}
+
+async fn route_inner(
     node: Arc<Node>,
     peer: SocketAddr,
     req: Request<Incoming>,

@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tracing::Instrument;
 
 use crate::like::{self, Reply};
 use crate::limits::MessageBucket;
@@ -106,9 +107,15 @@ where
         bad_since: Instant::now(),
         inbound: MessageBucket::new(node_rate),
     };
-    let end = session.serve().await;
-    tracing::debug!(conn, user = %session.user, ?end, "session ended");
-    session.finish(end).await;
+    // Every log line of this connection carries its id and user (fields in JSON logs).
+    let span = tracing::info_span!("conn", id = conn, user = %session.user);
+    async {
+        let end = session.serve().await;
+        tracing::debug!(?end, "session ended");
+        session.finish(end).await;
+    }
+    .instrument(span)
+    .await;
 }
 
 impl<S> Session<S>

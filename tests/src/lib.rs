@@ -77,7 +77,10 @@ impl NodeProcess {
         let mut lines = BufReader::new(stdout).lines();
         let addr = tokio::time::timeout(PATIENCE, async {
             while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix("fanfare listening on http://") {
+                if let Some(addr) = line
+                    .strip_prefix("fanfare listening on http://")
+                    .or_else(|| line.strip_prefix("fanfare listening on https://"))
+                {
                     return Ok(addr.to_owned());
                 }
             }
@@ -226,9 +229,9 @@ pub async fn http_request(addr: &str, method: &str, path: &str) -> anyhow::Resul
     Ok((status, body.to_owned()))
 }
 
-/// A protocol v1 client.
-pub struct WsClient {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+/// A protocol v1 client over any stream (plain TCP, or TLS in the TLS tests).
+pub struct WsClient<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
     pub user: String,
 }
 
@@ -238,6 +241,13 @@ impl WsClient {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .with_context(|| format!("connect {url}"))?;
+        WsClient::from_stream(ws).await
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> WsClient<S> {
+    /// Wraps an upgraded stream and consumes the `welcome` frame.
+    pub async fn from_stream(ws: WebSocketStream<S>) -> anyhow::Result<WsClient<S>> {
         let mut client = WsClient {
             ws,
             user: String::new(),

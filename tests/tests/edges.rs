@@ -335,3 +335,36 @@ async fn drain_spreads_closes_and_reconnects_and_loses_no_like() -> anyhow::Resu
     assert_eq!(stored, acked, "every like acked during the drain is stored");
     Ok(())
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut child = tokio::process::Command::new(fanfare_tests::fanfare_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await??
+        .unwrap_or_default();
+    let entry: serde_json::Value = serde_json::from_str(&line)?;
+    assert!(
+        entry["level"].is_string() && entry["fields"]["message"].is_string(),
+        "{entry}"
+    );
+    child.kill().await?;
+    Ok(())
+}
