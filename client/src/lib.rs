@@ -121,7 +121,8 @@ impl Client {
         ack.await.map_err(|_| ClientError::Closed)?
     }
 
-    /// Every `likes` update of subscribed tracks, as JSON.
+    /// Every frame that carries a track's count, as JSON: `likes` updates, and the
+    /// `subscribed` confirmations that bring the current count after each (re)subscribe.
     pub fn updates(&self) -> broadcast::Receiver<Value> {
         self.updates.subscribe()
     }
@@ -330,6 +331,8 @@ impl Driver {
                 for done in self.waiting.remove(&track).unwrap_or_default() {
                     let _ = done.send(count);
                 }
+                // After a reconnect this is how the current count arrives: pass it on.
+                let _ = self.updates.send(frame);
             }
             Some("likes") => {
                 if let Some(known) = self.tracks.get_mut(&track) {
