@@ -368,3 +368,86 @@ async fn json_logs_are_one_object_per_line() -> anyhow::Result<()> {
     child.kill().await?;
     Ok(())
 }
+
+/// Runs openssl with `args` (key generation for the public-key JWT tests).
+fn openssl(args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl {args:?} failed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn jwt_public_keys_rs256_and_es256() -> anyhow::Result<()> {
+    let keys = tempfile::tempdir()?;
+    let path = |name: &str| keys.path().join(name).to_string_lossy().to_string();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &path("rsa.pem"),
+    ])?;
+    openssl(&[
+        "pkey",
+        "-in",
+        &path("rsa.pem"),
+        "-pubout",
+        "-out",
+        &path("rsa.pub"),
+    ])?;
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &path("ec.pem"),
+    ])?;
+    openssl(&[
+        "pkey",
+        "-in",
+        &path("ec.pem"),
+        "-pubout",
+        "-out",
+        &path("ec.pub"),
+    ])?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let claims = json!({"sub": "kim", "exp": now + 300});
+
+    for (public, private, algorithm) in [
+        ("rsa.pub", "rsa.pem", jsonwebtoken::Algorithm::RS256),
+        ("ec.pub", "ec.pem", jsonwebtoken::Algorithm::ES256),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let node =
+            NodeProcess::start(dir.path(), &["--auth", "jwt", "--jwt-key", &path(public)]).await?;
+        let pem = std::fs::read(keys.path().join(private))?;
+        let key = match algorithm {
+            jsonwebtoken::Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem)?,
+            _ => EncodingKey::from_ec_pem(&pem)?,
+        };
+        let good = encode(&Header::new(algorithm), &claims, &key)?;
+        let client = WsClient::connect(&format!("ws://{}/v1/ws?token={good}", node.addr)).await?;
+        assert_eq!(client.user, "kim", "{algorithm:?}");
+        // The same claims signed with the HMAC of the public key text must not pass
+        // (algorithm confusion).
+        let confused = encode(
+            &Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&std::fs::read(keys.path().join(public))?),
+        )?;
+        let url = format!("ws://{}/v1/ws?token={confused}", node.addr);
+        assert_eq!(
+            upgrade_status(&url, &[]).await?,
+            401,
+            "{algorithm:?} key must not accept HS256"
+        );
+    }
+    Ok(())
+}
