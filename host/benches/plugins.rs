@@ -72,10 +72,12 @@ fn like_path(c: &mut Criterion) {
         })
     });
     group.bench_function("validate wasm alone", |b| {
-        b.to_async(&runtime).iter(|| async { with.validate("ana", &request).await })
+        b.to_async(&runtime)
+            .iter(|| async { with.validate("ana", &request).await })
     });
     group.bench_function("rate_limit wasm alone", |b| {
-        b.to_async(&runtime).iter(|| async { with.rate_limit("ana", &request).await })
+        b.to_async(&runtime)
+            .iter(|| async { with.rate_limit("ana", &request).await })
     });
     group.bench_function("rate_limit+validate built-in", |b| {
         b.to_async(&runtime).iter(|| async {
