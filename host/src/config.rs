@@ -302,24 +302,11 @@ impl Config {
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)
             );
             if !explicit {
-                let value = match value {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Array(items) => items
-                        .iter()
-                        .map(|v| {
-                            v.as_str()
-                                .map(str::to_owned)
-                                .unwrap_or_else(|| v.to_string())
-                        })
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_) => {
-                        value.to_string()
-                    }
-                    _ => bail!(
-                        "option `{key}` in {} must be a string or number",
+                let Some(value) = toml_text(value) else {
+                    bail!(
+                        "option `{key}` in {} must be a string, number or list",
                         path.display()
-                    ),
+                    );
                 };
                 merged.push(format!("--{}={value}", id.replace('_', "-")).into());
             }
@@ -383,6 +370,26 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout)
+    }
+}
+
+/// A TOML scalar as text; a list of scalars as comma-separated text (how list flags and
+/// plugin config values are written). Tables and dates have no text form here.
+pub fn toml_text(value: &toml::Value) -> Option<String> {
+    let scalar = |v: &toml::Value| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+            Some(v.to_string())
+        }
+        _ => None,
+    };
+    match value {
+        toml::Value::Array(items) => items
+            .iter()
+            .map(scalar)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        other => scalar(other),
     }
 }
 

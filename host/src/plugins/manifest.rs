@@ -109,22 +109,11 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
         }
         let mut config = HashMap::new();
         for (key, value) in slot.config {
-            let text = match value {
-                toml::Value::String(s) => s,
-                toml::Value::Array(items) => items
-                    .iter()
-                    .map(|v| {
-                        v.as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| v.to_string())
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                toml::Value::Table(_) => bail!(
-                    "[{}] config.{key}: nested tables are not supported",
+            let Some(text) = crate::config::toml_text(&value) else {
+                bail!(
+                    "[{}] config.{key}: use a string, number, boolean or a list of them",
                     kind.as_str()
-                ),
-                other => other.to_string(),
+                );
             };
             config.insert(key, text);
         }

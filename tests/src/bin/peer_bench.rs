@@ -141,7 +141,11 @@ async fn run(
             let mut n = 0u64;
             while started.elapsed() < Duration::from_secs(seconds) {
                 tick.tick().await;
-                let action = if n % 2 == 0 { "like" } else { "unlike" };
+                let action = if n.is_multiple_of(2) {
+                    "like"
+                } else {
+                    "unlike"
+                };
                 let id = format!("{l}x{n}-{}", origin.elapsed().as_micros());
                 if ws
                     .send(Message::text(
