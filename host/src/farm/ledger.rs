@@ -52,6 +52,8 @@ const EPOCH_KEY: &str = "ff:epoch";
 /// After a failover, replay this much recent history (covers asynchronous replication lag).
 const FAILOVER_REPLAY: Duration = Duration::from_secs(60);
 const REPLAY_BATCH: usize = 500;
+/// How soon an owed replay is tried again while Redis is up.
+const RETRY_OWED: Duration = Duration::from_millis(250);
 
 fn keys(track: &str, user: &str) -> [String; 4] {
     // One hash tag per track keeps a track's keys on one slot (Redis Cluster ready).
@@ -73,7 +75,18 @@ pub struct FarmLedger {
     degraded_from: AtomicU64,
     /// Highest local sequence number handed out so far.
     last_seq: AtomicU64,
+    /// Highest sequence number decided while degraded (replays must reach it).
+    last_degraded: AtomicU64,
     data_dir: PathBuf,
+}
+
+/// What the reconciler knows about the Redis it last talked to.
+#[derive(Default)]
+struct Seen {
+    epoch: Option<String>,
+    addr: Option<String>,
+    /// A replay that is still owed, from this sequence number on.
+    pending_from: Option<u64>,
 }
 
 enum Kind {
@@ -98,6 +111,7 @@ impl FarmLedger {
             known: Mutex::new(HashMap::new()),
             degraded_from: AtomicU64::new(degraded_from),
             last_seq: AtomicU64::new(last_seq),
+            last_degraded: AtomicU64::new(0),
             data_dir,
         }))
     }
@@ -174,6 +188,7 @@ impl FarmLedger {
         let mut count = self.known(&request.track).unwrap_or(local.count);
         if let Outcome::Applied(event) = &local.outcome {
             self.note_seq(event.seq);
+            self.last_degraded.fetch_max(event.seq, Ordering::Relaxed);
             if self.degraded_from.load(Ordering::Relaxed) == 0 {
                 self.degraded_from.store(event.seq, Ordering::Relaxed);
                 self.persist_degraded(event.seq);
@@ -210,22 +225,26 @@ impl FarmLedger {
         let ledger = self.clone();
         let mut generations = self.link.generations();
         tokio::spawn(async move {
-            let mut epoch: Option<String> = None;
-            let mut last_addr: Option<String> = None;
+            let mut seen = Seen::default();
             loop {
+                // Wait for a (re)connect, or retry soon while a replay is still owed (a failed
+                // attempt, or likes decided while degraded that were not yet committed).
+                let owed = ledger.degraded_from.load(Ordering::Relaxed) != 0
+                    || seen.pending_from.is_some();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     changed = generations.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep(RETRY_OWED), if owed && ledger.link.is_up() => {}
                 }
                 let Some(session) = ledger.link.session() else {
                     continue;
                 };
-                match ledger.reconcile(&mut epoch, &mut last_addr, session).await {
+                match ledger.reconcile(&mut seen, session).await {
+                    Ok(0) => {}
                     Ok(replayed) => tracing::info!(replayed, "reconciled counts with Redis"),
-                    Err(err) => tracing::warn!(
-                        error = format!("{err:#}"),
-                        "reconcile failed; will retry on the next reconnect"
-                    ),
+                    Err(err) => {
+                        tracing::warn!(error = format!("{err:#}"), "reconcile failed; retrying")
+                    }
                 }
             }
         });
@@ -233,8 +252,7 @@ impl FarmLedger {
 
     async fn reconcile(
         &self,
-        epoch: &mut Option<String>,
-        last_addr: &mut Option<String>,
+        seen: &mut Seen,
         session: super::link::Session,
     ) -> anyhow::Result<u64> {
         let mut conn = session.conn.clone();
@@ -250,29 +268,32 @@ impl FarmLedger {
             .arg(EPOCH_KEY)
             .query_async(&mut conn)
             .await?;
-        let lost_data = set || epoch.as_ref().is_some_and(|e| *e != current);
-        let failover = last_addr.as_ref().is_some_and(|a| *a != session.addr);
-        *epoch = Some(current);
-        *last_addr = Some(session.addr.clone());
+        // What this reconnect needs replayed is remembered until a replay succeeds, so a
+        // failed attempt (Redis flapping) is not forgotten on the next reconnect.
+        if set || seen.epoch.as_ref().is_some_and(|e| *e != current) {
+            seen.pending_from = Some(1); // Redis lost its data: replay everything.
+        }
+        if seen.addr.as_ref().is_some_and(|a| *a != session.addr) {
+            let reader = crate::store::open_reader(&self.data_dir)?;
+            let since = now_ms() - FAILOVER_REPLAY.as_millis() as i64;
+            if let Some(recent) = crate::store::first_seq_since(&reader, since)? {
+                seen.pending_from = Some(seen.pending_from.map_or(recent, |p| p.min(recent)));
+            }
+        }
+        seen.epoch = Some(current);
+        seen.addr = Some(session.addr.clone());
 
         let reader = crate::store::open_reader(&self.data_dir)?;
-        let from_seq = if lost_data {
-            1
-        } else {
-            let gap = self.degraded_from.load(Ordering::Relaxed);
-            let recent = if failover {
-                let since = now_ms() - FAILOVER_REPLAY.as_millis() as i64;
-                crate::store::first_seq_since(&reader, since)?.unwrap_or(0)
-            } else {
-                0
-            };
-            match (gap, recent) {
-                (0, 0) => return Ok(0),
-                (0, r) => r,
-                (g, 0) => g,
-                (g, r) => g.min(r),
-            }
+        let gap = self.degraded_from.load(Ordering::Relaxed);
+        let from_seq = match (gap, seen.pending_from) {
+            (0, None) => return Ok(0),
+            (0, Some(p)) => p,
+            (g, None) => g,
+            (g, Some(p)) => g.min(p),
         };
+        seen.pending_from = Some(from_seq);
+        // Replays pipeline EVALSHA, so the script must be in Redis' cache first.
+        self.script.prepare_invoke().load_async(&mut conn).await?;
         // Events appended after this point went through Redis live; the event log may still
         // be committing a few, so read until the committed tail catches up with what we handed out.
         let mut replayed = 0u64;
@@ -282,24 +303,47 @@ impl FarmLedger {
             if batch.is_empty() {
                 break;
             }
+            // One pipelined round trip per batch (EVALSHA of the loaded script per event):
+            // a full replay after Redis lost its data must not take an event per round trip.
+            let mut pipe = redis::pipe();
             for event in &batch {
-                let action = Action::parse(&event.action).unwrap_or(Action::Like);
-                let (count, _) = self
-                    .run_script(
-                        &event.user,
-                        &event.track,
-                        &event.key,
-                        action,
-                        event.accepted_at_ms,
-                    )
-                    .await?;
+                let [pairs, count, keys, version] = keys(&event.track, &event.user);
+                let want = if event.action == "like" { "1" } else { "0" };
+                pipe.cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(4)
+                    .arg(pairs)
+                    .arg(count)
+                    .arg(keys)
+                    .arg(version)
+                    .arg(&event.user)
+                    .arg(&event.key)
+                    .arg(want)
+                    .arg(event.accepted_at_ms);
+            }
+            let results: Vec<(u64, u8, u64)> = match pipe.query_async(&mut conn).await {
+                Ok(results) => results,
+                Err(err) => {
+                    self.link.report(&err);
+                    return Err(err.into());
+                }
+            };
+            for (event, (count, _, _)) in batch.iter().zip(results) {
                 self.remember(&event.track, count);
                 next = event.seq + 1;
                 replayed += 1;
             }
         }
-        self.degraded_from.store(0, Ordering::Relaxed);
-        crate::store::meta_set(&reader, "farm.degraded_from", 0)?;
+        // A like decided while degraded but not yet committed when the replay read the tail
+        // is still owed: keep the marker there instead of clearing it.
+        let owed = if self.last_degraded.load(Ordering::Relaxed) >= next {
+            next
+        } else {
+            0
+        };
+        seen.pending_from = None;
+        self.degraded_from.store(owed, Ordering::Relaxed);
+        crate::store::meta_set(&reader, "farm.degraded_from", owed)?;
         Ok(replayed)
     }
 }

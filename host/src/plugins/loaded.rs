@@ -132,7 +132,7 @@ impl LoadedPlugin {
             .unwrap_or_default()
     }
 
-    async fn instantiate(&self) -> wasmtime::Result<Warm> {
+    async fn instantiate(&self, budget: Duration) -> wasmtime::Result<Warm> {
         let mut store = Store::new(
             &self.engine,
             HostState::new(self.context.clone(), self.spec.memory_bytes),
@@ -140,7 +140,7 @@ impl LoadedPlugin {
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
         // Instantiation runs guest start code: it gets a budget too.
-        store.set_epoch_deadline(ticks(self.spec.budget));
+        store.set_epoch_deadline(ticks(budget));
         let bindings = match &self.pre {
             Pre::RateLimit(pre) => Bindings::RateLimit(pre.instantiate_async(&mut store).await?),
             Pre::Validate(pre) => Bindings::Validate(pre.instantiate_async(&mut store).await?),
@@ -154,8 +154,16 @@ impl LoadedPlugin {
         &self,
         call: impl for<'a> FnOnce(&'a Bindings, &'a mut Store<HostState>) -> CallFuture<'a, R>,
     ) -> Result<R, CallFailure> {
+        self.call_with_budget(self.spec.budget, call).await
+    }
+
+    /// Like [`Self::call`] with an explicit budget (the canary gets a generous one).
+    pub async fn call_with_budget<R>(
+        &self,
+        budget: Duration,
+        call: impl for<'a> FnOnce(&'a Bindings, &'a mut Store<HostState>) -> CallFuture<'a, R>,
+    ) -> Result<R, CallFailure> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let budget = self.spec.budget;
         let started = Instant::now();
         let Ok(Ok(_permit)) = tokio::time::timeout(budget, self.permits.acquire()).await else {
             return Err(self.failed(CallFailure::Busy));
@@ -163,7 +171,7 @@ impl LoadedPlugin {
         let pooled = self.warm.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut warm = match pooled {
             Some(warm) => warm,
-            None => match self.instantiate().await {
+            None => match self.instantiate(budget).await {
                 Ok(warm) => warm,
                 Err(err) => return Err(self.failed(classify(&err, false))),
             },
