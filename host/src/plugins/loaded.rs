@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use wasmtime::Store;
 use wasmtime::component::{Component, InstancePre};
 
-use super::bindings::{HostState, PluginContext, rate_limiter, shaper, validator};
+use super::bindings::{HostState, PluginContext, rate_limiter, shaper, types, validator};
 use super::engine::{EPOCH_TICK, PluginEngine, wasm_error};
 use super::manifest::{SlotKind, SlotSpec};
 
@@ -31,7 +31,7 @@ enum Pre {
     Shape(shaper::ShaperPre<HostState>),
 }
 
-pub enum Bindings {
+enum Bindings {
     RateLimit(rate_limiter::RateLimiter),
     Validate(validator::Validator),
     Shape(shaper::Shaper),
@@ -83,7 +83,21 @@ pub struct LoadedPlugin {
     permits: Semaphore,
 }
 
-pub type CallFuture<'a, R> = Pin<Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>>;
+type CallFuture<'a, R> = Pin<Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>>;
+
+/// One call into a plugin; the variant must match the plugin's slot.
+pub enum Ask {
+    Check(types::LikeRequest),
+    Validate(types::LikeRequest),
+    Shape(types::Update),
+}
+
+/// A plugin's answer, by slot.
+pub enum Answer {
+    Rate(types::RateDecision),
+    Verdict(types::Verdict),
+    Frame(String),
+}
 
 impl LoadedPlugin {
     /// Links a compiled component for its slot; fails if it does not export the slot's world.
@@ -149,16 +163,31 @@ impl LoadedPlugin {
         Ok(Warm { store, bindings })
     }
 
-    /// Runs `call` on a warm instance within the slot's budget.
-    pub async fn call<R>(
-        &self,
-        call: impl for<'a> FnOnce(&'a Bindings, &'a mut Store<HostState>) -> CallFuture<'a, R>,
-    ) -> Result<R, CallFailure> {
-        self.call_with_budget(self.spec.budget, call).await
+    /// Asks the plugin its slot's question within `budget` (the slot's own, or the canary's).
+    pub async fn ask(&self, budget: Duration, ask: Ask) -> Result<Answer, CallFailure> {
+        self.call_with_budget(budget, move |bindings, store| {
+            Box::pin(async move {
+                match (bindings, ask) {
+                    (Bindings::RateLimit(b), Ask::Check(r)) => {
+                        b.call_check(store, &r).await.map(Answer::Rate)
+                    }
+                    (Bindings::Validate(b), Ask::Validate(r)) => {
+                        b.call_validate(store, &r).await.map(Answer::Verdict)
+                    }
+                    (Bindings::Shape(b), Ask::Shape(u)) => {
+                        b.call_shape(store, &u).await.map(Answer::Frame)
+                    }
+                    _ => Err(wasmtime::Error::msg(
+                        "the call does not match the plugin's slot",
+                    )),
+                }
+            })
+        })
+        .await
     }
 
-    /// Like [`Self::call`] with an explicit budget (the canary gets a generous one).
-    pub async fn call_with_budget<R>(
+    /// Runs `call` on a warm instance within `budget`.
+    async fn call_with_budget<R>(
         &self,
         budget: Duration,
         call: impl for<'a> FnOnce(&'a Bindings, &'a mut Store<HostState>) -> CallFuture<'a, R>,

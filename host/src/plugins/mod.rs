@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use self::bindings::types;
 use self::counters::Counters;
 use self::engine::PluginEngine;
-use self::loaded::{Bindings, CallFailure, LoadedPlugin};
+use self::loaded::{Answer, Ask, CallFailure, LoadedPlugin};
 use self::manifest::{Policy, SlotKind};
 use crate::metrics::Metrics;
 use crate::protocol::{Action, ErrorCode, LikeRequest, RecentLike};
@@ -112,20 +112,12 @@ impl Plugins {
         let Some(plugin) = self.slots[index(SlotKind::RateLimit)].load_full() else {
             return Gate::Pass;
         };
-        let wit = wit_request(user, request);
         let result = self
-            .timed(&plugin, |bindings, store| {
-                Box::pin(async move {
-                    match bindings {
-                        Bindings::RateLimit(b) => b.call_check(store, &wit).await,
-                        _ => Err(wasmtime::Error::msg("plugin is not a rate limiter")),
-                    }
-                })
-            })
+            .timed(&plugin, Ask::Check(wit_request(user, request)))
             .await;
         match result {
-            Ok(types::RateDecision::Allow) => Gate::Pass,
-            Ok(types::RateDecision::Limit(retry_after_ms)) => {
+            Ok(Answer::Rate(types::RateDecision::Allow)) => Gate::Pass,
+            Ok(Answer::Rate(types::RateDecision::Limit(retry_after_ms))) => {
                 self.rejected(&plugin);
                 Gate::Refuse {
                     code: ErrorCode::RateLimited,
@@ -133,6 +125,7 @@ impl Plugins {
                     retry_after_ms: Some(retry_after_ms),
                 }
             }
+            Ok(_) => self.failure_gate(&plugin, unexpected(), ErrorCode::RateLimited),
             Err(failure) => self.failure_gate(&plugin, failure, ErrorCode::RateLimited),
         }
     }
@@ -142,20 +135,12 @@ impl Plugins {
         let Some(plugin) = self.slots[index(SlotKind::Validate)].load_full() else {
             return Gate::Pass;
         };
-        let wit = wit_request(user, request);
         let result = self
-            .timed(&plugin, |bindings, store| {
-                Box::pin(async move {
-                    match bindings {
-                        Bindings::Validate(b) => b.call_validate(store, &wit).await,
-                        _ => Err(wasmtime::Error::msg("plugin is not a validator")),
-                    }
-                })
-            })
+            .timed(&plugin, Ask::Validate(wit_request(user, request)))
             .await;
         match result {
-            Ok(types::Verdict::Accept) => Gate::Pass,
-            Ok(types::Verdict::Reject(reason)) => {
+            Ok(Answer::Verdict(types::Verdict::Accept)) => Gate::Pass,
+            Ok(Answer::Verdict(types::Verdict::Reject(reason))) => {
                 self.rejected(&plugin);
                 let message: String = reason.chars().take(200).collect();
                 Gate::Refuse {
@@ -164,6 +149,7 @@ impl Plugins {
                     retry_after_ms: None,
                 }
             }
+            Ok(_) => self.failure_gate(&plugin, unexpected(), ErrorCode::Rejected),
             Err(failure) => self.failure_gate(&plugin, failure, ErrorCode::Rejected),
         }
     }
@@ -190,18 +176,11 @@ impl Plugins {
                 })
                 .collect(),
         };
-        let result = self
-            .timed(&plugin, |bindings, store| {
-                Box::pin(async move {
-                    match bindings {
-                        Bindings::Shape(b) => b.call_shape(store, &update).await,
-                        _ => Err(wasmtime::Error::msg("plugin is not a shaper")),
-                    }
-                })
-            })
-            .await;
+        let result = self.timed(&plugin, Ask::Shape(update)).await;
         match result {
-            Ok(frame) if !frame.is_empty() && frame.len() <= 64 * 1024 => Some(frame),
+            Ok(Answer::Frame(frame)) if !frame.is_empty() && frame.len() <= 64 * 1024 => {
+                Some(frame)
+            }
             Ok(_) => {
                 plugin.stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.metrics
@@ -216,17 +195,10 @@ impl Plugins {
         }
     }
 
-    async fn timed<R>(
-        &self,
-        plugin: &LoadedPlugin,
-        call: impl for<'a> FnOnce(
-            &'a Bindings,
-            &'a mut wasmtime::Store<bindings::HostState>,
-        ) -> loaded::CallFuture<'a, R>,
-    ) -> Result<R, CallFailure> {
+    async fn timed(&self, plugin: &LoadedPlugin, ask: Ask) -> Result<Answer, CallFailure> {
         let slot = plugin.spec.kind.as_str();
         let started = std::time::Instant::now();
-        let result = plugin.call(call).await;
+        let result = plugin.ask(plugin.spec.budget, ask).await;
         self.metrics
             .plugin_call(slot, started.elapsed().as_secs_f64());
         match &result {
@@ -294,6 +266,11 @@ impl Plugins {
             .collect();
         json!({ "manifest": self.manifest.as_ref().map(|p| p.display().to_string()), "slots": slots })
     }
+}
+
+/// A plugin answered with another slot's kind of answer (cannot happen for a linked slot).
+fn unexpected() -> CallFailure {
+    CallFailure::Trap("unexpected answer for this slot".into())
 }
 
 fn unix_ms(at: SystemTime) -> u64 {

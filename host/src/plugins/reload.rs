@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::bindings::{PluginContext, types};
 use super::engine::PluginEngine;
-use super::loaded::{Bindings, LoadedPlugin};
+use super::loaded::{Answer, Ask, LoadedPlugin};
 use super::manifest::{self, SlotKind, SlotSpec};
 use super::{Plugins, Refusal, index};
 
@@ -238,19 +238,16 @@ async fn canary(plugin: &LoadedPlugin) -> anyhow::Result<()> {
     // The self-test checks behaviour, not speed: a first instantiation on a busy machine, or
     // Redis round trips for counters, may take longer than the per-call budget.
     let budget = (plugin.spec.budget * 10).max(CANARY_MIN_BUDGET);
-    let frame = plugin
-        .call_with_budget(budget, |bindings, store| {
-            Box::pin(async move {
-                match bindings {
-                    Bindings::RateLimit(b) => b.call_check(store, &request).await.map(|_| None),
-                    Bindings::Validate(b) => b.call_validate(store, &request).await.map(|_| None),
-                    Bindings::Shape(b) => b.call_shape(store, &update).await.map(Some),
-                }
-            })
-        })
+    let ask = match plugin.spec.kind {
+        SlotKind::RateLimit => Ask::Check(request),
+        SlotKind::Validate => Ask::Validate(request),
+        SlotKind::Shape => Ask::Shape(update),
+    };
+    let answer = plugin
+        .ask(budget, ask)
         .await
         .map_err(|failure| anyhow!("canary call {failure}"))?;
-    if let Some(frame) = frame
+    if let Answer::Frame(frame) = answer
         && serde_json::from_str::<serde_json::Map<String, Value>>(&frame).is_err()
     {
         bail!("canary: the shaper's frame is not a JSON object");
