@@ -49,12 +49,17 @@ fn load(runtime: &tokio::runtime::Runtime, dir: &Path, manifest: Option<&str>) -
     plugins
 }
 
-fn like_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// One worker thread: plugin calls and the stall ticker share a single event loop.
+fn one_worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+fn like_path(c: &mut Criterion) {
+    let runtime = one_worker_runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let with = load(&runtime, dir.path(), Some(MANIFEST));
     let without = load(&runtime, dir.path(), None);
@@ -102,11 +107,7 @@ fn like_path(c: &mut Criterion) {
 /// Reload with a changed config (component bytes unchanged, so compiled artifacts come from
 /// the cache) and record the worst lateness of a 1 ms ticker on the same event loop.
 fn reload(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_worker_runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let plugins = load(&runtime, dir.path(), Some(MANIFEST));
     let manifest = dir.path().join("fanfare.toml");

@@ -6,6 +6,14 @@ use std::time::Duration;
 use fanfare_tests::{NodeProcess, PATIENCE, PluginDir, WsClient};
 use serde_json::{Value, json};
 
+/// A node with its own data directory, running the plugin directory's manifest.
+async fn start_with(plugins: &PluginDir) -> anyhow::Result<(tempfile::TempDir, NodeProcess)> {
+    let data = tempfile::tempdir()?;
+    let manifest = plugins.manifest_path();
+    let node = NodeProcess::start(data.path(), &["--plugins", &manifest.to_string_lossy()]).await?;
+    Ok((data, node))
+}
+
 async fn status(node: &NodeProcess) -> anyhow::Result<Value> {
     let (code, body) = node.get("/admin/plugins").await?;
     anyhow::ensure!(code == 200, "GET /admin/plugins: {code} {body}");
@@ -55,13 +63,7 @@ async fn each_slot_shapes_what_clients_see() -> anyhow::Result<()> {
         config = { hide_users = true }
         "#,
     )?;
-    let data = tempfile::tempdir()?;
-    let manifest = plugins.manifest_path();
-    let node = NodeProcess::start(
-        data.path(),
-        &["--plugins", manifest.to_str().unwrap_or_default()],
-    )
-    .await?;
+    let (_data, node) = start_with(&plugins).await?;
 
     let mut spammer = node.connect("spammer").await?;
     let refused = spammer.like("like", "t1", "s1").await?;
@@ -123,13 +125,7 @@ async fn misbehaving_guests_are_cut_off_and_the_policy_decides() -> anyhow::Resu
         )
     };
     plugins.write_manifest(&manifest("accept", "fail_closed"))?;
-    let data = tempfile::tempdir()?;
-    let path = plugins.manifest_path();
-    let node = NodeProcess::start(
-        data.path(),
-        &["--plugins", path.to_str().unwrap_or_default()],
-    )
-    .await?;
+    let (_data, node) = start_with(&plugins).await?;
     let mut bystander = node.connect("bystander").await?;
     bystander.subscribe("calm").await?;
 
@@ -188,13 +184,7 @@ async fn hot_reload_under_load_drops_no_socket_and_no_like() -> anyhow::Result<(
     plugins.write_manifest(
         "[validate]\ncomponent = \"misbehave.wasm\"\nconfig = { mode = \"reject\" }\n",
     )?;
-    let data = tempfile::tempdir()?;
-    let path = plugins.manifest_path();
-    let node = NodeProcess::start(
-        data.path(),
-        &["--plugins", path.to_str().unwrap_or_default()],
-    )
-    .await?;
+    let (_data, node) = start_with(&plugins).await?;
     let mut listeners = Vec::new();
     for i in 0..20 {
         let mut client = node.connect(&format!("listener{i}")).await?;
@@ -229,7 +219,9 @@ async fn hot_reload_under_load_drops_no_socket_and_no_like() -> anyhow::Result<(
         }
     });
     let operator = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Swap only once the old plugin has demonstrably been refusing likes.
+        node.wait_metric("fanfare_likes_total{outcome=\"rejected\"}", |v| v >= 5.0)
+            .await?;
         // Drop in a new component and point the manifest at it: the file watcher reloads.
         let good = std::fs::read(plugins.path("validate_basic.wasm"))?;
         plugins.replace_file("validate_v2.wasm", &good)?;
@@ -271,13 +263,7 @@ async fn broken_components_are_refused_and_the_old_one_keeps_serving() -> anyhow
     let plugins = PluginDir::new()?;
     let good = "[validate]\ncomponent = \"validate_basic.wasm\"\nconfig = { banned_users = [\"spammer\"] }\n";
     plugins.write_manifest(good)?;
-    let data = tempfile::tempdir()?;
-    let path = plugins.manifest_path();
-    let node = NodeProcess::start(
-        data.path(),
-        &["--plugins", path.to_str().unwrap_or_default()],
-    )
-    .await?;
+    let (_data, node) = start_with(&plugins).await?;
     let original = slot(&status(&node).await?, "validate")["sha256"].clone();
     let mut spammer = node.connect("spammer").await?;
 
@@ -362,13 +348,7 @@ async fn a_failing_shaper_falls_back_to_the_built_in_frame() -> anyhow::Result<(
         )
     };
     plugins.write_manifest(&manifest("ok"))?;
-    let data = tempfile::tempdir()?;
-    let path = plugins.manifest_path();
-    let node = NodeProcess::start(
-        data.path(),
-        &["--plugins", path.to_str().unwrap_or_default()],
-    )
-    .await?;
+    let (_data, node) = start_with(&plugins).await?;
     let mut listener = node.connect("listener").await?;
     listener.subscribe("t").await?;
     let mut liker = node.connect("liker").await?;

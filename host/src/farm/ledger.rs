@@ -22,6 +22,7 @@ use super::link::RedisLink;
 use crate::event_log::LikeEvent;
 use crate::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::protocol::{Action, LikeRequest};
+use crate::store::StoredEvent;
 
 /// KEYS: pairs hash, count, keys list of this user, version. ARGV: user, key, want (1/0), ts.
 /// Returns {count, kind (0 applied, 1 duplicate, 2 resent), version}.
@@ -75,8 +76,10 @@ pub struct FarmLedger {
     degraded_from: AtomicU64,
     /// Highest local sequence number handed out so far.
     last_seq: AtomicU64,
-    /// Highest sequence number decided while degraded (replays must reach it).
-    last_degraded: AtomicU64,
+    /// Likes decided while degraded and not yet replayed, recorded at decision time: the
+    /// store may not have committed them when a replay reads it, and sequence numbers can
+    /// commit out of order, so the store alone cannot say what is owed.
+    owed: Mutex<Vec<StoredEvent>>,
     data_dir: PathBuf,
 }
 
@@ -111,7 +114,7 @@ impl FarmLedger {
             known: Mutex::new(HashMap::new()),
             degraded_from: AtomicU64::new(degraded_from),
             last_seq: AtomicU64::new(last_seq),
-            last_degraded: AtomicU64::new(0),
+            owed: Mutex::new(Vec::new()),
             data_dir,
         }))
     }
@@ -188,7 +191,17 @@ impl FarmLedger {
         let mut count = self.known(&request.track).unwrap_or(local.count);
         if let Outcome::Applied(event) = &local.outcome {
             self.note_seq(event.seq);
-            self.last_degraded.fetch_max(event.seq, Ordering::Relaxed);
+            self.owed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(StoredEvent {
+                    seq: event.seq,
+                    user: event.user.to_string(),
+                    track: event.track.to_string(),
+                    action: event.action.as_str().to_owned(),
+                    key: event.key.clone(),
+                    accepted_at_ms: event.accepted_at_ms,
+                });
             if self.degraded_from.load(Ordering::Relaxed) == 0 {
                 self.degraded_from.store(event.seq, Ordering::Relaxed);
                 self.persist_degraded(event.seq);
@@ -229,7 +242,12 @@ impl FarmLedger {
             loop {
                 // Wait for a (re)connect, or retry soon while a replay is still owed (a failed
                 // attempt, or likes decided while degraded that were not yet committed).
-                let owed = ledger.degraded_from.load(Ordering::Relaxed) != 0
+                let owed = !ledger
+                    .owed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty()
+                    || ledger.degraded_from.load(Ordering::Relaxed) != 0
                     || seen.pending_from.is_some();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -283,7 +301,6 @@ impl FarmLedger {
         seen.epoch = Some(current);
         seen.addr = Some(session.addr.clone());
 
-        let reader = crate::store::open_reader(&self.data_dir)?;
         let gap = self.degraded_from.load(Ordering::Relaxed);
         let from_seq = match (gap, seen.pending_from) {
             (0, None) => return Ok(0),
@@ -294,57 +311,93 @@ impl FarmLedger {
         seen.pending_from = Some(from_seq);
         // Replays pipeline EVALSHA, so the script must be in Redis' cache first.
         self.script.prepare_invoke().load_async(&mut conn).await?;
-        // Events appended after this point went through Redis live; the event log may still
-        // be committing a few, so read until the committed tail catches up with what we handed out.
+        // The store first (it survives a crash), then the likes decided while degraded that
+        // the store may not have had yet; replays are idempotent, so overlap is harmless.
+        let owed: Vec<StoredEvent> =
+            std::mem::take(&mut *self.owed.lock().unwrap_or_else(|p| p.into_inner()));
+        let replayed = match self.replay_from(&mut conn, from_seq, &owed).await {
+            Ok(replayed) => replayed,
+            Err(err) => {
+                // Still owed: put them back for the next attempt.
+                self.owed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(owed);
+                return Err(err);
+            }
+        };
+        // Likes decided while degraded during this replay stay owed, and the marker keeps
+        // pointing at the first of them in case of a crash.
+        let still_owed = self
+            .owed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|e| e.seq)
+            .min()
+            .unwrap_or(0);
+        seen.pending_from = None;
+        self.degraded_from.store(still_owed, Ordering::Relaxed);
+        let reader = crate::store::open_reader(&self.data_dir)?;
+        crate::store::meta_set(&reader, "farm.degraded_from", still_owed)?;
+        Ok(replayed)
+    }
+
+    /// Replays the store from `from_seq` to its end, then `owed`.
+    async fn replay_from(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        from_seq: u64,
+        owed: &[StoredEvent],
+    ) -> anyhow::Result<u64> {
+        let reader = crate::store::open_reader(&self.data_dir)?;
         let mut replayed = 0u64;
         let mut next = from_seq;
         loop {
             let batch = crate::store::events_from(&reader, next, REPLAY_BATCH)?;
-            if batch.is_empty() {
-                break;
-            }
-            // One pipelined round trip per batch (EVALSHA of the loaded script per event):
-            // a full replay after Redis lost its data must not take an event per round trip.
-            let mut pipe = redis::pipe();
-            for event in &batch {
-                let [pairs, count, keys, version] = keys(&event.track, &event.user);
-                let want = if event.action == "like" { "1" } else { "0" };
-                pipe.cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(4)
-                    .arg(pairs)
-                    .arg(count)
-                    .arg(keys)
-                    .arg(version)
-                    .arg(&event.user)
-                    .arg(&event.key)
-                    .arg(want)
-                    .arg(event.accepted_at_ms);
-            }
-            let results: Vec<(u64, u8, u64)> = match pipe.query_async(&mut conn).await {
-                Ok(results) => results,
-                Err(err) => {
-                    self.link.report(&err);
-                    return Err(err.into());
-                }
-            };
-            for (event, (count, _, _)) in batch.iter().zip(results) {
-                self.remember(&event.track, count);
-                next = event.seq + 1;
-                replayed += 1;
-            }
+            let Some(last) = batch.last() else { break };
+            next = last.seq + 1;
+            replayed += self.replay(conn, &batch).await?;
         }
-        // A like decided while degraded but not yet committed when the replay read the tail
-        // is still owed: keep the marker there instead of clearing it.
-        let owed = if self.last_degraded.load(Ordering::Relaxed) >= next {
-            next
-        } else {
-            0
-        };
-        seen.pending_from = None;
-        self.degraded_from.store(owed, Ordering::Relaxed);
-        crate::store::meta_set(&reader, "farm.degraded_from", owed)?;
+        for chunk in owed.chunks(REPLAY_BATCH) {
+            replayed += self.replay(conn, chunk).await?;
+        }
         Ok(replayed)
+    }
+
+    /// Replays stored events through the ledger script, pipelined in one round trip.
+    async fn replay(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        events: &[StoredEvent],
+    ) -> anyhow::Result<u64> {
+        let mut pipe = redis::pipe();
+        for event in events {
+            let [pairs, count, keys, version] = keys(&event.track, &event.user);
+            let want = if event.action == "like" { "1" } else { "0" };
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(4)
+                .arg(pairs)
+                .arg(count)
+                .arg(keys)
+                .arg(version)
+                .arg(&event.user)
+                .arg(&event.key)
+                .arg(want)
+                .arg(event.accepted_at_ms);
+        }
+        let results: Vec<(u64, u8, u64)> = match pipe.query_async(conn).await {
+            Ok(results) => results,
+            Err(err) => {
+                self.link.report(&err);
+                return Err(err.into());
+            }
+        };
+        for (event, (count, _, _)) in events.iter().zip(&results) {
+            self.remember(&event.track, *count);
+        }
+        Ok(results.len() as u64)
     }
 }
 
