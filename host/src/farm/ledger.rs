@@ -237,6 +237,10 @@ impl FarmLedger {
     pub fn spawn_reconciler(self: &Arc<Self>, shutdown: CancellationToken) {
         let ledger = self.clone();
         let mut generations = self.link.generations();
+        // The link may have connected before this task subscribed: treat the current
+        // connection as new too, or its epoch would never be recorded and a later loss of
+        // Redis data would go unnoticed.
+        generations.mark_changed();
         tokio::spawn(async move {
             let mut seen = Seen::default();
             loop {
