@@ -53,6 +53,51 @@ pub struct Config {
     #[arg(long, env = "FANFARE_REDIS", value_name = "URL")]
     pub redis: Option<String>,
 
+    /// Durable pipeline: Kafka brokers (`host:port[,host:port…]`). Every accepted like goes to
+    /// the topic before its ack; persistence workers (`fanfare worker`) write MongoDB.
+    #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
+    pub kafka: Option<String>,
+
+    /// Kafka topic of like events.
+    #[arg(
+        long,
+        env = "FANFARE_KAFKA_TOPIC",
+        default_value = "fanfare.likes",
+        value_name = "NAME"
+    )]
+    pub kafka_topic: String,
+
+    /// How long an ack waits for Kafka before it is given from the local spill.
+    #[arg(
+        long,
+        env = "FANFARE_KAFKA_ACK_TIMEOUT",
+        default_value_t = 250,
+        value_name = "MS"
+    )]
+    pub kafka_ack_timeout: u64,
+
+    /// Likes the local spill holds while Kafka is away; beyond it likes get `overloaded`.
+    #[arg(
+        long,
+        env = "FANFARE_SPILL_MAX_EVENTS",
+        default_value_t = 2_000_000,
+        value_name = "N"
+    )]
+    pub spill_max_events: u64,
+
+    /// MongoDB the workers write (`mongodb://…`): nodes serve track history from it.
+    #[arg(long, env = "FANFARE_MONGO", value_name = "URL")]
+    pub mongo: Option<String>,
+
+    /// MongoDB database name.
+    #[arg(
+        long,
+        env = "FANFARE_MONGO_DATABASE",
+        default_value = "fanfare",
+        value_name = "NAME"
+    )]
+    pub mongo_database: String,
+
     /// Name of this node in events and logs (default: a random id per start).
     #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,
@@ -340,6 +385,12 @@ impl Config {
                 "--outbound-queue must be at least 4, --max-inflight and --max-subscriptions at least 1"
             );
         }
+        if self.kafka_topic.is_empty() || self.kafka_ack_timeout == 0 || self.spill_max_events == 0
+        {
+            bail!(
+                "--kafka-topic must not be empty; --kafka-ack-timeout and --spill-max-events must be positive"
+            );
+        }
         if let Some(node) = &self.node_id
             && !crate::protocol::is_valid_user(node)
         {
@@ -370,6 +421,17 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout)
+    }
+
+    pub fn kafka_settings(&self) -> Option<crate::event_log::KafkaSettings> {
+        self.kafka
+            .as_ref()
+            .map(|brokers| crate::event_log::KafkaSettings {
+                brokers: brokers.clone(),
+                topic: self.kafka_topic.clone(),
+                ack_timeout: Duration::from_millis(self.kafka_ack_timeout),
+                spill_max_events: self.spill_max_events,
+            })
     }
 }
 

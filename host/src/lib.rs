@@ -1,11 +1,13 @@
 //! Fanfare node as a library: the binary in `main.rs` wires it to a process, and benches and
 //! tools reuse the same parts.
 
+pub mod archive;
 pub mod auth;
 pub mod config;
 pub mod event_log;
 pub mod fanout;
 pub mod farm;
+pub mod history;
 pub mod ledger;
 pub mod like;
 pub mod limits;
@@ -20,3 +22,4 @@ pub mod session;
 pub mod sharded;
 pub mod store;
 pub mod tls;
+pub mod worker;

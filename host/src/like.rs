@@ -74,6 +74,11 @@ async fn run(
         }
     }
 
+    // A full spill (Kafka long gone) refuses the like before it is counted anywhere.
+    node.event_log
+        .admit()
+        .map_err(|err| durability_error(node, err))?;
+
     // 3. The ledger applies the once-only rule and gives the new total, without waiting for disk.
     let decision = node.ledger.apply(user, request).await.map_err(|err| {
         node.metrics.like(LikeOutcome::Failed);
@@ -140,13 +145,17 @@ async fn run(
 }
 
 fn durability_error(node: &Node, err: EventLogError) -> Refusal {
+    node.metrics.like(LikeOutcome::Overloaded);
     match err {
-        EventLogError::Closed => {
-            node.metrics.like(LikeOutcome::Overloaded);
-            Refusal::new(
-                ErrorCode::Overloaded,
-                "the node is shutting down; retry with the same id",
-            )
-        }
+        EventLogError::Closed => Refusal::new(
+            ErrorCode::Overloaded,
+            "the node is shutting down; retry with the same id",
+        ),
+        EventLogError::Overloaded(_) => Refusal {
+            code: ErrorCode::Overloaded,
+            message: "likes cannot be stored right now (event log backlog full); retry later"
+                .to_owned(),
+            retry_after_ms: Some(5_000),
+        },
     }
 }

@@ -10,9 +10,13 @@ use tracing_subscriber::EnvFilter;
 
 use fanfare::config::{Config, LogFormat};
 use fanfare::node::Node;
-use fanfare::{plugins, server};
+use fanfare::{plugins, server, worker};
 
 fn main() -> ExitCode {
+    // `fanfare worker …` is the persistence worker; everything else configures a node.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "worker") {
+        return worker_main();
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -23,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config);
+    init_tracing(&config.log, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -44,15 +48,57 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config) {
+fn worker_main() -> ExitCode {
+    use clap::Parser;
+    let args = std::env::args_os().skip(1);
+    let config = match worker::WorkerConfig::try_parse_from(args)
+        .map_err(anyhow::Error::from)
+        .and_then(worker::WorkerConfig::validated)
+    {
+        Ok(config) => config,
+        Err(err) => {
+            if let Some(clap_err) = err.downcast_ref::<clap::Error>() {
+                clap_err.exit();
+            }
+            eprintln!("fanfare worker: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log, LogFormat::Text);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fanfare worker: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let result = runtime.block_on(async {
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        worker::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("fanfare worker: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(log: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log))
+        .or_else(|_| EnvFilter::try_new(log))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match config.log_format {
+    match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
@@ -78,7 +124,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         tracing::info!(listen = %addr, "metrics served on their own address");
-        tokio::spawn(server::serve_metrics(node.clone(), metrics_listener));
+        let metrics = node.metrics.clone();
+        tokio::spawn(server::serve_metrics(
+            Arc::new(move || metrics.render()),
+            metrics_listener,
+            node.shutdown.clone(),
+        ));
     }
     tokio::spawn(watch_signals(node.clone()));
     plugins::reload::spawn_triggers(node.plugins.clone(), node.shutdown.clone())?;
@@ -90,6 +141,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn watch_signals(node: Arc<Node>) {
+    cancel_on_signal(node.shutdown.clone()).await;
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(term) => term,
@@ -102,7 +158,7 @@ async fn watch_signals(node: Arc<Node>) {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
-    node.shutdown.cancel();
+    shutdown.cancel();
 }
 
 /// Sessions first (each closes at its moment within the drain period with 1001, after

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub bus_channels: Gauge,
     upgrades_refused: Family<Label, Counter>,
     pub messages_rate_limited: Counter,
+    pub kafka_up: Gauge,
+    pub kafka_spill_events: Gauge,
+    durable_acks: Family<Label, Counter>,
 }
 
 /// How a like/unlike request ended, as the `outcome` label of `fanfare_likes_total`.
@@ -105,6 +108,9 @@ impl Metrics {
             bus_channels: Gauge::default(),
             upgrades_refused: Family::default(),
             messages_rate_limited: Counter::default(),
+            kafka_up: Gauge::default(),
+            kafka_spill_events: Gauge::default(),
+            durable_acks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -212,6 +218,21 @@ impl Metrics {
             "Inbound frames refused for exceeding --max-messages-per-second",
             m.messages_rate_limited.clone(),
         );
+        registry.register(
+            "fanfare_kafka_up",
+            "1 while Kafka confirms likes in time, 0 while acks come from the local spill",
+            m.kafka_up.clone(),
+        );
+        registry.register(
+            "fanfare_kafka_spill_events",
+            "Accepted likes stored locally and not yet confirmed by Kafka",
+            m.kafka_spill_events.clone(),
+        );
+        registry.register(
+            "fanfare_durable_acks",
+            "Likes acked, by where they were durable first (sqlite, kafka, spill)",
+            m.durable_acks.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -241,6 +262,10 @@ impl Metrics {
         self.plugin_reloads
             .get_or_create(&[("slot", slot), ("outcome", outcome)])
             .inc();
+    }
+
+    pub fn durable_ack(&self, source: &'static str) {
+        self.durable_acks.get_or_create(&[("source", source)]).inc();
     }
 
     pub fn bus_event(&self, event: &'static str) {

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::event_log::{EventLog, SqliteEventLog};
+use crate::event_log::{EventLog, KafkaEventLog, SqliteEventLog};
 use crate::fanout::Fanout;
 use crate::farm::bus::RedisBus;
 use crate::farm::counters::RedisCounters;
@@ -31,6 +31,8 @@ pub struct Node {
     pub id: Arc<str>,
     pub ledger: Arc<dyn Ledger>,
     pub event_log: Arc<dyn EventLog>,
+    /// Where `/v1/tracks/{track}/history` reads from (SQLite alone, MongoDB in a farm).
+    pub history: Arc<dyn crate::history::History>,
     pub registry: Arc<Registry>,
     pub fanout: Arc<Fanout>,
     pub plugins: Arc<Plugins>,
@@ -57,13 +59,25 @@ impl Node {
         let shutdown = CancellationToken::new();
         let auth = Auth::from_config(&config)?;
         let gate = ConnectionGate::new(config.max_connections, config.max_connections_per_ip);
-        let event_log = SqliteEventLog::start(&config.data_dir)?;
+        let metrics = Arc::new(Metrics::new());
+        let (event_log, durable_seq): (Arc<dyn EventLog>, _) = match config.kafka_settings() {
+            Some(kafka) => {
+                let log = KafkaEventLog::start(&config.data_dir, kafka, metrics.clone())?;
+                let durable = log.durable_seq();
+                (Arc::new(log), durable)
+            }
+            None => {
+                let log = SqliteEventLog::start(&config.data_dir, None)?;
+                let durable = log.durable_seq();
+                (Arc::new(log), durable)
+            }
+        };
         let mut local = Some(EmbeddedLedger::open(
             &config.data_dir,
             id.clone(),
-            event_log.durable_seq(),
+            durable_seq,
         )?);
-        let metrics = Arc::new(Metrics::new());
+        let history = crate::history::for_config(&config).await?;
 
         let farm = match &config.redis {
             Some(url) => {
@@ -121,7 +135,8 @@ impl Node {
         Ok(Arc::new(Node {
             id,
             ledger,
-            event_log: Arc::new(event_log),
+            event_log,
+            history,
             registry,
             fanout,
             plugins,
@@ -138,13 +153,17 @@ impl Node {
     }
 
     /// `None` when healthy; otherwise what is degraded (the node keeps serving).
-    pub fn degraded(&self) -> Option<&'static str> {
-        match &self.redis {
-            Some(link) if !link.is_up() => {
-                Some("redis unreachable: local fan-out only, counts reconcile on return")
-            }
-            _ => None,
+    pub fn degraded(&self) -> Option<String> {
+        let mut reasons = Vec::new();
+        if let Some(link) = &self.redis
+            && !link.is_up()
+        {
+            reasons.push(
+                "redis unreachable: local fan-out only, counts reconcile on return".to_owned(),
+            );
         }
+        reasons.extend(self.event_log.degraded());
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     pub fn next_conn_id(&self) -> ConnId {

@@ -153,7 +153,10 @@ async fn route_inner(
         "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
         _ => match path.strip_prefix("/v1/tracks/") {
-            Some(track) => track_count(&node, track).await,
+            Some(rest) => match rest.strip_suffix("/history") {
+                Some(track) => track_history(&node, track, req.uri().query()).await,
+                None => track_count(&node, rest).await,
+            },
             None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
         },
     };
@@ -231,6 +234,46 @@ async fn track_count(node: &Node, track: &str) -> Response<Body> {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "cannot read the count",
+            )
+        }
+    }
+}
+
+/// `GET /v1/tracks/{track}/history?bucket=minute|hour|day&from=…&to=…`
+async fn track_history(node: &Node, track: &str, query: Option<&str>) -> Response<Body> {
+    if !protocol::is_valid_track(track) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "track ids match [A-Za-z0-9_.:-]{1,128}",
+        );
+    }
+    let params: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let get = |name: &str| params.get(name).map(String::as_str);
+    let query = match crate::history::Query::new(track, get("bucket"), get("from"), get("to")) {
+        Ok(query) => query,
+        Err(message) => return json_error(StatusCode::BAD_REQUEST, "bad_request", &message),
+    };
+    match node.history.buckets(&query).await {
+        Ok(rows) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "track": track,
+                "bucket": query.bucket.name(),
+                "from": query.start_ms,
+                "to": query.end_ms,
+                "buckets": rows,
+            }),
+        ),
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "cannot read history");
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "history is unavailable right now",
             )
         }
     }
@@ -365,20 +408,27 @@ fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Res
 }
 
 /// Serves only `/metrics` on its own address (`--metrics-listen`), until shutdown.
-pub async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
+/// What a metrics endpoint serves: the current text exposition.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+pub async fn serve_metrics(
+    render: RenderMetrics,
+    listener: TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = node.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let node = node.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let service = service_fn(|req: Request<Incoming>| {
-                let node = node.clone();
+                let render = render.clone();
                 async move {
                     Ok::<_, Infallible>(match req.uri().path() {
-                        "/metrics" => metrics_response(&node),
+                        "/metrics" => metrics_text(render()),
                         _ => json_error(StatusCode::NOT_FOUND, "bad_request", "only /metrics here"),
                     })
                 }
@@ -393,7 +443,11 @@ pub async fn serve_metrics(node: Arc<Node>, listener: TcpListener) {
 }
 
 fn metrics_response(node: &Node) -> Response<Body> {
-    let mut response = Response::new(Body::from(node.metrics.render()));
+    metrics_text(node.metrics.render())
+}
+
+fn metrics_text(text: String) -> Response<Body> {
+    let mut response = Response::new(Body::from(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),

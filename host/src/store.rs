@@ -26,6 +26,13 @@ CREATE TABLE IF NOT EXISTS track_counts (
     track TEXT PRIMARY KEY,
     count INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Farm with Kafka: events committed here and not yet confirmed by Kafka, in commit order
+-- (the spill). Rows up to the shipped position are deleted as Kafka confirms them.
+CREATE TABLE IF NOT EXISTS kafka_outbox (
+    pos     INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq     INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -123,6 +130,8 @@ pub fn meta_set(conn: &Connection, key: &str, value: u64) -> anyhow::Result<()> 
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
     pub seq: u64,
+    pub event_id: String,
+    pub node: String,
     pub user: String,
     pub track: String,
     pub action: String,
@@ -133,7 +142,7 @@ pub struct StoredEvent {
 /// Up to `limit` events with `seq >= from`, in order.
 pub fn events_from(conn: &Connection, from: u64, limit: usize) -> anyhow::Result<Vec<StoredEvent>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, user, track, action, key, accepted_at_ms FROM like_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+        "SELECT seq, user, track, action, key, accepted_at_ms, event_id, node FROM like_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![from as i64, limit as i64], |row| {
         Ok(StoredEvent {
@@ -143,6 +152,8 @@ pub fn events_from(conn: &Connection, from: u64, limit: usize) -> anyhow::Result
             action: row.get(3)?,
             key: row.get(4)?,
             accepted_at_ms: row.get(5)?,
+            event_id: row.get(6)?,
+            node: row.get(7)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -4,6 +4,8 @@
 //! node prints the bound address), and kills it when dropped, so a failing test leaves nothing
 //! behind. A [`WsClient`] speaks protocol v1 with plain tokio-tungstenite.
 
+pub mod services;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -155,16 +157,7 @@ impl NodeProcess {
 
     /// Reads one sample from `/metrics` (the exact series name with labels, if any).
     pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
-        let (_, body) = self.get("/metrics").await?;
-        body.lines()
-            .find_map(|line| {
-                line.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .with_context(|| format!("metric {series} not found"))
+        metric_at(&self.addr, series).await
     }
 
     /// Polls a metric until it satisfies `check`.
@@ -384,6 +377,20 @@ impl PluginDir {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// Reads one sample from `/metrics` at `addr` (the exact series name with labels, if any).
+pub async fn metric_at(addr: &str, series: &str) -> anyhow::Result<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    body.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("metric {series} not found"))
 }
 
 /// A port the kernel just handed out (for servers that cannot bind port 0 themselves).

@@ -3,13 +3,15 @@
 //! The embedded implementation commits to SQLite in groups; the farm one (Kafka) lives beside it
 //! behind the same trait. Nothing else on the socket path waits for durability.
 
+pub mod kafka;
 mod sqlite;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use sqlite::SqliteEventLog;
+pub use kafka::{KafkaEventLog, KafkaSettings};
+pub use sqlite::{Committed, Forward, SqliteEventLog};
 
 use crate::protocol::Action;
 
@@ -32,10 +34,45 @@ pub struct LikeEvent {
     pub node: Arc<str>,
 }
 
+/// The wire form of an event on the Kafka topic (JSON; key = track). Documented in
+/// `docs/events.md`; consumers must ignore fields they do not know.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EventRecord {
+    pub event_id: String,
+    pub user: String,
+    pub track: String,
+    /// `like` or `unlike`
+    pub action: String,
+    pub accepted_at_ms: i64,
+    pub node: String,
+    /// Per-track order of this event (the track's Redis version in a farm).
+    pub version: u64,
+    /// The client's idempotency key.
+    pub key: String,
+}
+
+impl From<&LikeEvent> for EventRecord {
+    fn from(event: &LikeEvent) -> EventRecord {
+        EventRecord {
+            event_id: event.event_id.clone(),
+            user: event.user.to_string(),
+            track: event.track.to_string(),
+            action: event.action.as_str().to_owned(),
+            accepted_at_ms: event.accepted_at_ms,
+            node: event.node.to_string(),
+            version: event.version,
+            key: event.key.clone(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EventLogError {
     #[error("event log is closed")]
     Closed,
+    /// The spill (events Kafka has not confirmed) is full; the like is refused, not lost.
+    #[error("the local spill is full ({0} events waiting for Kafka)")]
+    Overloaded(u64),
 }
 
 #[async_trait]
@@ -51,4 +88,14 @@ pub trait EventLog: Send + Sync {
 
     /// False while writes are failing (and being retried).
     fn healthy(&self) -> bool;
+
+    /// Checked before a like is applied, so a full spill refuses it before it is counted.
+    fn admit(&self) -> Result<(), EventLogError> {
+        Ok(())
+    }
+
+    /// Why the log is degraded but still accepting (e.g. Kafka down, acks from the spill).
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }

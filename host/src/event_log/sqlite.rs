@@ -26,6 +26,21 @@ enum Request {
     Close(oneshot::Sender<Result<(), EventLogError>>),
 }
 
+/// Where the writer hands committed events when Kafka is configured: each event also gets a
+/// row in the `kafka_outbox` table (the spill) in the same transaction, and after the commit
+/// goes to the shipper in commit order.
+pub struct Forward {
+    pub committed: mpsc::UnboundedSender<Committed>,
+    /// Highest outbox position committed so far.
+    pub committed_pos: Arc<AtomicU64>,
+}
+
+/// An event the writer committed, with its outbox position.
+pub struct Committed {
+    pub pos: u64,
+    pub event: LikeEvent,
+}
+
 pub struct SqliteEventLog {
     requests: mpsc::Sender<Request>,
     durable_seq: Arc<AtomicU64>,
@@ -34,7 +49,7 @@ pub struct SqliteEventLog {
 
 impl SqliteEventLog {
     /// Starts the writer thread on its own connection to the store.
-    pub fn start(data_dir: &Path) -> anyhow::Result<SqliteEventLog> {
+    pub fn start(data_dir: &Path, forward: Option<Forward>) -> anyhow::Result<SqliteEventLog> {
         let conn = crate::store::open(data_dir)?;
         let durable_seq = Arc::new(AtomicU64::new(crate::store::last_seq(&conn)?));
         let (requests, inbox) = mpsc::channel(QUEUE_CAPACITY);
@@ -43,6 +58,7 @@ impl SqliteEventLog {
             conn,
             durable_seq: durable_seq.clone(),
             healthy: healthy.clone(),
+            forward,
         };
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -99,6 +115,7 @@ struct Writer {
     conn: Connection,
     durable_seq: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
+    forward: Option<Forward>,
 }
 
 impl Writer {
@@ -134,9 +151,10 @@ impl Writer {
     /// meanwhile.
     fn commit_until_done(&mut self, batch: &[Request]) {
         let mut backoff = Duration::from_millis(10);
-        loop {
-            match commit(&mut self.conn, batch) {
-                Ok(()) => break,
+        let spill = self.forward.is_some();
+        let outboxed = loop {
+            match commit(&mut self.conn, batch, spill) {
+                Ok(outboxed) => break outboxed,
                 Err(err) => {
                     self.healthy.store(false, Ordering::Relaxed);
                     tracing::error!(error = %err, retry_in = ?backoff, "SQLite commit failed");
@@ -144,8 +162,19 @@ impl Writer {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
+        };
         self.healthy.store(true, Ordering::Relaxed);
+        if let Some(forward) = &self.forward {
+            for (pos, index) in outboxed {
+                if let Request::Append(event, _) = &batch[index] {
+                    forward.committed_pos.fetch_max(pos, Ordering::Release);
+                    let _ = forward.committed.send(Committed {
+                        pos,
+                        event: event.clone(),
+                    });
+                }
+            }
+        }
         if let Some(max) = batch.iter().filter_map(appended_seq).max() {
             self.durable_seq.fetch_max(max, Ordering::Release);
         }
@@ -167,9 +196,16 @@ fn appended_seq(request: &Request) -> Option<u64> {
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Request]) -> Result<(), String> {
+/// Commits the batch's events; with `spill`, also queues each new one in the outbox and
+/// returns (outbox position, batch index) pairs in commit order.
+fn commit(
+    conn: &mut Connection,
+    batch: &[Request],
+    spill: bool,
+) -> Result<Vec<(u64, usize)>, String> {
+    let mut outboxed = Vec::new();
     if !batch.iter().any(|r| matches!(r, Request::Append(..))) {
-        return Ok(());
+        return Ok(outboxed);
     }
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     {
@@ -185,7 +221,10 @@ fn commit(conn: &mut Connection, batch: &[Request]) -> Result<(), String> {
                  ON CONFLICT (track) DO UPDATE SET count = MAX(count + ?2, 0)",
             )
             .map_err(|e| e.to_string())?;
-        for request in batch {
+        let mut outbox = tx
+            .prepare_cached("INSERT INTO kafka_outbox (seq, version) VALUES (?1, ?2)")
+            .map_err(|e| e.to_string())?;
+        for (index, request) in batch.iter().enumerate() {
             let Request::Append(event, _) = request else {
                 continue;
             };
@@ -209,8 +248,15 @@ fn commit(conn: &mut Connection, batch: &[Request]) -> Result<(), String> {
                 count
                     .execute(params![&*event.track, delta])
                     .map_err(|e| e.to_string())?;
+                if spill {
+                    let pos = outbox
+                        .insert(params![event.seq as i64, event.version as i64])
+                        .map_err(|e| e.to_string())?;
+                    outboxed.push((pos.max(0) as u64, index));
+                }
             }
         }
     }
-    tx.commit().map_err(|e| e.to_string())
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(outboxed)
 }

@@ -196,6 +196,8 @@ impl FarmLedger {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(StoredEvent {
                     seq: event.seq,
+                    event_id: event.event_id.clone(),
+                    node: event.node.to_string(),
                     user: event.user.to_string(),
                     track: event.track.to_string(),
                     action: event.action.as_str().to_owned(),

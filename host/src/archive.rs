@@ -1,0 +1,336 @@
+//! MongoDB, where persistence workers keep every like for analytics, and nodes read history.
+//!
+//! Collections (see `docs/events.md`):
+//! - `likes`: one document per event, `_id` = event id. Inserted unordered in bulk; a
+//!   duplicate-key error (11000) means "already stored", which is what makes replays harmless.
+//! - `like_state`: the current state per (track, user), applied only if its version is newer.
+//! - `track_counts`: per-track totals (`count`, `likes`, `unlikes`, `events`).
+//! - `track_minutes`: likes/unlikes per track per UTC minute, for history.
+//!
+//! Totals are `$inc`remented for events this batch inserted. When a batch meets an event that
+//! was already stored (a replay after a crash, or a node re-sending after a Kafka outage) the
+//! increments of the first attempt may or may not have happened, so the totals it touches are
+//! recomputed from `likes` and `like_state` instead. Events of one track share a partition, so
+//! one worker at a time writes a track's totals.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use mongodb::error::ErrorKind;
+use mongodb::{Client, Collection, Database, IndexModel};
+
+use crate::event_log::EventRecord;
+use crate::history::{History, Query, Row, roll_up};
+
+const DUPLICATE_KEY: i32 = 11000;
+const MINUTE_MS: i64 = 60_000;
+
+#[derive(Clone)]
+pub struct MongoArchive {
+    db: Database,
+    likes: Collection<Document>,
+    counts: Collection<Document>,
+    minutes: Collection<Document>,
+}
+
+/// What one batch changed.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub inserted: usize,
+    pub duplicates: usize,
+    /// Tracks whose totals changed, for the Redis write-back.
+    pub tracks: BTreeSet<String>,
+}
+
+/// A track's totals as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackTotals {
+    pub track: String,
+    pub count: i64,
+    /// Effective events stored for the track (likes + unlikes).
+    pub events: i64,
+}
+
+impl MongoArchive {
+    /// Connects lazily (the driver retries); index creation is best effort.
+    pub async fn connect(url: &str, database: &str) -> anyhow::Result<MongoArchive> {
+        let client = Client::with_uri_str(url)
+            .await
+            .with_context(|| format!("invalid MongoDB URL {url}"))?;
+        let db = client.database(database);
+        Ok(MongoArchive {
+            likes: db.collection("likes"),
+            counts: db.collection("track_counts"),
+            minutes: db.collection("track_minutes"),
+            db,
+        })
+    }
+
+    pub async fn ensure_indexes(&self) -> anyhow::Result<()> {
+        let index = |keys: Document| IndexModel::builder().keys(keys).build();
+        self.likes
+            .create_index(index(doc! { "track": 1, "action": 1, "minute": 1 }))
+            .await?;
+        self.db
+            .collection::<Document>("like_state")
+            .create_index(index(doc! { "track": 1, "liked": 1 }))
+            .await?;
+        self.minutes
+            .create_index(index(doc! { "track": 1, "minute": 1 }))
+            .await?;
+        Ok(())
+    }
+
+    /// Writes one batch; returns only once MongoDB acknowledged all of it. Safe to repeat.
+    pub async fn store(&self, batch: &[EventRecord]) -> anyhow::Result<Stored> {
+        let mut stored = Stored::default();
+        if batch.is_empty() {
+            return Ok(stored);
+        }
+        let duplicate = self.insert_events(batch).await?;
+        stored.duplicates = duplicate.len();
+        stored.inserted = batch.len() - duplicate.len();
+
+        // State per (track, user): every event (inserted or not) re-applied; stale ones no-op.
+        let states: Vec<Document> = batch
+            .iter()
+            .map(|e| {
+                doc! {
+                    "q": { "_id": pair_id(e), "version": { "$lt": e.version as i64 } },
+                    "u": { "$set": {
+                        "track": &e.track, "user": &e.user,
+                        "liked": e.action == "like", "version": e.version as i64,
+                    } },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        self.update_many_statements("like_state", states).await?;
+
+        // Totals: tracks and minutes touched by a duplicate are recomputed, the rest incremented.
+        let mut recount_tracks = BTreeSet::new();
+        let mut recount_minutes = BTreeSet::new();
+        for (i, e) in batch.iter().enumerate() {
+            if duplicate.contains(&i) {
+                recount_tracks.insert(e.track.clone());
+                recount_minutes.insert((e.track.clone(), minute_of(e)));
+            }
+        }
+        let mut track_inc: BTreeMap<&str, [i64; 3]> = BTreeMap::new();
+        let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
+        for (i, e) in batch.iter().enumerate() {
+            stored.tracks.insert(e.track.clone());
+            if duplicate.contains(&i) {
+                continue;
+            }
+            let like = e.action == "like";
+            if !recount_tracks.contains(&e.track) {
+                let t = track_inc.entry(&e.track).or_default();
+                t[0] += if like { 1 } else { -1 };
+                t[usize::from(!like) + 1] += 1;
+            }
+            if !recount_minutes.contains(&(e.track.clone(), minute_of(e))) {
+                minute_inc.entry((&e.track, minute_of(e))).or_default()[usize::from(!like)] += 1;
+            }
+        }
+        let track_updates = track_inc
+            .iter()
+            .map(|(track, [count, likes, unlikes])| {
+                doc! {
+                    "q": { "_id": *track },
+                    "u": { "$inc": { "count": count, "likes": likes, "unlikes": unlikes,
+                                     "events": likes + unlikes } },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        self.update_many_statements("track_counts", track_updates)
+            .await?;
+        let minute_updates = minute_inc
+            .iter()
+            .map(|((track, minute), [likes, unlikes])| {
+                doc! {
+                    "q": { "_id": minute_id(track, *minute) },
+                    "u": { "$inc": { "likes": likes, "unlikes": unlikes },
+                           "$set": { "track": *track, "minute": minute } },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        self.update_many_statements("track_minutes", minute_updates)
+            .await?;
+        for track in &recount_tracks {
+            self.recount_track(track).await?;
+        }
+        for (track, minute) in &recount_minutes {
+            self.recount_minute(track, *minute).await?;
+        }
+        Ok(stored)
+    }
+
+    /// Inserts the events unordered; returns the batch indexes that were already stored.
+    async fn insert_events(&self, batch: &[EventRecord]) -> anyhow::Result<HashSet<usize>> {
+        let docs = batch.iter().map(|e| {
+            doc! {
+                "_id": &e.event_id, "user": &e.user, "track": &e.track, "action": &e.action,
+                "accepted_at_ms": e.accepted_at_ms, "minute": minute_of(e), "node": &e.node,
+                "version": e.version as i64, "key": &e.key,
+            }
+        });
+        match self.likes.insert_many(docs).ordered(false).await {
+            Ok(_) => Ok(HashSet::new()),
+            Err(err) => match *err.kind {
+                ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
+                    let mut duplicates = HashSet::new();
+                    for write in failure.write_errors.iter().flatten() {
+                        if write.code != DUPLICATE_KEY {
+                            anyhow::bail!("MongoDB refused a like event: {}", write.message);
+                        }
+                        duplicates.insert(write.index);
+                    }
+                    Ok(duplicates)
+                }
+                _ => Err(anyhow::Error::new(err).context("cannot insert like events")),
+            },
+        }
+    }
+
+    /// One `update` command carrying many statements (one round trip); duplicate-key errors
+    /// of upserts that lost to a newer version are expected and ignored.
+    async fn update_many_statements(
+        &self,
+        collection: &str,
+        updates: Vec<Document>,
+    ) -> anyhow::Result<()> {
+        for chunk in updates.chunks(10_000) {
+            let reply = self
+                .db
+                .run_command(doc! { "update": collection, "updates": chunk, "ordered": false })
+                .await
+                .with_context(|| format!("cannot update {collection}"))?;
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for error in errors.iter().filter_map(|e| e.as_document()) {
+                    let code = error.get_i32("code").unwrap_or_default();
+                    if code != DUPLICATE_KEY {
+                        anyhow::bail!("MongoDB refused an update of {collection}: {error}");
+                    }
+                }
+            }
+            if let Ok(error) = reply.get_document("writeConcernError") {
+                anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn recount_track(&self, track: &str) -> anyhow::Result<()> {
+        let state = self.db.collection::<Document>("like_state");
+        let count = state
+            .count_documents(doc! { "track": track, "liked": true })
+            .await?;
+        let likes = self
+            .likes
+            .count_documents(doc! { "track": track, "action": "like" })
+            .await?;
+        let unlikes = self
+            .likes
+            .count_documents(doc! { "track": track, "action": "unlike" })
+            .await?;
+        let totals = doc! { "count": count as i64, "likes": likes as i64,
+        "unlikes": unlikes as i64, "events": (likes + unlikes) as i64 };
+        self.update_many_statements(
+            "track_counts",
+            vec![doc! { "q": { "_id": track }, "u": { "$set": totals }, "upsert": true }],
+        )
+        .await
+    }
+
+    async fn recount_minute(&self, track: &str, minute: i64) -> anyhow::Result<()> {
+        let mut totals = [0i64; 2];
+        for (slot, action) in ["like", "unlike"].iter().enumerate() {
+            totals[slot] = self
+                .likes
+                .count_documents(doc! { "track": track, "action": *action, "minute": minute })
+                .await? as i64;
+        }
+        let set =
+            doc! { "track": track, "minute": minute, "likes": totals[0], "unlikes": totals[1] };
+        self.update_many_statements(
+            "track_minutes",
+            vec![doc! { "q": { "_id": minute_id(track, minute) }, "u": { "$set": set }, "upsert": true }],
+        )
+        .await
+    }
+
+    pub async fn totals(&self, tracks: &BTreeSet<String>) -> anyhow::Result<Vec<TrackTotals>> {
+        let ids: Vec<&str> = tracks.iter().map(String::as_str).collect();
+        let docs: Vec<Document> = self
+            .counts
+            .find(doc! { "_id": { "$in": ids } })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(TrackTotals {
+                    track: d.get_str("_id").ok()?.to_owned(),
+                    count: number(d, "count"),
+                    events: number(d, "events"),
+                })
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl History for MongoArchive {
+    async fn buckets(&self, query: &Query) -> anyhow::Result<Vec<Row>> {
+        let minutes: Vec<Document> = self
+            .minutes
+            .find(doc! {
+                "track": &query.track,
+                "minute": { "$gte": query.start_ms, "$lt": query.end_ms },
+            })
+            .await
+            .context("cannot query MongoDB history")?
+            .try_collect()
+            .await
+            .context("cannot read MongoDB history")?;
+        let rows = minutes.iter().map(|d| Row {
+            start_ms: number(d, "minute"),
+            likes: number(d, "likes").max(0) as u64,
+            unlikes: number(d, "unlikes").max(0) as u64,
+        });
+        Ok(roll_up(rows, query.bucket)
+            .into_iter()
+            .filter(|r| r.likes + r.unlikes > 0)
+            .collect())
+    }
+}
+
+fn pair_id(e: &EventRecord) -> String {
+    // Track and user ids cannot contain '/', so the pair id is unambiguous.
+    format!("{}/{}", e.track, e.user)
+}
+
+fn minute_id(track: &str, minute: i64) -> String {
+    format!("{track}/{minute}")
+}
+
+fn minute_of(e: &EventRecord) -> i64 {
+    e.accepted_at_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+}
+
+/// Integer fields may come back as int32, int64 or double depending on the server.
+fn number(d: &Document, key: &str) -> i64 {
+    match d.get(key) {
+        Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
+        Some(mongodb::bson::Bson::Int64(v)) => *v,
+        Some(mongodb::bson::Bson::Double(v)) => *v as i64,
+        _ => 0,
+    }
+}

@@ -1,0 +1,546 @@
+//! The durable pipeline against real processes: nodes → Kafka (tansu, durable storage) →
+//! `fanfare worker` → MongoDB (nx-27017), with Redis between the nodes. Every test checks
+//! MongoDB against the acks the clients saw: nothing lost, nothing counted twice.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fanfare_tests::services::{KafkaBroker, MongoServer, WorkerProcess, unique};
+use fanfare_tests::{NodeProcess, RedisProcess, WsClient};
+use mongodb::bson::{Document, doc};
+
+const TRACKS: [&str; 3] = ["p-alpha", "p-beta", "p-gamma"];
+
+/// Redis, a broker and MongoDB, with names of their own for this test.
+struct Pipeline {
+    redis: RedisProcess,
+    kafka: KafkaBroker,
+    mongo: MongoServer,
+    topic: String,
+    group: String,
+    database: String,
+}
+
+impl Pipeline {
+    async fn start() -> anyhow::Result<Pipeline> {
+        Ok(Pipeline {
+            redis: RedisProcess::start().await?,
+            kafka: KafkaBroker::start().await?,
+            mongo: MongoServer::start().await?,
+            topic: unique("likes"),
+            group: unique("workers"),
+            database: unique("fanfare").replace('-', "_"),
+        })
+    }
+
+    fn node_args(&self) -> Vec<String> {
+        [
+            "--redis",
+            &self.redis.url(),
+            "--kafka",
+            &self.kafka.brokers,
+            "--kafka-topic",
+            &self.topic,
+            "--kafka-ack-timeout",
+            "200",
+            "--mongo",
+            &self.mongo.url,
+            "--mongo-database",
+            &self.database,
+            "--drain-period",
+            "100",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    async fn node(&self, data_dir: &std::path::Path) -> anyhow::Result<NodeProcess> {
+        let args = self.node_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        NodeProcess::start(data_dir, &args).await
+    }
+
+    async fn worker(&self, extra: &[&str]) -> anyhow::Result<WorkerProcess> {
+        let redis = self.redis.url();
+        let mut args = vec![
+            "--kafka",
+            &self.kafka.brokers,
+            "--kafka-topic",
+            &self.topic,
+            "--group",
+            &self.group,
+            "--session-timeout",
+            "6000",
+            "--mongo",
+            &self.mongo.url,
+            "--mongo-database",
+            &self.database,
+            "--redis",
+            &redis,
+        ];
+        args.extend_from_slice(extra);
+        WorkerProcess::start(&args).await
+    }
+
+    async fn db(&self) -> anyhow::Result<mongodb::Database> {
+        self.mongo.database(&self.database).await
+    }
+}
+
+/// What the clients saw acked (as effective changes), per track: (likes, unlikes, count).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Expected {
+    likes: u64,
+    unlikes: u64,
+    count: i64,
+}
+
+type Ledger = Arc<Mutex<BTreeMap<String, Expected>>>;
+
+/// Users who like and unlike the test tracks in turn, each like with a fresh key, until
+/// stopped; every ack is recorded. A user whose node goes away reconnects (same address).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    acked: Ledger,
+    in_doubt: Arc<Mutex<u64>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
+}
+
+impl Traffic {
+    fn start(addrs: &[String], users: usize, pause: Duration) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Ledger = Arc::default();
+        let in_doubt = Arc::new(Mutex::new(0));
+        let tasks = (0..users)
+            .map(|u| {
+                let addr = addrs[u % addrs.len()].clone();
+                let (stop, acked, in_doubt) = (stop.clone(), acked.clone(), in_doubt.clone());
+                tokio::spawn(async move {
+                    user_loop(&addr, &format!("pu{u}"), pause, &stop, &acked, &in_doubt).await
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            acked,
+            in_doubt,
+            tasks,
+        }
+    }
+
+    fn acked_total(&self) -> u64 {
+        lock(&self.acked)
+            .values()
+            .map(|e| e.likes + e.unlikes)
+            .sum()
+    }
+
+    async fn finish(self) -> anyhow::Result<(BTreeMap<String, Expected>, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await??;
+        }
+        let acked = lock(&self.acked).clone();
+        let in_doubt = *lock(&self.in_doubt);
+        Ok((acked, in_doubt))
+    }
+}
+
+async fn user_loop(
+    addr: &str,
+    user: &str,
+    pause: Duration,
+    stop: &AtomicBool,
+    acked: &Ledger,
+    in_doubt: &Mutex<u64>,
+) -> anyhow::Result<u64> {
+    let url = format!("ws://{addr}/v1/ws?user={user}");
+    let mut liked = [false; TRACKS.len()];
+    let mut client: Option<WsClient> = None;
+    let mut sent = 0u64;
+    let mut step = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let ws = match &mut client {
+            Some(ws) => ws,
+            None => match WsClient::connect(&url).await {
+                Ok(ws) => client.insert(ws),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let slot = step % TRACKS.len();
+        let action = if liked[slot] { "unlike" } else { "like" };
+        let key = format!("{user}-{sent}");
+        sent += 1;
+        match tokio::time::timeout(Duration::from_secs(5), ws.like(action, TRACKS[slot], &key))
+            .await
+        {
+            Ok(Ok(reply)) if reply["type"] == "ack" => {
+                if reply["duplicate"] == false {
+                    let mut acked = lock(acked);
+                    let e = acked.entry(TRACKS[slot].to_owned()).or_default();
+                    if action == "like" {
+                        e.likes += 1;
+                        e.count += 1;
+                    } else {
+                        e.unlikes += 1;
+                        e.count -= 1;
+                    }
+                }
+                liked[slot] = action == "like";
+                step += 1;
+            }
+            Ok(Ok(reply)) if reply["code"] == "overloaded" || reply["code"] == "rate_limited" => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Ok(reply)) => bail!("{user}: unexpected reply {reply}"),
+            _ => {
+                // No ack: the like may or may not have been stored. Retrying the same key
+                // settles it, unless the node went away, in which case the outcome stays open.
+                *lock(in_doubt) += 1;
+                client = None;
+                // The node may have stored it: learn the state again before going on.
+                liked = [false; TRACKS.len()];
+                if let Ok(mut ws) = WsClient::connect(&url).await {
+                    for (i, track) in TRACKS.iter().enumerate() {
+                        let probe = format!("{user}-{sent}-probe{i}");
+                        sent += 1;
+                        // An unlike of a track not liked is a duplicate: it tells the state.
+                        if let Ok(reply) = ws.like("unlike", track, &probe).await
+                            && reply["duplicate"] == false
+                        {
+                            let mut acked = lock(acked);
+                            let e = acked.entry((*track).to_owned()).or_default();
+                            e.unlikes += 1;
+                            e.count -= 1;
+                        }
+                    }
+                    client = Some(ws);
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Ok(sent)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn number(d: &Document, key: &str) -> i64 {
+    match d.get(key) {
+        Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
+        Some(mongodb::bson::Bson::Int64(v)) => *v,
+        Some(mongodb::bson::Bson::Double(v)) => *v as i64,
+        _ => 0,
+    }
+}
+
+/// Waits until MongoDB holds `at_least` events, and until the count stops changing.
+async fn wait_stored(
+    db: &mongodb::Database,
+    at_least: u64,
+    patience: Duration,
+) -> anyhow::Result<u64> {
+    let likes = db.collection::<Document>("likes");
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut last = u64::MAX;
+    loop {
+        let stored = likes.count_documents(doc! {}).await.unwrap_or(0);
+        if stored >= at_least && stored == last {
+            return Ok(stored);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("MongoDB holds {stored} like events, expected at least {at_least}");
+        }
+        last = stored;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// MongoDB's per-track totals, each checked against the events stored for the track.
+async fn stored_totals(db: &mongodb::Database) -> anyhow::Result<BTreeMap<String, Expected>> {
+    let likes = db.collection::<Document>("likes");
+    let counts = db.collection::<Document>("track_counts");
+    let mut totals = BTreeMap::new();
+    for track in TRACKS {
+        let l = likes
+            .count_documents(doc! {"track": track, "action": "like"})
+            .await?;
+        let u = likes
+            .count_documents(doc! {"track": track, "action": "unlike"})
+            .await?;
+        let Some(d) = counts.find_one(doc! {"_id": track}).await? else {
+            continue;
+        };
+        let stored = Expected {
+            likes: number(&d, "likes") as u64,
+            unlikes: number(&d, "unlikes") as u64,
+            count: number(&d, "count"),
+        };
+        let from_events = Expected {
+            likes: l,
+            unlikes: u,
+            count: l as i64 - u as i64,
+        };
+        assert_eq!(
+            stored, from_events,
+            "{track}: totals disagree with the stored events (counted twice?)"
+        );
+        totals.insert(track.to_owned(), stored);
+    }
+    Ok(totals)
+}
+
+/// Sums a node's history for a track over the last hour, in minute and in day buckets.
+async fn history_sums(node: &NodeProcess, track: &str) -> anyhow::Result<(u64, u64)> {
+    let mut sums = Vec::new();
+    for bucket in ["minute", "day"] {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let path = format!(
+            "/v1/tracks/{track}/history?bucket={bucket}&from={}&to={}",
+            now - 3_600_000,
+            now + 1
+        );
+        let (status, body) = node.get(&path).await?;
+        anyhow::ensure!(status == 200, "history: {status} {body}");
+        let reply: serde_json::Value = serde_json::from_str(&body)?;
+        let buckets = reply["buckets"].as_array().context("no buckets")?;
+        let likes: u64 = buckets.iter().filter_map(|b| b["likes"].as_u64()).sum();
+        let unlikes: u64 = buckets.iter().filter_map(|b| b["unlikes"].as_u64()).sum();
+        sums.push((likes, unlikes));
+    }
+    anyhow::ensure!(
+        sums[0] == sums[1],
+        "minute and day buckets disagree: {sums:?}"
+    );
+    Ok(sums[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
+    let p = Pipeline::start().await?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let a = p.node(dir_a.path()).await?;
+    let b = p.node(dir_b.path()).await?;
+    let _worker = p.worker(&[]).await?;
+    let traffic = Traffic::start(
+        &[a.addr.clone(), b.addr.clone()],
+        16,
+        Duration::from_millis(5),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (acked, in_doubt) = traffic.finish().await?;
+    assert_eq!(in_doubt, 0, "every like was answered");
+    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+    assert!(total > 200, "only {total} likes acked");
+
+    let db = p.db().await?;
+    let stored = wait_stored(&db, total, Duration::from_secs(60)).await?;
+    assert_eq!(stored, total, "MongoDB holds exactly the acked events");
+    assert_eq!(
+        stored_totals(&db).await?,
+        acked,
+        "per-track totals are exact"
+    );
+    for track in TRACKS {
+        let e = &acked[track];
+        assert_eq!(
+            history_sums(&a, track).await?,
+            (e.likes, e.unlikes),
+            "{track} history on A"
+        );
+        assert_eq!(
+            history_sums(&b, track).await?,
+            (e.likes, e.unlikes),
+            "{track} history on B"
+        );
+        assert_eq!(
+            a.track_count(track).await? as i64,
+            e.count,
+            "{track} live count"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let p = Pipeline::start().await?;
+    let dir = tempfile::tempdir()?;
+    let node = p.node(dir.path()).await?;
+    let traffic = Traffic::start(&[node.addr.clone()], 12, Duration::from_millis(2));
+    // Small batches, so the kill lands between (or inside) many of them.
+    let mut worker = p
+        .worker(&["--batch-max", "40", "--batch-wait", "20"])
+        .await?;
+    let db = p.db().await?;
+    let likes = db.collection::<Document>("likes");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while likes.count_documents(doc! {}).await.unwrap_or(0) < 300 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the worker stored nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill().await?;
+    let at_kill = likes.count_documents(doc! {}).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (acked, in_doubt) = traffic.finish().await?;
+    assert_eq!(in_doubt, 0);
+    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+    assert!(
+        total > at_kill,
+        "traffic went on after the kill ({at_kill} of {total} stored)"
+    );
+
+    let _worker = p
+        .worker(&["--batch-max", "40", "--batch-wait", "20"])
+        .await?;
+    let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
+    assert_eq!(stored, total);
+    assert_eq!(stored_totals(&db).await?, acked);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyhow::Result<()> {
+    let mut p = Pipeline::start().await?;
+    if !p.kafka.is_own() {
+        eprintln!("skipped: FANFARE_TEST_KAFKA names an outside broker this test cannot freeze");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut node = p.node(dir.path()).await?;
+    let _worker = p.worker(&[]).await?;
+    let traffic = Traffic::start(&[node.addr.clone()], 8, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Frozen for 30 s: acks go on from the spill.
+    p.kafka.signal("STOP")?;
+    let before = traffic.acked_total();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during_freeze = traffic.acked_total() - before;
+    assert!(
+        during_freeze > 100,
+        "only {during_freeze} acks while Kafka was frozen"
+    );
+    let spilled = node.metric("fanfare_kafka_spill_events").await?;
+    assert!(spilled > 0.0, "the spill holds the frozen period's likes");
+    p.kafka.signal("CONT")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Killed: acks go on; the node is killed too while its spill is non-empty, and restarted.
+    p.kafka.kill().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let addr = node.addr.clone();
+    node.kill().await?;
+    let node = NodeProcess::start_on(
+        &addr,
+        dir.path(),
+        &p.node_args().iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    p.kafka.restart().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (acked, in_doubt) = traffic.finish().await?;
+    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+
+    let db = p.db().await?;
+    let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
+    // Likes that lost their answer when the node was killed may or may not be stored.
+    assert!(
+        stored <= total + in_doubt,
+        "{stored} stored for {total} acked (+{in_doubt} unanswered)"
+    );
+    let totals = stored_totals(&db).await?;
+    for track in TRACKS {
+        let live = node.track_count(track).await? as i64;
+        assert_eq!(
+            totals[track].count, live,
+            "{track}: MongoDB count equals the live count"
+        );
+    }
+    let spill_left = node.metric("fanfare_kafka_spill_events").await?;
+    assert_eq!(spill_left, 0.0, "the spill drained");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<()> {
+    let mut p = Pipeline::start().await?;
+    if !p.mongo.is_own() {
+        eprintln!("skipped: FANFARE_TEST_MONGO names an outside server this test cannot stop");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let node = p.node(dir.path()).await?;
+    let metrics_port = fanfare_tests::free_port()?;
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
+    let traffic = Traffic::start(&[node.addr.clone()], 8, Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    p.mongo.kill().await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let lag = worker_metric(&metrics_addr, "fanfare_worker_consumer_lag").await?;
+    let failures = worker_metric(&metrics_addr, "fanfare_worker_mongo_failures_total").await?;
+    assert!(
+        lag > 0.0,
+        "consumer lag grows while MongoDB is down (lag {lag})"
+    );
+    assert!(failures > 0.0, "the worker saw the failures");
+    p.mongo.restart().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, in_doubt) = traffic.finish().await?;
+    assert_eq!(in_doubt, 0, "acks never waited for MongoDB");
+    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+
+    let db = p.db().await?;
+    let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
+    assert_eq!(stored, total);
+    assert_eq!(stored_totals(&db).await?, acked);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while worker_metric(&metrics_addr, "fanfare_worker_consumer_lag").await? > 0.0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "lag did not drain");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_history_buckets_count_likes_and_unlikes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = NodeProcess::start(dir.path(), &[]).await?;
+    for u in 0..5 {
+        let mut ws = node.connect(&format!("h{u}")).await?;
+        ws.like("like", TRACKS[0], &format!("h{u}-1")).await?;
+        if u < 2 {
+            ws.like("unlike", TRACKS[0], &format!("h{u}-2")).await?;
+        }
+    }
+    assert_eq!(history_sums(&node, TRACKS[0]).await?, (5, 2));
+    let (status, body) = node
+        .get(&format!("/v1/tracks/{}/history?bucket=week", TRACKS[0]))
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = node
+        .get(&format!("/v1/tracks/{}/history?from=9&to=3", TRACKS[0]))
+        .await?;
+    assert_eq!(status, 400);
+    Ok(())
+}
+
+async fn worker_metric(addr: &str, series: &str) -> anyhow::Result<f64> {
+    fanfare_tests::metric_at(addr, series).await
+}
