@@ -128,7 +128,8 @@ struct WorkerMetrics {
     events_malformed: Counter,
     mongo_failures: Counter,
     redis_corrections: Counter,
-    /// Sum over partitions of (high watermark − committed offset), from librdkafka statistics.
+    /// Sum over assigned partitions of (high watermark − committed offset), from librdkafka
+    /// statistics (refreshed every second).
     consumer_lag: Gauge<i64, AtomicI64>,
 }
 
@@ -204,12 +205,21 @@ struct LagContext {
 
 impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
+        // Per assigned partition: newest offset minus committed offset; before the group's
+        // first commit, everything since the partition's start counts as lag.
         let lag: i64 = statistics
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
+            .filter(|p| p.partition >= 0 && p.desired && p.hi_offset >= 0)
+            .map(|p| {
+                let done = if p.committed_offset >= 0 {
+                    p.committed_offset
+                } else {
+                    p.lo_offset.max(0)
+                };
+                (p.hi_offset - done).max(0)
+            })
             .sum();
         self.lag.set(lag);
     }
