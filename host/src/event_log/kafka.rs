@@ -160,11 +160,11 @@ impl EventLog for KafkaEventLog {
             self.shared.metrics.durable_ack("kafka");
             return Ok(());
         }
-        if lock(&self.shared.waiters).remove(&seq).is_some() {
-            if self.shared.kafka_ok.load(Ordering::Relaxed) {
-                tracing::warn!(timeout = ?self.shared.settings.ack_timeout, "Kafka is slow: acking from the local spill");
-            }
-            self.shared.set_kafka_ok(false);
+        if lock(&self.shared.waiters).remove(&seq).is_some()
+            && self.shared.kafka_ok.swap(false, Ordering::Relaxed)
+        {
+            self.shared.metrics.kafka_up.set(0);
+            tracing::warn!(timeout = ?self.shared.settings.ack_timeout, "Kafka is slow: acking from the local spill");
         }
         self.shared.metrics.durable_ack("spill");
         Ok(())
@@ -249,6 +249,12 @@ impl Shipper {
                     Err(err) => {
                         self.shared.set_kafka_ok(false);
                         tracing::warn!(error = %err, retry_in = ?backoff, spilled = self.shared.spilled(), "Kafka replay failed");
+                        // A fresh producer id: after timeouts the old one's sequence numbers
+                        // may no longer match what the broker has (it then refuses them).
+                        match producer(&self.shared.settings.brokers) {
+                            Ok(fresh) => self.producer = fresh,
+                            Err(err) => tracing::warn!(error = %format!("{err:#}"), "cannot recreate the Kafka producer"),
+                        }
                         self.persist(&mut persisted).await;
                         if self.inbox.is_closed() && self.inbox.is_empty() {
                             return; // shutting down: the spill keeps the rest
@@ -315,16 +321,12 @@ impl Shipper {
     fn confirm(&mut self, pos: u64, seq: u64) {
         self.confirmed = pos;
         self.shared.shipped_pos.store(pos, Ordering::Release);
-        self.shared
-            .metrics
-            .kafka_spill_events
-            .set(self.shared.spilled() as i64);
         if let Some(waiter) = lock(&self.shared.waiters).remove(&seq) {
             let _ = waiter.send(());
         }
-        if !self.shared.kafka_ok.load(Ordering::Relaxed) {
+        if !self.shared.kafka_ok.swap(true, Ordering::Relaxed) {
+            self.shared.metrics.kafka_up.set(1);
             tracing::info!("Kafka confirms likes again");
-            self.shared.set_kafka_ok(true);
         }
     }
 
@@ -367,6 +369,10 @@ impl Shipper {
 
     /// Stores the confirmed position and drops shipped rows from the spill.
     async fn persist(&self, persisted: &mut u64) {
+        self.shared
+            .metrics
+            .kafka_spill_events
+            .set(self.shared.spilled() as i64);
         let confirmed = self.confirmed;
         if confirmed == *persisted {
             return;
