@@ -110,13 +110,13 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn start(addrs: &[String], users: usize, pause: Duration) -> Traffic {
+    fn start(addrs: &[&str], users: usize, pause: Duration) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let acked: Ledger = Arc::default();
         let in_doubt = Arc::new(Mutex::new(0));
         let tasks = (0..users)
             .map(|u| {
-                let addr = addrs[u % addrs.len()].clone();
+                let addr = addrs[u % addrs.len()].to_owned();
                 let (stop, acked, in_doubt) = (stop.clone(), acked.clone(), in_doubt.clone());
                 tokio::spawn(async move {
                     user_loop(&addr, &format!("pu{u}"), pause, &stop, &acked, &in_doubt).await
@@ -332,11 +332,7 @@ async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
     let a = p.node(dir_a.path()).await?;
     let b = p.node(dir_b.path()).await?;
     let _worker = p.worker(&[]).await?;
-    let traffic = Traffic::start(
-        &[a.addr.clone(), b.addr.clone()],
-        16,
-        Duration::from_millis(5),
-    );
+    let traffic = Traffic::start(&[&a.addr, &b.addr], 16, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (acked, in_doubt) = traffic.finish().await?;
     assert_eq!(in_doubt, 0, "every like was answered");
@@ -377,7 +373,7 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() -> anyhow::Result
     let p = Pipeline::start().await?;
     let dir = tempfile::tempdir()?;
     let node = p.node(dir.path()).await?;
-    let traffic = Traffic::start(&[node.addr.clone()], 12, Duration::from_millis(2));
+    let traffic = Traffic::start(&[&node.addr], 12, Duration::from_millis(2));
     // Small batches, so the kill lands between (or inside) many of them.
     let mut worker = p
         .worker(&["--batch-max", "40", "--batch-wait", "20"])
@@ -422,7 +418,7 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     let dir = tempfile::tempdir()?;
     let mut node = p.node(dir.path()).await?;
     let _worker = p.worker(&[]).await?;
-    let traffic = Traffic::start(&[node.addr.clone()], 8, Duration::from_millis(20));
+    let traffic = Traffic::start(&[&node.addr], 8, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Frozen for 30 s: acks go on from the spill.
@@ -488,7 +484,7 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
     let metrics_port = fanfare_tests::free_port()?;
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
-    let traffic = Traffic::start(&[node.addr.clone()], 8, Duration::from_millis(10));
+    let traffic = Traffic::start(&[&node.addr], 8, Duration::from_millis(10));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     p.mongo.kill().await?;

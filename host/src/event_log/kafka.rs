@@ -253,7 +253,9 @@ impl Shipper {
                         // may no longer match what the broker has (it then refuses them).
                         match producer(&self.shared.settings.brokers) {
                             Ok(fresh) => self.producer = fresh,
-                            Err(err) => tracing::warn!(error = %format!("{err:#}"), "cannot recreate the Kafka producer"),
+                            Err(err) => {
+                                tracing::warn!(error = %format!("{err:#}"), "cannot recreate the Kafka producer")
+                            }
                         }
                         self.persist(&mut persisted).await;
                         if self.inbox.is_closed() && self.inbox.is_empty() {

@@ -236,7 +236,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let ana: Arc<str> = Arc::from("ana");
         {
-            let log = SqliteEventLog::start(dir.path())?;
+            let log = SqliteEventLog::start(dir.path(), None)?;
             let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.durable_seq())?;
             let first = ledger
                 .apply(&ana, &request(Action::Like, "t", "k1"))
@@ -269,7 +269,7 @@ mod tests {
             log.close().await?;
         }
         // A new process sees the committed state: the like and its key.
-        let log = SqliteEventLog::start(dir.path())?;
+        let log = SqliteEventLog::start(dir.path(), None)?;
         let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.durable_seq())?;
         assert_eq!(ledger.count("t").await?, 1);
         let resent = ledger
