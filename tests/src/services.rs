@@ -77,6 +77,11 @@ impl KafkaBroker {
         Ok(broker)
     }
 
+    /// Where our own broker keeps its data.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_ref().map(|d| d.path())
+    }
+
     /// False for an outside broker, which tests must not kill or freeze.
     pub fn is_own(&self) -> bool {
         self.dir.is_some()
@@ -173,6 +178,11 @@ impl MongoServer {
 
     pub fn is_own(&self) -> bool {
         self.dir.is_some()
+    }
+
+    /// Where our own server keeps its data.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_ref().map(|d| d.path())
     }
 
     /// (Re)starts the server on the same port and data directory.

@@ -540,3 +540,43 @@ async fn embedded_history_buckets_count_likes_and_unlikes() -> anyhow::Result<()
 async fn worker_metric(addr: &str, series: &str) -> anyhow::Result<f64> {
     fanfare_tests::metric_at(addr, series).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drifted_live_count_converges_to_the_stored_one() -> anyhow::Result<()> {
+    let p = Pipeline::start().await?;
+    let dir = tempfile::tempdir()?;
+    let node = p.node(dir.path()).await?;
+    let _worker = p.worker(&[]).await?;
+    let track = TRACKS[1];
+    for u in 0..3 {
+        let mut ws = node.connect(&format!("d{u}")).await?;
+        ws.like("like", track, &format!("d{u}-1")).await?;
+    }
+    wait_stored(&p.db().await?, 3, Duration::from_secs(30)).await?;
+    // Someone (a bug, an operator) breaks the live count.
+    let status = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &p.redis.port.to_string(),
+            "SET",
+            &format!("ff:{{{track}}}:count"),
+            "40",
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "redis-cli failed");
+    assert_eq!(node.track_count(track).await?, 40);
+    // The next like is counted on top of the drift; the worker then restores the truth.
+    let mut ws = node.connect("d9").await?;
+    let reply = ws.like("like", track, "d9-1").await?;
+    assert_eq!(reply["count"], 41);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while node.track_count(track).await? != 4 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "live count did not converge to 4"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

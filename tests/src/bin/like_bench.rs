@@ -4,12 +4,18 @@
 //!     cargo build --release --workspace --bins
 //!     FANFARE_BIN=target/release/fanfare target/release/like_bench [seconds] [connections] [window]
 //!
+//! With `FANFARE_BENCH_PIPELINE=1` the node runs with `--kafka` against a tansu broker (durable
+//! SQLite storage) and one `fanfare worker` writes an nx-27017 MongoDB; the bench then also
+//! waits until MongoDB holds every acked like and reports the end-to-end rate and the bytes
+//! per event in both stores' files.
+//!
 //! Client and node share this machine's cores; the numbers are for both together.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fanfare_tests::NodeProcess;
+use fanfare_tests::services::{KafkaBroker, MongoServer, WorkerProcess, unique};
 use futures_util::future::try_join_all;
 use serde_json::json;
 
@@ -24,7 +30,16 @@ async fn main() -> anyhow::Result<()> {
     let connections: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(32);
     let window: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(64);
     let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &["--max-messages-per-second", "1000000"]).await?;
+    let pipeline = match std::env::var("FANFARE_BENCH_PIPELINE").as_deref() {
+        Ok("1") => Some(Pipeline::start().await?),
+        _ => None,
+    };
+    let mut node_args = vec!["--max-messages-per-second".to_owned(), "1000000".to_owned()];
+    if let Some(p) = &pipeline {
+        node_args.extend(["--kafka".to_owned(), p.kafka.brokers.clone()]);
+    }
+    let node_args: Vec<&str> = node_args.iter().map(String::as_str).collect();
+    let node = NodeProcess::start(dir.path(), &node_args).await?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
 
     let clients = (0..connections).map(|c| {
@@ -73,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
     );
+    if let Some(p) = &pipeline {
+        p.report(latencies.len() as u64, started).await?;
+    }
     // Every acked like is stored: spot-check the store through the node.
     let count = node.track_count("t0").await?;
     anyhow::ensure!(
@@ -80,4 +98,87 @@ async fn main() -> anyhow::Result<()> {
         "t0 has one like per connection, got {count}"
     );
     Ok(())
+}
+
+/// Broker, MongoDB and one worker for the pipeline mode.
+struct Pipeline {
+    kafka: KafkaBroker,
+    mongo: MongoServer,
+    _worker: WorkerProcess,
+}
+
+impl Pipeline {
+    async fn start() -> anyhow::Result<Pipeline> {
+        let kafka = KafkaBroker::start().await?;
+        let mongo = MongoServer::start().await?;
+        let worker = WorkerProcess::start(&[
+            "--kafka",
+            &kafka.brokers,
+            "--mongo",
+            &mongo.url,
+            "--group",
+            &unique("bench"),
+        ])
+        .await?;
+        Ok(Pipeline {
+            kafka,
+            mongo,
+            _worker: worker,
+        })
+    }
+
+    /// Waits until MongoDB holds every acked like; prints the end-to-end rate and sizes.
+    async fn report(&self, acked: u64, started: Instant) -> anyhow::Result<()> {
+        let likes = self
+            .mongo
+            .database("fanfare")
+            .await?
+            .collection::<mongodb::bson::Document>("likes");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let stored = likes.count_documents(mongodb::bson::doc! {}).await?;
+            if stored >= acked {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "MongoDB holds {stored} of {acked}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let all_stored = started.elapsed();
+        println!();
+        println!(
+            "end to end: {acked} likes in MongoDB {:.1} s after the first was sent → {:.0} likes/s",
+            all_stored.as_secs_f64(),
+            acked as f64 / all_stored.as_secs_f64()
+        );
+        for (name, dir) in [
+            ("tansu (Kafka)", self.kafka.dir()),
+            ("nx-27017 (MongoDB)", self.mongo.dir()),
+        ] {
+            if let Some(dir) = dir {
+                let bytes = dir_bytes(dir);
+                println!(
+                    "{name}: {bytes} bytes on disk → {:.0} bytes per event",
+                    bytes as f64 / acked as f64
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
