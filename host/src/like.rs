@@ -124,6 +124,19 @@ async fn run(
                 duplicate: false,
             })
         }
+        Outcome::Restored(event) => {
+            // A re-sent like whose first attempt this node cannot vouch for: store it again
+            // under its original event id (idempotent everywhere), then ack as a re-send.
+            node.event_log
+                .append(event)
+                .await
+                .map_err(|err| durability_error(node, err))?;
+            node.metrics.like(LikeOutcome::Resent);
+            Ok(Ack {
+                count: decision.count,
+                duplicate: false,
+            })
+        }
         Outcome::Duplicate | Outcome::Resent => {
             // Nothing changes, but the state we confirm must itself be durable before the ack.
             node.event_log

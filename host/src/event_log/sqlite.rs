@@ -224,6 +224,9 @@ fn commit(
         let mut outbox = tx
             .prepare_cached("INSERT INTO kafka_outbox (seq, version) VALUES (?1, ?2)")
             .map_err(|e| e.to_string())?;
+        let mut existing = tx
+            .prepare_cached("SELECT seq FROM like_events WHERE event_id = ?1")
+            .map_err(|e| e.to_string())?;
         for (index, request) in batch.iter().enumerate() {
             let Request::Append(event, _) = request else {
                 continue;
@@ -248,12 +251,21 @@ fn commit(
                 count
                     .execute(params![&*event.track, delta])
                     .map_err(|e| e.to_string())?;
-                if spill {
-                    let pos = outbox
-                        .insert(params![event.seq as i64, event.version as i64])
-                        .map_err(|e| e.to_string())?;
-                    outboxed.push((pos.max(0) as u64, index));
-                }
+            }
+            // Shipped even when the row existed (a restored re-send): Kafka's consumers keep
+            // one copy per event id, and the appender is waiting for Kafka's confirmation.
+            if spill {
+                let stored_seq: i64 = if inserted == 1 {
+                    event.seq as i64
+                } else {
+                    existing
+                        .query_row(params![event.event_id], |row| row.get(0))
+                        .map_err(|e| e.to_string())?
+                };
+                let pos = outbox
+                    .insert(params![stored_seq, event.version as i64])
+                    .map_err(|e| e.to_string())?;
+                outboxed.push((pos.max(0) as u64, index));
             }
         }
     }

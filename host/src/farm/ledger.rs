@@ -24,11 +24,18 @@ use crate::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::protocol::{Action, LikeRequest};
 use crate::store::StoredEvent;
 
-/// KEYS: pairs hash, count, keys list of this user, version. ARGV: user, key, want (1/0), ts.
-/// Returns {count, kind (0 applied, 1 duplicate, 2 resent), version}.
+/// KEYS: pairs hash, count, keys list of this user, version. ARGV: user, key, want (1/0), ts,
+/// event id. Returns {count, kind (0 applied, 1 duplicate, 2 resent), version, original}.
+/// Each remembered key carries its event (`key \n event id \n want \n ts \n version`; keys
+/// cannot contain control characters), so a re-sent key can be re-emitted under its original
+/// event id when the node that applied it died before storing it.
 const APPLY: &str = r"
 local count = tonumber(redis.call('GET', KEYS[2]) or '0')
-if redis.call('LPOS', KEYS[3], ARGV[2]) then return {count, 2, 0} end
+for _, entry in ipairs(redis.call('LRANGE', KEYS[3], 0, 3)) do
+  local nl = string.find(entry, '\n', 1, true)
+  local key = nl and string.sub(entry, 1, nl - 1) or entry
+  if key == ARGV[2] then return {count, 2, 0, nl and string.sub(entry, nl + 1) or ''} end
+end
 local state = redis.call('HGET', KEYS[1], ARGV[1])
 local liked, ts = false, 0
 if state then
@@ -37,15 +44,15 @@ if state then
 end
 local want = ARGV[3] == '1'
 local at = tonumber(ARGV[4])
-if liked == want or at < ts then return {count, 1, 0} end
+if liked == want or at < ts then return {count, 1, 0, ''} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. ARGV[4])
 if want then count = count + 1 else count = math.max(count - 1, 0) end
 redis.call('SET', KEYS[2], count)
-redis.call('LPUSH', KEYS[3], ARGV[2])
+local version = redis.call('INCR', KEYS[4])
+redis.call('LPUSH', KEYS[3], ARGV[2] .. '\n' .. ARGV[5] .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. version)
 redis.call('LTRIM', KEYS[3], 0, 3)
 redis.call('PEXPIRE', KEYS[3], 604800000)
-local version = redis.call('INCR', KEYS[4])
-return {count, 0, version}
+return {count, 0, version, ''}
 ";
 
 /// Marks the life of one Redis dataset; a new value means Redis lost what it had.
@@ -95,7 +102,36 @@ struct Seen {
 enum Kind {
     Applied(u64),
     Duplicate,
-    Resent,
+    /// A remembered key, with the event it made (absent for entries of older versions).
+    Resent(Option<Original>),
+}
+
+/// The event a remembered key made, as the script stored it.
+struct Original {
+    event_id: String,
+    action: Action,
+    at_ms: i64,
+    version: u64,
+}
+
+impl Original {
+    fn parse(text: &str) -> Option<Original> {
+        let mut parts = text.split('\n');
+        let event_id = parts.next()?.to_owned();
+        let action = if parts.next()? == "1" {
+            Action::Like
+        } else {
+            Action::Unlike
+        };
+        let at_ms = parts.next()?.parse().ok()?;
+        let version = parts.next()?.parse().ok()?;
+        Some(Original {
+            event_id,
+            action,
+            at_ms,
+            version,
+        })
+    }
 }
 
 impl FarmLedger {
@@ -149,6 +185,7 @@ impl FarmLedger {
         key: &str,
         action: Action,
         at_ms: i64,
+        event_id: &str,
     ) -> Result<(u64, Kind), redis::RedisError> {
         let Some(mut conn) = self.link.connection() else {
             return Err(redis::RedisError::from((
@@ -158,7 +195,7 @@ impl FarmLedger {
         };
         let [pairs, count, keys, version] = keys(track, user);
         let want = if action == Action::Like { "1" } else { "0" };
-        let result: Result<(u64, u8, u64), _> = self
+        let result: Result<(u64, u8, u64, String), _> = self
             .script
             .key(pairs)
             .key(count)
@@ -168,12 +205,13 @@ impl FarmLedger {
             .arg(key)
             .arg(want)
             .arg(at_ms)
+            .arg(event_id)
             .invoke_async(&mut conn)
             .await;
         match result {
-            Ok((count, 0, version)) => Ok((count, Kind::Applied(version))),
-            Ok((count, 2, _)) => Ok((count, Kind::Resent)),
-            Ok((count, _, _)) => Ok((count, Kind::Duplicate)),
+            Ok((count, 0, version, _)) => Ok((count, Kind::Applied(version))),
+            Ok((count, 2, _, original)) => Ok((count, Kind::Resent(Original::parse(&original)))),
+            Ok((count, ..)) => Ok((count, Kind::Duplicate)),
             Err(err) => {
                 self.link.report(&err);
                 Err(err)
@@ -391,16 +429,17 @@ impl FarmLedger {
                 .arg(&event.user)
                 .arg(&event.key)
                 .arg(want)
-                .arg(event.accepted_at_ms);
+                .arg(event.accepted_at_ms)
+                .arg(&event.event_id);
         }
-        let results: Vec<(u64, u8, u64)> = match pipe.query_async(conn).await {
+        let results: Vec<(u64, u8, u64, String)> = match pipe.query_async(conn).await {
             Ok(results) => results,
             Err(err) => {
                 self.link.report(&err);
                 return Err(err.into());
             }
         };
-        for (event, (count, _, _)) in events.iter().zip(&results) {
+        for (event, (count, ..)) in events.iter().zip(&results) {
             self.remember(&event.track, *count);
         }
         Ok(results.len() as u64)
@@ -414,8 +453,16 @@ impl Ledger for FarmLedger {
             return self.apply_degraded(user, request).await;
         }
         let at = now_ms();
+        let event_id = uuid::Uuid::now_v7().to_string();
         match self
-            .run_script(user, &request.track, &request.key, request.action, at)
+            .run_script(
+                user,
+                &request.track,
+                &request.key,
+                request.action,
+                at,
+                &event_id,
+            )
             .await
         {
             Ok((count, kind)) => {
@@ -424,12 +471,27 @@ impl Ledger for FarmLedger {
                     Kind::Applied(version) => {
                         let mut event: LikeEvent = self.local.record(user, request)?;
                         self.note_seq(event.seq);
+                        event.event_id = event_id;
                         event.accepted_at_ms = at;
                         event.version = version;
                         Outcome::Applied(event)
                     }
                     Kind::Duplicate => Outcome::Duplicate,
-                    Kind::Resent => Outcome::Resent,
+                    Kind::Resent(Some(original))
+                        if !self.local.knows_key(user, &request.track, &request.key)? =>
+                    {
+                        // Applied in Redis by a node that may have died before storing it:
+                        // store it again under its original id (stores downstream keep one).
+                        let mut replayed = request.clone();
+                        replayed.action = original.action;
+                        let mut event: LikeEvent = self.local.record(user, &replayed)?;
+                        self.note_seq(event.seq);
+                        event.event_id = original.event_id;
+                        event.accepted_at_ms = original.at_ms;
+                        event.version = original.version;
+                        Outcome::Restored(event)
+                    }
+                    Kind::Resent(_) => Outcome::Resent,
                 };
                 Ok(Decision { count, outcome })
             }

@@ -131,6 +131,18 @@ impl EmbeddedLedger {
         }
     }
 
+    /// Whether this node recorded `key` for the pair (stored, or on its way to the store).
+    pub fn knows_key(&self, user: &str, track: &str, key: &str) -> Result<bool, LedgerError> {
+        let pair_key = format!("{user}\n{track}");
+        let mut guard = self.lock();
+        let State { reader, pairs, .. } = &mut *guard;
+        let pair = match pairs.entry(pair_key) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(load_pair(reader, user, track)?),
+        };
+        Ok(pair.keys.iter().any(|k| **k == *key))
+    }
+
     fn decide(
         &self,
         user: &Arc<str>,

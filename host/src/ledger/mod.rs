@@ -24,6 +24,10 @@ pub enum Outcome {
     Duplicate,
     /// The idempotency key was seen before for this pair: acked again, counted once.
     Resent,
+    /// A re-sent key this node has no stored event for (farm mode: the node that applied it
+    /// may have died before storing it). The event is stored again under its original id;
+    /// the count does not change.
+    Restored(LikeEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
