@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: every scenario against Fanfare, the seed's Python MVP and a Node.js
+# `ws` server, one server at a time on this machine, then the 100k-socket farm (Fanfare only).
+# Results: bench/results/<stamp>/*.json, charts next to them, and the generated block in
+# docs/benchmarks.md (between the loadgen markers).
+#
+#   bench/run.sh            # full run (~10 min)
+#   QUICK=1 bench/run.sh    # small sizes, to check the script itself (~2 min)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ulimit -n 20000
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release --locked -q -p fanfare -p fanfare-loadgen
+(cd bench/baselines && [ -d node_modules/ws ] || npm ci --no-audit --no-fund --silent)
+BIN="$CARGO_TARGET_DIR/release"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="bench/results/$STAMP"
+mkdir -p "$OUT"
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() { for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+if [ -n "${QUICK:-}" ]; then
+  IDLE=2000; STEADY=1000; ALBUM=2000; STORM=1000; FARM=6000; SECONDS_EACH=5
+else
+  IDLE=19000; STEADY=5000; ALBUM=15000; STORM=10000; FARM=100000; SECONDS_EACH=10
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_server NAME → sets SERVER_PID and TARGET
+start_server() {
+  local name="$1" port; port="$(free_port)"
+  case "$name" in
+    fanfare) "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/data-$port" --log warn \
+               --max-connections 100000 --max-connections-per-ip 100000 \
+               --max-messages-per-second 100000 >/dev/null 2>"$TMP/$name.log" & ;;
+    python-mvp) python3 bench/baselines/python_mvp.py "$port" >/dev/null 2>"$TMP/$name.log" & ;;
+    node-ws) node bench/baselines/node_ws.js "$port" >/dev/null 2>"$TMP/$name.log" & ;;
+  esac
+  SERVER_PID=$!; PIDS+=("$SERVER_PID")
+  TARGET="ws://127.0.0.1:$port/v1/ws"
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0; sleep 0.1; done
+  echo "$name did not start" >&2; return 1
+}
+
+loadgen() { # label scenario connections [extra args…]
+  local label="$1" scenario="$2" n="$3"; shift 3
+  local procs=$(( (n + 14999) / 15000 ))
+  echo "== $label $scenario ($n listeners, $procs processes)" >&2
+  "$BIN/fanfare-loadgen" run --target "$TARGET" --label "$label" --scenario "$scenario" \
+    --connections "$n" --processes "$procs" --source-ips 50 --duration "$SECONDS_EACH" \
+    --server-pid "$SERVER_PID" --out "$OUT" "$@" >/dev/null \
+    || echo "$label $scenario: the load generator failed (server fell over?)" >&2
+}
+
+for server in fanfare python-mvp node-ws; do
+  for scenario in idle steady album-release reconnect-storm; do
+    start_server "$server"
+    case "$scenario" in
+      idle) loadgen "$server" idle "$IDLE" ;;
+      steady) loadgen "$server" steady "$STEADY" --tracks 1000 --rate 2000 ;;
+      album-release) loadgen "$server" album-release "$ALBUM" --rate 5000 --likers 16 ;;
+      reconnect-storm) loadgen "$server" reconnect-storm "$STORM" --tracks 100 --rate 500 ;;
+    esac
+    kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true
+  done
+done
+
+# 100k sockets over a farm of 6 nodes sharing one Redis.
+REDIS_PORT="$(free_port)"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
+PIDS+=("$!")
+sleep 0.5
+FARM_TARGETS=(); FARM_PIDS=()
+for i in 1 2 3 4 5 6; do
+  port="$(free_port)"
+  "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/farm-$i" --redis "redis://127.0.0.1:$REDIS_PORT" \
+    --log warn --max-connections 100000 --max-connections-per-ip 100000 >/dev/null 2>"$TMP/farm-$i.log" &
+  FARM_PIDS+=("$!"); PIDS+=("$!")
+  FARM_TARGETS+=(--target "ws://127.0.0.1:$port/v1/ws")
+done
+sleep 1
+echo "== fanfare-farm idle ($FARM listeners over 6 nodes)" >&2
+"$BIN/fanfare-loadgen" run "${FARM_TARGETS[@]}" --label fanfare-farm-6 --scenario idle \
+  --connections "$FARM" --processes $(( (FARM + 14999) / 15000 )) --source-ips 200 \
+  --duration "$SECONDS_EACH" $(printf -- '--server-pid %s ' "${FARM_PIDS[@]}") --out "$OUT/farm" >/dev/null \
+  || echo "farm idle: the load generator failed" >&2
+
+{
+  echo "Run $STAMP on $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr); command: \`bench/run.sh\`."
+  echo "Raw results: \`$OUT/\`. Loadgen, servers and Redis share the machine."
+  echo
+  "$BIN/fanfare-loadgen" report --charts "docs/charts" "$OUT"/*.json
+  echo "### idle over a farm of 6 nodes"
+  echo
+  "$BIN/fanfare-loadgen" report --charts "$OUT/farm" "$OUT"/farm/*.json | sed -n '/^| server/,$p'
+} > "$OUT/report.md"
+
+python3 - "$OUT/report.md" <<'PY'
+import re, sys
+report = open(sys.argv[1]).read()
+path = "docs/benchmarks.md"
+doc = open(path).read()
+block = "<!-- loadgen:begin -->\n" + report + "\n<!-- loadgen:end -->"
+if "<!-- loadgen:begin -->" in doc:
+    doc = re.sub(r"<!-- loadgen:begin -->.*<!-- loadgen:end -->", lambda _: block, doc, flags=re.S)
+else:
+    doc += "\n## Side-by-side run (bench/run.sh)\n\n" + block + "\n"
+open(path, "w").write(doc)
+PY
+echo "wrote docs/benchmarks.md and $OUT/report.md" >&2
