@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 20000
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked -q -p fanfare -p fanfare-loadgen
+cargo build --release --locked -q --workspace --bins
 (cd bench/baselines && [ -d node_modules/ws ] || npm ci --no-audit --no-fund --silent)
 BIN="$CARGO_TARGET_DIR/release"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"

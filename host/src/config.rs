@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::toml_text::toml_text;
+
 /// Fanfare: realtime likes for music tracks over WebSocket.
 ///
 /// With no services configured the node runs everything itself: likes are stored in an
@@ -432,26 +434,6 @@ impl Config {
                 ack_timeout: Duration::from_millis(self.kafka_ack_timeout),
                 spill_max_events: self.spill_max_events,
             })
-    }
-}
-
-/// A TOML scalar as text; a list of scalars as comma-separated text (how list flags and
-/// plugin config values are written). Tables and dates have no text form here.
-pub fn toml_text(value: &toml::Value) -> Option<String> {
-    let scalar = |v: &toml::Value| match v {
-        toml::Value::String(s) => Some(s.clone()),
-        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
-            Some(v.to_string())
-        }
-        _ => None,
-    };
-    match value {
-        toml::Value::Array(items) => items
-            .iter()
-            .map(scalar)
-            .collect::<Option<Vec<_>>>()
-            .map(|v| v.join(",")),
-        other => scalar(other),
     }
 }
 

@@ -22,4 +22,5 @@ pub mod session;
 pub mod sharded;
 pub mod store;
 pub mod tls;
+pub mod toml_text;
 pub mod worker;

@@ -4,7 +4,11 @@
 //! node prints the bound address), and kills it when dropped, so a failing test leaves nothing
 //! behind. A [`WsClient`] speaks protocol v1 with plain tokio-tungstenite.
 
+pub mod chaos;
+pub mod pipeline;
 pub mod services;
+pub mod stored;
+pub mod traffic;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -511,5 +515,23 @@ impl RedisProcess {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `GET key` over a bare connection (RESP inline command); `None` when unset.
+    pub async fn get(&self, key: &str) -> anyhow::Result<Option<String>> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await?;
+        stream
+            .write_all(format!("GET {key}\r\n").as_bytes())
+            .await?;
+        let mut reader = BufReader::new(stream);
+        let mut head = String::new();
+        reader.read_line(&mut head).await?;
+        if head.starts_with("$-1") {
+            return Ok(None);
+        }
+        anyhow::ensure!(head.starts_with('$'), "redis: {}", head.trim_end());
+        let mut value = String::new();
+        reader.read_line(&mut value).await?;
+        Ok(Some(value.trim_end().to_owned()))
     }
 }

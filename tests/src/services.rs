@@ -262,3 +262,57 @@ impl WorkerProcess {
         Ok(())
     }
 }
+
+/// HAProxy in TCP mode in front of the nodes, as in `examples/haproxy.cfg`: least connections,
+/// `/readyz` health checks every 500 ms, sessions of a node marked down are cut so its clients
+/// reconnect to the others, failed connects are redispatched.
+pub struct Haproxy {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    pub async fn start(nodes: &[String]) -> anyhow::Result<Haproxy> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let servers: String = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("    server node{i} {addr}\n"))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 8000\n\
+             defaults\n    mode tcp\n    timeout connect 1s\n    timeout check 1s\n\
+             \x20   timeout client 120s\n    timeout server 120s\n    timeout tunnel 1h\n\
+             \x20   retries 3\n    option redispatch\n\
+             frontend fanfare\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
+             backend nodes\n    balance leastconn\n    option httpchk\n\
+             \x20   http-check send meth GET uri /readyz\n    http-check expect status 200\n\
+             \x20   default-server check inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions\n\
+             {servers}"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config)?;
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-q")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start haproxy (run ./scripts/setup)")?;
+        wait_port(port, "haproxy").await?;
+        Ok(Haproxy {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}

@@ -2,288 +2,31 @@
 //! `fanfare worker` → MongoDB (nx-27017), with Redis between the nodes. Every test checks
 //! MongoDB against the acks the clients saw: nothing lost, nothing counted twice.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use fanfare_tests::services::{KafkaBroker, MongoServer, WorkerProcess, unique};
-use fanfare_tests::{NodeProcess, RedisProcess, WsClient};
+use anyhow::Context;
+use fanfare_tests::NodeProcess;
+use fanfare_tests::pipeline::Pipeline;
+use fanfare_tests::stored::{stored_totals, wait_stored};
+use fanfare_tests::traffic::{Acks, Expected, Traffic, TrafficPlan};
 use mongodb::bson::{Document, doc};
+use std::collections::BTreeMap;
 
 const TRACKS: [&str; 3] = ["p-alpha", "p-beta", "p-gamma"];
 
-/// Redis, a broker and MongoDB, with names of their own for this test.
-struct Pipeline {
-    redis: RedisProcess,
-    kafka: KafkaBroker,
-    mongo: MongoServer,
-    topic: String,
-    group: String,
-    database: String,
+/// Users on the given nodes cycling through the test tracks.
+fn traffic(addrs: &[&str], users: usize, pause: Duration) -> Traffic {
+    Traffic::start(TrafficPlan::new(addrs, users, pause, &TRACKS))
 }
 
-impl Pipeline {
-    async fn start() -> anyhow::Result<Pipeline> {
-        Ok(Pipeline {
-            redis: RedisProcess::start().await?,
-            kafka: KafkaBroker::start().await?,
-            mongo: MongoServer::start().await?,
-            topic: unique("likes"),
-            group: unique("workers"),
-            database: unique("fanfare").replace('-', "_"),
-        })
-    }
-
-    fn node_args(&self) -> Vec<String> {
-        [
-            "--redis",
-            &self.redis.url(),
-            "--kafka",
-            &self.kafka.brokers,
-            "--kafka-topic",
-            &self.topic,
-            "--kafka-ack-timeout",
-            "200",
-            "--mongo",
-            &self.mongo.url,
-            "--mongo-database",
-            &self.database,
-            "--drain-period",
-            "100",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    }
-
-    async fn node(&self, data_dir: &std::path::Path) -> anyhow::Result<NodeProcess> {
-        let args = self.node_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        NodeProcess::start(data_dir, &args).await
-    }
-
-    async fn worker(&self, extra: &[&str]) -> anyhow::Result<WorkerProcess> {
-        let redis = self.redis.url();
-        let mut args = vec![
-            "--kafka",
-            &self.kafka.brokers,
-            "--kafka-topic",
-            &self.topic,
-            "--group",
-            &self.group,
-            "--session-timeout",
-            "6000",
-            "--mongo",
-            &self.mongo.url,
-            "--mongo-database",
-            &self.database,
-            "--redis",
-            &redis,
-        ];
-        args.extend_from_slice(extra);
-        WorkerProcess::start(&args).await
-    }
-
-    async fn db(&self) -> anyhow::Result<mongodb::Database> {
-        self.mongo.database(&self.database).await
-    }
-}
-
-/// What the clients saw acked (as effective changes), per track: (likes, unlikes, count).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Expected {
-    likes: u64,
-    unlikes: u64,
-    count: i64,
-}
-
-type Ledger = Arc<Mutex<BTreeMap<String, Expected>>>;
-
-/// Users who like and unlike the test tracks in turn, each like with a fresh key, until
-/// stopped; every ack is recorded. A user whose node goes away reconnects (same address) and
-/// re-sends the unanswered like; one still unanswered at the stop is counted as in doubt.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    acked: Ledger,
-    in_doubt: Arc<Mutex<u64>>,
-    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
-}
-
-impl Traffic {
-    fn start(addrs: &[&str], users: usize, pause: Duration) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked: Ledger = Arc::default();
-        let in_doubt = Arc::new(Mutex::new(0));
-        let tasks = (0..users)
-            .map(|u| {
-                let addr = addrs[u % addrs.len()].to_owned();
-                let (stop, acked, in_doubt) = (stop.clone(), acked.clone(), in_doubt.clone());
-                tokio::spawn(async move {
-                    user_loop(&addr, &format!("pu{u}"), pause, &stop, &acked, &in_doubt).await
-                })
-            })
-            .collect();
-        Traffic {
-            stop,
-            acked,
-            in_doubt,
-            tasks,
-        }
-    }
-
-    fn acked_total(&self) -> u64 {
-        lock(&self.acked)
-            .values()
-            .map(|e| e.likes + e.unlikes)
-            .sum()
-    }
-
-    async fn finish(self) -> anyhow::Result<(BTreeMap<String, Expected>, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        for task in self.tasks {
-            task.await??;
-        }
-        let acked = lock(&self.acked).clone();
-        let in_doubt = *lock(&self.in_doubt);
-        Ok((acked, in_doubt))
-    }
-}
-
-async fn user_loop(
-    addr: &str,
-    user: &str,
-    pause: Duration,
-    stop: &AtomicBool,
-    acked: &Ledger,
-    in_doubt: &Mutex<u64>,
-) -> anyhow::Result<u64> {
-    let url = format!("ws://{addr}/v1/ws?user={user}");
-    let mut liked = [false; TRACKS.len()];
-    let mut client: Option<WsClient> = None;
-    let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let slot = (sent as usize) % TRACKS.len();
-        let action = if liked[slot] { "unlike" } else { "like" };
-        let key = format!("{user}-{sent}");
-        sent += 1;
-        // Until this like is answered: on a lost connection, reconnect and send the same key
-        // again — the node applies it once whether or not the first attempt got through.
-        loop {
-            let ws = match &mut client {
-                Some(ws) => ws,
-                None => match WsClient::connect(&url).await {
-                    Ok(ws) => client.insert(ws),
-                    Err(_) if stop.load(Ordering::Relaxed) => {
-                        *lock(in_doubt) += 1;
-                        return Ok(sent);
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let reply =
-                tokio::time::timeout(Duration::from_secs(30), ws.like(action, TRACKS[slot], &key))
-                    .await;
-            match reply {
-                Ok(Ok(reply)) if reply["type"] == "ack" => {
-                    if reply["duplicate"] == false {
-                        let mut acked = lock(acked);
-                        let e = acked.entry(TRACKS[slot].to_owned()).or_default();
-                        if action == "like" {
-                            e.likes += 1;
-                            e.count += 1;
-                        } else {
-                            e.unlikes += 1;
-                            e.count -= 1;
-                        }
-                    }
-                    liked[slot] = action == "like";
-                    break;
-                }
-                Ok(Ok(reply))
-                    if reply["code"] == "overloaded" || reply["code"] == "rate_limited" =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Ok(Ok(reply)) => bail!("{user}: unexpected reply {reply}"),
-                _ => client = None,
-            }
-        }
-        tokio::time::sleep(pause).await;
-    }
-    Ok(sent)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn number(d: &Document, key: &str) -> i64 {
-    match d.get(key) {
-        Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
-        Some(mongodb::bson::Bson::Int64(v)) => *v,
-        Some(mongodb::bson::Bson::Double(v)) => *v as i64,
-        _ => 0,
-    }
-}
-
-/// Waits until MongoDB holds `at_least` events, and until the count stops changing.
-async fn wait_stored(
-    db: &mongodb::Database,
-    at_least: u64,
-    patience: Duration,
-) -> anyhow::Result<u64> {
-    let likes = db.collection::<Document>("likes");
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut last = u64::MAX;
-    loop {
-        let stored = likes.count_documents(doc! {}).await.unwrap_or(0);
-        if stored >= at_least && stored == last {
-            return Ok(stored);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("MongoDB holds {stored} like events, expected at least {at_least}");
-        }
-        last = stored;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// MongoDB's per-track totals, each checked against the events stored for the track.
-async fn stored_totals(db: &mongodb::Database) -> anyhow::Result<BTreeMap<String, Expected>> {
-    let likes = db.collection::<Document>("likes");
-    let counts = db.collection::<Document>("track_counts");
-    let mut totals = BTreeMap::new();
-    for track in TRACKS {
-        let l = likes
-            .count_documents(doc! {"track": track, "action": "like"})
-            .await?;
-        let u = likes
-            .count_documents(doc! {"track": track, "action": "unlike"})
-            .await?;
-        let Some(d) = counts.find_one(doc! {"_id": track}).await? else {
-            continue;
-        };
-        let stored = Expected {
-            likes: number(&d, "likes") as u64,
-            unlikes: number(&d, "unlikes") as u64,
-            count: number(&d, "count"),
-        };
-        let from_events = Expected {
-            likes: l,
-            unlikes: u,
-            count: l as i64 - u as i64,
-        };
-        assert_eq!(
-            stored, from_events,
-            "{track}: totals disagree with the stored events (counted twice?)"
-        );
-        totals.insert(track.to_owned(), stored);
-    }
-    Ok(totals)
+/// Stops the traffic; returns the per-track acks and how many likes stayed in doubt.
+async fn finish(traffic: Traffic) -> anyhow::Result<(BTreeMap<String, Expected>, u64)> {
+    let Acks {
+        per_track,
+        in_doubt,
+        ..
+    } = traffic.finish().await?;
+    Ok((per_track, in_doubt.len() as u64))
 }
 
 /// Sums a node's history for a track over the last hour, in minute and in day buckets.
@@ -320,9 +63,9 @@ async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
     let a = p.node(dir_a.path()).await?;
     let b = p.node(dir_b.path()).await?;
     let _worker = p.worker(&[]).await?;
-    let traffic = Traffic::start(&[&a.addr, &b.addr], 16, Duration::from_millis(5));
+    let traffic = traffic(&[&a.addr, &b.addr], 16, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (acked, in_doubt) = traffic.finish().await?;
+    let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0, "every like was answered");
     let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
     assert!(total > 200, "only {total} likes acked");
@@ -331,7 +74,7 @@ async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
     let stored = wait_stored(&db, total, Duration::from_secs(60)).await?;
     assert_eq!(stored, total, "MongoDB holds exactly the acked events");
     assert_eq!(
-        stored_totals(&db).await?,
+        stored_totals(&db, &TRACKS).await?,
         acked,
         "per-track totals are exact"
     );
@@ -361,7 +104,7 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() -> anyhow::Result
     let p = Pipeline::start().await?;
     let dir = tempfile::tempdir()?;
     let node = p.node(dir.path()).await?;
-    let traffic = Traffic::start(&[&node.addr], 12, Duration::from_millis(2));
+    let traffic = traffic(&[&node.addr], 12, Duration::from_millis(2));
     // Small batches, so the kill lands between (or inside) many of them.
     let mut worker = p
         .worker(&["--batch-max", "40", "--batch-wait", "20"])
@@ -379,7 +122,7 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() -> anyhow::Result
     worker.kill().await?;
     let at_kill = likes.count_documents(doc! {}).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (acked, in_doubt) = traffic.finish().await?;
+    let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0);
     let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
     assert!(
@@ -392,7 +135,7 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() -> anyhow::Result
         .await?;
     let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
     assert_eq!(stored, total);
-    assert_eq!(stored_totals(&db).await?, acked);
+    assert_eq!(stored_totals(&db, &TRACKS).await?, acked);
     Ok(())
 }
 
@@ -406,7 +149,7 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     let dir = tempfile::tempdir()?;
     let mut node = p.node(dir.path()).await?;
     let _worker = p.worker(&[]).await?;
-    let traffic = Traffic::start(&[&node.addr], 8, Duration::from_millis(20));
+    let traffic = traffic(&[&node.addr], 8, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Frozen for 30 s: acks go on from the spill.
@@ -437,7 +180,7 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     tokio::time::sleep(Duration::from_secs(3)).await;
     p.kafka.restart().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (acked, in_doubt) = traffic.finish().await?;
+    let (acked, in_doubt) = finish(traffic).await?;
     let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
 
     assert_eq!(in_doubt, 0, "every like was answered in the end");
@@ -446,7 +189,7 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     // A like cut off by the kill was re-sent by its client: stored once, whichever node
     // attempt got through.
     assert_eq!(stored, total, "MongoDB holds exactly the acked events");
-    let totals = stored_totals(&db).await?;
+    let totals = stored_totals(&db, &TRACKS).await?;
     assert_eq!(totals, acked, "per-track totals are exact");
     for track in TRACKS {
         let live = node.track_count(track).await? as i64;
@@ -472,7 +215,7 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
     let metrics_port = fanfare_tests::free_port()?;
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
-    let traffic = Traffic::start(&[&node.addr], 8, Duration::from_millis(10));
+    let traffic = traffic(&[&node.addr], 8, Duration::from_millis(10));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     p.mongo.kill().await?;
@@ -486,14 +229,14 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
     assert!(failures > 0.0, "the worker saw the failures");
     p.mongo.restart().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (acked, in_doubt) = traffic.finish().await?;
+    let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0, "acks never waited for MongoDB");
     let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
 
     let db = p.db().await?;
     let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
     assert_eq!(stored, total);
-    assert_eq!(stored_totals(&db).await?, acked);
+    assert_eq!(stored_totals(&db, &TRACKS).await?, acked);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while worker_metric(&metrics_addr, "fanfare_worker_consumer_lag").await? > 0.0 {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "lag did not drain");

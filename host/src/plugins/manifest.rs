@@ -109,7 +109,7 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
         }
         let mut config = HashMap::new();
         for (key, value) in slot.config {
-            let Some(text) = crate::config::toml_text(&value) else {
+            let Some(text) = crate::toml_text::toml_text(&value) else {
                 bail!(
                     "[{}] config.{key}: use a string, number, boolean or a list of them",
                     kind.as_str()

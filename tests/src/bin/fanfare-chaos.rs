@@ -1,0 +1,68 @@
+//! `fanfare-chaos`: the fault suite, as long as you like. Starts a whole farm on loopback
+//! (3 nodes behind HAProxy, 2 workers, Redis, tansu, nx-27017), injects faults under traffic,
+//! audits every acked like and exits non-zero on any loss, double count or disagreeing count.
+//! `scripts/chaos` builds and runs it; `docs/reliability.md` explains the report.
+
+use std::time::Duration;
+
+use clap::Parser;
+use fanfare_tests::chaos::{ChaosPlan, run};
+
+#[derive(Parser, Debug)]
+#[command(name = "fanfare-chaos", about)]
+struct Args {
+    /// Random seed (faults, targets, outages); printed so a run can be repeated.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Simulated users, each liking and unliking in a loop.
+    #[arg(long, default_value_t = 60)]
+    users: usize,
+    #[arg(long, default_value_t = 24)]
+    tracks: usize,
+    /// Pause between one user's likes, in ms.
+    #[arg(long, default_value_t = 20)]
+    pause_ms: u64,
+    /// Rounds of every fault alone.
+    #[arg(long, default_value_t = 3)]
+    single_rounds: usize,
+    /// Rounds of 2–4 faults at once.
+    #[arg(long, default_value_t = 6)]
+    combined_rounds: usize,
+    /// Longest outage of a faulty part, in ms.
+    #[arg(long, default_value_t = 6000)]
+    max_outage_ms: u64,
+    #[arg(long, default_value_t = 8)]
+    slow_clients: usize,
+    #[arg(long, default_value_t = 200)]
+    zombies: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(1)
+    });
+    let plan = ChaosPlan {
+        seed,
+        users: args.users,
+        tracks: args.tracks,
+        pause: Duration::from_millis(args.pause_ms),
+        single_rounds: args.single_rounds,
+        combined_rounds: args.combined_rounds,
+        max_outage: Duration::from_millis(args.max_outage_ms),
+        slow_clients: args.slow_clients,
+        zombies: args.zombies,
+    };
+    eprintln!("fanfare-chaos: {plan:?}");
+    let report = run(&plan).await?;
+    println!("{}", report.table());
+    if !report.passed() {
+        eprintln!("fanfare-chaos: FAILED (seed {seed})");
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Reads back what the persistence workers wrote to MongoDB and holds it against the acks the
+//! clients saw: the audit behind the pipeline tests and the fault suite.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::bail;
+use futures_util::TryStreamExt;
+use mongodb::bson::{Bson, Document, doc};
+
+use crate::traffic::{Acks, Expected};
+
+/// A numeric field whatever integer width the server chose.
+pub fn number(d: &Document, key: &str) -> i64 {
+    match d.get(key) {
+        Some(Bson::Int32(v)) => i64::from(*v),
+        Some(Bson::Int64(v)) => *v,
+        Some(Bson::Double(v)) => *v as i64,
+        _ => 0,
+    }
+}
+
+/// Waits until MongoDB holds `at_least` events and the count stops changing.
+pub async fn wait_stored(
+    db: &mongodb::Database,
+    at_least: u64,
+    patience: Duration,
+) -> anyhow::Result<u64> {
+    let likes = db.collection::<Document>("likes");
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut last = u64::MAX;
+    loop {
+        let stored = likes.count_documents(doc! {}).await.unwrap_or(0);
+        if stored >= at_least && stored == last {
+            return Ok(stored);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("MongoDB holds {stored} like events, expected at least {at_least}");
+        }
+        last = stored;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// MongoDB's per-track totals, each checked against the events stored for the track.
+pub async fn stored_totals(
+    db: &mongodb::Database,
+    tracks: &[&str],
+) -> anyhow::Result<BTreeMap<String, Expected>> {
+    let likes = db.collection::<Document>("likes");
+    let counts = db.collection::<Document>("track_counts");
+    let mut totals = BTreeMap::new();
+    for &track in tracks {
+        let l = likes
+            .count_documents(doc! {"track": track, "action": "like"})
+            .await?;
+        let u = likes
+            .count_documents(doc! {"track": track, "action": "unlike"})
+            .await?;
+        let Some(d) = counts.find_one(doc! {"_id": track}).await? else {
+            continue;
+        };
+        let stored = Expected {
+            likes: number(&d, "likes") as u64,
+            unlikes: number(&d, "unlikes") as u64,
+            count: number(&d, "count"),
+        };
+        let from_events = Expected {
+            likes: l,
+            unlikes: u,
+            count: l as i64 - u as i64,
+        };
+        anyhow::ensure!(
+            stored == from_events,
+            "{track}: totals {stored:?} disagree with the stored events {from_events:?} (counted twice?)"
+        );
+        totals.insert(track.to_owned(), stored);
+    }
+    Ok(totals)
+}
+
+/// Acked likes held against the stored events, one by one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EventAudit {
+    /// Acked, not stored.
+    pub missing: u64,
+    /// One client key stored as more than one event.
+    pub doubled: u64,
+    /// Stored, neither acked nor in doubt.
+    pub unexplained: u64,
+    /// Stored events in all.
+    pub stored: u64,
+}
+
+/// Compares every acked like with the `likes` collection by (user, key).
+pub async fn audit_events(db: &mongodb::Database, acks: &Acks) -> anyhow::Result<EventAudit> {
+    let mut stored: HashMap<(String, String), u64> = HashMap::new();
+    let mut cursor = db
+        .collection::<Document>("likes")
+        .find(doc! {})
+        .projection(doc! {"user": 1, "key": 1})
+        .await?;
+    let mut audit = EventAudit::default();
+    while let Some(d) = cursor.try_next().await? {
+        let user = d.get_str("user").unwrap_or_default().to_owned();
+        let key = d.get_str("key").unwrap_or_default().to_owned();
+        *stored.entry((user, key)).or_default() += 1;
+        audit.stored += 1;
+    }
+    audit.doubled = stored.values().filter(|n| **n > 1).map(|n| n - 1).sum();
+    for like in &acks.likes {
+        if stored
+            .remove(&(like.user.clone(), like.key.clone()))
+            .is_none()
+        {
+            audit.missing += 1;
+        }
+    }
+    for like in &acks.in_doubt {
+        stored.remove(&(like.user.clone(), like.key.clone()));
+    }
+    audit.unexplained = stored.len() as u64;
+    Ok(audit)
+}
