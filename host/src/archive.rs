@@ -226,11 +226,10 @@ impl MongoArchive {
         Ok(())
     }
 
+    /// The count is likes − unlikes of the stored events (every event is a change, and each
+    /// user's events alternate), the same rule the increments follow. `like_state` is not
+    /// used: its versions restart when Redis loses its data, so it can trail.
     async fn recount_track(&self, track: &str) -> anyhow::Result<()> {
-        let state = self.db.collection::<Document>("like_state");
-        let count = state
-            .count_documents(doc! { "track": track, "liked": true })
-            .await?;
         let likes = self
             .likes
             .count_documents(doc! { "track": track, "action": "like" })
@@ -239,7 +238,8 @@ impl MongoArchive {
             .likes
             .count_documents(doc! { "track": track, "action": "unlike" })
             .await?;
-        let totals = doc! { "count": count as i64, "likes": likes as i64,
+        let count = likes as i64 - unlikes as i64;
+        let totals = doc! { "count": count, "likes": likes as i64,
         "unlikes": unlikes as i64, "events": (likes + unlikes) as i64 };
         self.update_many_statements(
             "track_counts",

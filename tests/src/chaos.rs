@@ -47,11 +47,11 @@ impl ChaosPlan {
     pub fn short(seed: u64) -> ChaosPlan {
         ChaosPlan {
             seed,
-            users: 40,
+            users: 20,
             tracks: 12,
-            pause: Duration::from_millis(40),
+            pause: Duration::from_millis(50),
             single_rounds: 1,
-            combined_rounds: 2,
+            combined_rounds: 0,
             max_outage: Duration::from_secs(4),
             slow_clients: 4,
             zombies: 20,
@@ -322,6 +322,10 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
     report.reconnects = traffic.reconnects();
     let acks = traffic.finish().await?;
     let quiet = Instant::now();
+    eprintln!(
+        "chaos: traffic stopped after {} acks; auditing",
+        acks.total()
+    );
     report.acked = acks.total();
     report.in_doubt = acks.in_doubt.len() as u64;
     for node in farm.nodes.iter().filter_map(|n| n.process.as_ref()) {
@@ -414,14 +418,22 @@ async fn audit(
 
     // Stored: every acked like, once; per-track totals consistent and equal to the live ones.
     let db = farm.services.db().await?;
-    if wait_stored(&db, acks.total(), Duration::from_secs(300))
-        .await
-        .is_ok()
-    {
-        report.stored_after = Some(quiet.elapsed());
+    match wait_stored(&db, acks.total(), Duration::from_secs(300)).await {
+        Ok(_) => report.stored_after = Some(quiet.elapsed()),
+        Err(err) => eprintln!("chaos: {err:#}"),
     }
+    eprintln!(
+        "chaos: live {:?}, stored {:?}",
+        report.live_converged, report.stored_after
+    );
     report.audit = audit_events(&db, acks).await?;
-    let totals = stored_totals(&db, tracks).await?;
+    let totals = match stored_totals(&db, tracks).await {
+        Ok(totals) => totals,
+        Err(err) => {
+            report.mismatched.push(format!("{err:#}"));
+            Default::default()
+        }
+    };
     for (i, track) in tracks.iter().enumerate() {
         let stored = totals.get(*track).map_or(0, |e| e.count);
         let (redis, subscribed) = live.get(i).copied().unwrap_or((i64::MIN, i64::MIN));

@@ -48,6 +48,14 @@ fn signal_pid(pid: u32, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Appends a service's stderr to a file in its data directory (kept while the test runs).
+fn log_file(dir: &std::path::Path, name: &str) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))?)
+}
+
 /// A Kafka-protocol broker: our own tansu, or the one `FANFARE_TEST_KAFKA` names.
 pub struct KafkaBroker {
     child: Option<Child>,
@@ -105,7 +113,7 @@ impl KafkaBroker {
             .arg("sqlite://tansu.db")
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file(dir.path(), "tansu.log")?)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {} (run ./scripts/setup)", bin.display()))?;

@@ -12,7 +12,7 @@ async fn no_acked_like_is_lost_or_doubled_under_faults() -> anyhow::Result<()> {
         .unwrap_or(7);
     let report = run(&ChaosPlan::short(seed)).await?;
     eprintln!("{}", report.table());
-    assert!(report.acked > 1000, "only {} likes acked", report.acked);
+    assert!(report.acked > 500, "only {} likes acked", report.acked);
     assert_eq!(report.audit.missing, 0, "acked likes lost");
     assert_eq!(report.audit.doubled, 0, "likes stored twice");
     assert_eq!(
