@@ -6,6 +6,8 @@
 #
 #   bench/run.sh            # full run (~10 min)
 #   QUICK=1 bench/run.sh    # small sizes, to check the script itself (~2 min)
+#   STAMP=<existing run> SERVERS="node-ws" SCENARIOS="steady" SKIP_FARM=1 bench/run.sh
+#                           # repeat part of a run into its directory; the report covers all of it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 20000
@@ -13,7 +15,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release --locked -q --workspace --bins
 (cd bench/baselines && [ -d node_modules/ws ] || npm ci --no-audit --no-fund --silent)
 BIN="$CARGO_TARGET_DIR/release"
-STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+STAMP="${STAMP:-$(date -u +%Y%m%dT%H%M%SZ)}"
 OUT="bench/results/$STAMP"
 mkdir -p "$OUT"
 TMP="$(mktemp -d)"
@@ -55,8 +57,8 @@ loadgen() { # label scenario connections [extra args…]
     || echo "$label $scenario: the load generator failed (server fell over?)" >&2
 }
 
-for server in fanfare python-mvp node-ws; do
-  for scenario in idle steady album-release reconnect-storm; do
+for server in ${SERVERS:-fanfare python-mvp node-ws}; do
+  for scenario in ${SCENARIOS:-idle steady album-release reconnect-storm}; do
     start_server "$server"
     case "$scenario" in
       idle) loadgen "$server" idle "$IDLE" ;;
@@ -69,6 +71,7 @@ for server in fanfare python-mvp node-ws; do
 done
 
 # 100k sockets over a farm of 6 nodes sharing one Redis.
+if [ -z "${SKIP_FARM:-}" ]; then
 REDIS_PORT="$(free_port)"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
 PIDS+=("$!")
@@ -87,6 +90,7 @@ echo "== fanfare-farm idle ($FARM listeners over 6 nodes)" >&2
   --connections "$FARM" --processes $(( (FARM + 14999) / 15000 )) --source-ips 200 \
   --duration "$SECONDS_EACH" $(printf -- '--server-pid %s ' "${FARM_PIDS[@]}") --out "$OUT/farm" >/dev/null \
   || echo "farm idle: the load generator failed" >&2
+fi
 
 {
   echo "Run $STAMP on $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr); command: \`bench/run.sh\`."

@@ -339,6 +339,9 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
                 .unwrap_or(0.0);
     }
     audit(&farm, &acks, &track_refs, quiet, &mut report).await?;
+    if let Some(death) = farm.services.kafka.died() {
+        report.mismatched.push(death);
+    }
     report.run_time = started.elapsed();
     Ok(report)
 }

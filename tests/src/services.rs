@@ -128,6 +128,17 @@ impl KafkaBroker {
         Ok(())
     }
 
+    /// If our broker died on its own: its exit status and the end of its log.
+    pub fn died(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        let log = self
+            .dir()
+            .and_then(|d| std::fs::read_to_string(d.join("tansu.log")).ok())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        Some(format!("tansu exited ({status}): {}", tail.join(" | ")))
+    }
+
     /// SIGSTOP / SIGCONT.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
         let pid = self

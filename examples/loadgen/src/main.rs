@@ -376,6 +376,14 @@ async fn connect(target: &str, user: &str, source: Option<IpAddr>) -> anyhow::Re
 /// Counts an update frame and the latency of every like it names. A plain scan instead of a
 /// JSON parse: the load generator must stay cheaper than the servers it measures.
 fn observe(text: &str, shared: &Shared) {
+    // Peers may space their JSON (Python's json.dumps does); the scan below wants it compact.
+    let compact;
+    let text = if text.contains("\": ") {
+        compact = text.replace("\": ", "\":");
+        compact.as_str()
+    } else {
+        text
+    };
     if !text.contains(r#""type":"likes""#) {
         return;
     }
@@ -477,8 +485,12 @@ async fn drive(
         tokio::time::sleep(duration / 3).await;
         reconnected = storm(listeners, shared).await;
     }
-    for liker in likers {
-        let _ = liker.await;
+    // A server that stops reading blocks a liker's send; the run still ends on time.
+    let deadline = tokio::time::Instant::from_std(started) + duration + SETTLE;
+    for mut liker in likers {
+        if tokio::time::timeout_at(deadline, &mut liker).await.is_err() {
+            liker.abort();
+        }
     }
     let remaining = duration.saturating_sub(started.elapsed());
     tokio::time::sleep(remaining + SETTLE).await;
