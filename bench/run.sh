@@ -8,6 +8,7 @@
 #   QUICK=1 bench/run.sh    # small sizes, to check the script itself (~2 min)
 #   STAMP=<existing run> SERVERS="node-ws" SCENARIOS="steady" SKIP_FARM=1 bench/run.sh
 #                           # repeat part of a run into its directory; the report covers all of it
+#   STAMP=<existing run> SERVERS= SKIP_FARM=1 bench/run.sh   # only regenerate the report
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ulimit -n 20000
@@ -57,7 +58,7 @@ loadgen() { # label scenario connections [extra args…]
     || echo "$label $scenario: the load generator failed (server fell over?)" >&2
 }
 
-for server in ${SERVERS:-fanfare python-mvp node-ws}; do
+for server in ${SERVERS-fanfare python-mvp node-ws}; do
   for scenario in ${SCENARIOS:-idle steady album-release reconnect-storm}; do
     start_server "$server"
     case "$scenario" in

@@ -73,6 +73,16 @@ pub fn write(files: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
                     }
                     _ => String::new(),
                 };
+                if first.likes_sent == 0 && other.likes_sent == 0 {
+                    // Idle: nothing is delivered by anyone; only memory compares.
+                    println!(
+                        "\n{} ÷ {}: {}",
+                        first.label,
+                        other.label,
+                        rss.trim_start_matches(", ")
+                    );
+                    continue;
+                }
                 println!(
                     "\n{} ÷ {}: likes delivered/s {}, update frames/s {}{rss}",
                     first.label,
