@@ -40,6 +40,8 @@ pub struct ChaosPlan {
     /// Subscribers that never read, and zombies that go silent without closing.
     pub slow_clients: usize,
     pub zombies: usize,
+    /// The kinds of fault to inject (all by default).
+    pub faults: Vec<Fault>,
 }
 
 impl ChaosPlan {
@@ -55,12 +57,13 @@ impl ChaosPlan {
             max_outage: Duration::from_secs(4),
             slow_clients: 4,
             zombies: 20,
+            faults: ALL_FAULTS.to_vec(),
         }
     }
 }
 
 /// The parts a fault can hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Fault {
     KillNode,
     FreezeNode,
@@ -70,7 +73,7 @@ pub enum Fault {
     KillMongo,
 }
 
-const ALL_FAULTS: [Fault; 6] = [
+pub const ALL_FAULTS: [Fault; 6] = [
     Fault::KillNode,
     Fault::FreezeNode,
     Fault::KillWorker,
@@ -98,6 +101,11 @@ pub struct Report {
     pub run_time: Duration,
     /// Slow and zombie clients the nodes cut off (metrics of the nodes alive at the end).
     pub cut_off: f64,
+    /// Likes still held in the nodes' Kafka spills when the audit ended (acked, safe on the
+    /// node, not yet in Kafka).
+    pub still_spilled: f64,
+    /// Panics the broker logged (a broker bug, not ours; it makes requests hang).
+    pub broker_panics: Vec<String>,
 }
 
 impl Report {
@@ -135,11 +143,19 @@ impl Report {
             ("live counts converged after", secs(self.live_converged)),
             ("MongoDB complete after", secs(self.stored_after)),
             ("slow/zombie clients cut off", self.cut_off.to_string()),
+            (
+                "acked likes still in node spills",
+                self.still_spilled.to_string(),
+            ),
+            ("broker panics", self.broker_panics.len().to_string()),
         ];
         for (k, v) in rows {
             let _ = writeln!(out, "| {k} | {v} |");
         }
         let _ = writeln!(out, "\nfaults: {}", self.injected.join("; "));
+        for panic in &self.broker_panics {
+            let _ = writeln!(out, "broker panic: {panic}");
+        }
         for m in &self.mismatched {
             let _ = writeln!(out, "mismatch: {m}");
         }
@@ -294,7 +310,12 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
     };
     // One at a time.
     for _ in 0..plan.single_rounds {
-        let mut faults: Vec<Fault> = ALL_FAULTS.into_iter().filter(|f| farm.can(*f)).collect();
+        let mut faults: Vec<Fault> = plan
+            .faults
+            .iter()
+            .copied()
+            .filter(|f| farm.can(*f))
+            .collect();
         faults.shuffle(&mut rng);
         for fault in faults {
             let target = rng.random_range(0..target_count(fault));
@@ -303,12 +324,18 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
     }
     // Several at once: distinct kinds, never both node faults on the same node.
     for _ in 0..plan.combined_rounds {
-        let mut kinds: Vec<Fault> = ALL_FAULTS.into_iter().filter(|f| farm.can(*f)).collect();
+        let mut kinds: Vec<Fault> = plan
+            .faults
+            .iter()
+            .copied()
+            .filter(|f| farm.can(*f))
+            .collect();
         kinds.shuffle(&mut rng);
         let mut chosen = Vec::new();
         let mut node_targets: Vec<usize> = (0..NODES).collect();
         node_targets.shuffle(&mut rng);
-        for fault in kinds.into_iter().take(rng.random_range(2..=4)) {
+        let at_once = rng.random_range(2..=4).min(kinds.len());
+        for fault in kinds.into_iter().take(at_once) {
             let target = match fault {
                 Fault::KillNode | Fault::FreezeNode => node_targets.pop().unwrap_or(0),
                 other => rng.random_range(0..target_count(other)),
@@ -339,8 +366,17 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
                 .unwrap_or(0.0);
     }
     audit(&farm, &acks, &track_refs, quiet, &mut report).await?;
+    for node in farm.nodes.iter().filter_map(|n| n.process.as_ref()) {
+        report.still_spilled += node
+            .metric("fanfare_kafka_spill_events")
+            .await
+            .unwrap_or(0.0);
+    }
+    report.broker_panics = farm.services.kafka.panics();
     if let Some(death) = farm.services.kafka.died() {
         report.mismatched.push(death);
+    } else if !report.passed() {
+        eprintln!("chaos: tansu log: {}", farm.services.kafka.log_tail(10));
     }
     report.run_time = started.elapsed();
     Ok(report)

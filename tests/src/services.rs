@@ -131,12 +131,43 @@ impl KafkaBroker {
     /// If our broker died on its own: its exit status and the end of its log.
     pub fn died(&mut self) -> Option<String> {
         let status = self.child.as_mut()?.try_wait().ok()??;
+        Some(format!("tansu exited ({status}): {}", self.log_tail(5)))
+    }
+
+    /// Where our broker panicked, as it logged it (`panicked at <file:line>: <message>`).
+    pub fn panics(&self) -> Vec<String> {
         let log = self
             .dir()
             .and_then(|d| std::fs::read_to_string(d.join("tansu.log")).ok())
             .unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        Some(format!("tansu exited ({status}): {}", tail.join(" | ")))
+        let lines: Vec<&str> = log.lines().collect();
+        lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, line)| {
+                let at = line.split("panicked at ").nth(1)?;
+                let message = lines.get(i + 1).copied().unwrap_or_default();
+                let file = at.find("tansu-").map_or(at, |i| &at[i..]);
+                Some(format!("{file} {message}"))
+            })
+            .collect()
+    }
+
+    /// The last lines our broker wrote to stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self
+            .dir()
+            .and_then(|d| std::fs::read_to_string(d.join("tansu.log")).ok())
+            .unwrap_or_default();
+        // Backtrace frames (indented) say less than the messages above them.
+        let mut tail: Vec<&str> = log
+            .lines()
+            .rev()
+            .filter(|l| !l.starts_with(' '))
+            .take(lines)
+            .collect();
+        tail.reverse();
+        tail.join(" | ")
     }
 
     /// SIGSTOP / SIGCONT.

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use fanfare_tests::chaos::{ChaosPlan, run};
+use fanfare_tests::chaos::{ALL_FAULTS, ChaosPlan, Fault, run};
 
 #[derive(Parser, Debug)]
 #[command(name = "fanfare-chaos", about)]
@@ -35,6 +35,9 @@ struct Args {
     slow_clients: usize,
     #[arg(long, default_value_t = 200)]
     zombies: usize,
+    /// Fault kinds to inject, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    faults: Vec<Fault>,
 }
 
 #[tokio::main]
@@ -56,6 +59,11 @@ async fn main() -> anyhow::Result<()> {
         max_outage: Duration::from_millis(args.max_outage_ms),
         slow_clients: args.slow_clients,
         zombies: args.zombies,
+        faults: if args.faults.is_empty() {
+            ALL_FAULTS.to_vec()
+        } else {
+            args.faults
+        },
     };
     eprintln!("fanfare-chaos: {plan:?}");
     let report = run(&plan).await?;
