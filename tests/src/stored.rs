@@ -42,8 +42,24 @@ pub async fn wait_stored(
     }
 }
 
-/// MongoDB's per-track totals, each checked against the events stored for the track.
+/// MongoDB's per-track totals, each checked against the events stored for the track. A worker
+/// writes the totals just after the events, so they may trail for a moment: this waits up to
+/// 30 s for them to agree before it calls a difference a fault.
 pub async fn stored_totals(
+    db: &mongodb::Database,
+    tracks: &[&str],
+) -> anyhow::Result<BTreeMap<String, Expected>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match totals_once(db, tracks).await {
+            Ok(totals) => return Ok(totals),
+            Err(err) if tokio::time::Instant::now() > deadline => return Err(err),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn totals_once(
     db: &mongodb::Database,
     tracks: &[&str],
 ) -> anyhow::Result<BTreeMap<String, Expected>> {
