@@ -308,14 +308,16 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
         seed: plan.seed,
         ..Report::default()
     };
+    // Outside services given by URL are never killed.
+    let injectable: Vec<Fault> = plan
+        .faults
+        .iter()
+        .copied()
+        .filter(|f| farm.can(*f))
+        .collect();
     // One at a time.
     for _ in 0..plan.single_rounds {
-        let mut faults: Vec<Fault> = plan
-            .faults
-            .iter()
-            .copied()
-            .filter(|f| farm.can(*f))
-            .collect();
+        let mut faults = injectable.clone();
         faults.shuffle(&mut rng);
         for fault in faults {
             let target = rng.random_range(0..target_count(fault));
@@ -324,12 +326,7 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
     }
     // Several at once: distinct kinds, never both node faults on the same node.
     for _ in 0..plan.combined_rounds {
-        let mut kinds: Vec<Fault> = plan
-            .faults
-            .iter()
-            .copied()
-            .filter(|f| farm.can(*f))
-            .collect();
+        let mut kinds = injectable.clone();
         kinds.shuffle(&mut rng);
         let mut chosen = Vec::new();
         let mut node_targets: Vec<usize> = (0..NODES).collect();

@@ -265,8 +265,9 @@ async fn ten_thousand_connections_from_one_ip() -> anyhow::Result<()> {
     }
     assert_eq!((accepted, refused), (500, 9_500));
     drop(held);
-    // Once they are gone, the address may connect again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the node has seen them go, the address may connect again.
+    node.wait_metric("fanfare_connections_active", |v| v == 0.0)
+        .await?;
     still_serves(&node).await
 }
 
