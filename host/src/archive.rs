@@ -4,13 +4,14 @@
 //! - `likes`: one document per event, `_id` = event id. Inserted unordered in bulk; a
 //!   duplicate-key error (11000) means "already stored", which is what makes replays harmless.
 //! - `like_state`: the current state per (track, user), applied only if its version is newer.
-//! - `track_counts`: per-track totals (`count`, `likes`, `unlikes`, `events`).
+//! - `track_counts`: per-track totals (`count`, `likes`, `unlikes`, `events`, and `digest_a`/
+//!   `digest_b`, sums of `event_digest` over the stored events, for the Redis write-back).
 //! - `track_minutes`: likes/unlikes per track per UTC minute, for history.
 //!
 //! Totals are `$inc`remented for events this batch inserted. When a batch meets an event that
 //! was already stored (a replay after a crash, or a node re-sending after a Kafka outage) the
 //! increments of the first attempt may or may not have happened, so the totals it touches are
-//! recomputed from `likes` and `like_state` instead. Events of one track share a partition, so
+//! recomputed from `likes` instead. Events of one track share a partition, so
 //! one worker at a time writes a track's totals.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -22,7 +23,7 @@ use mongodb::bson::{Document, doc};
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection, Database, IndexModel};
 
-use crate::event_log::EventRecord;
+use crate::event_log::{EventRecord, event_digest};
 use crate::history::{History, Query, Row, roll_up};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -52,6 +53,8 @@ pub struct TrackTotals {
     pub count: i64,
     /// Effective events stored for the track (likes + unlikes).
     pub events: i64,
+    /// Sums of `event_digest` over the stored events.
+    pub digest: [i64; 2],
 }
 
 impl MongoArchive {
@@ -69,8 +72,23 @@ impl MongoArchive {
         })
     }
 
-    pub async fn ensure_indexes(&self) -> anyhow::Result<()> {
+    /// The unique (track, user, key) index is part of "exactly once": two nodes can turn one
+    /// client key into two events (a frozen node that had applied it, and the node its client
+    /// re-sent it to after Redis lost the key), and MongoDB keeps the first.
+    pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
         let index = |keys: Document| IndexModel::builder().keys(keys).build();
+        let one_per_key = mongodb::options::IndexOptions::builder()
+            .unique(true)
+            .name("one_event_per_key".to_owned())
+            .build();
+        self.likes
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "track": 1, "user": 1, "key": 1 })
+                    .options(one_per_key)
+                    .build(),
+            )
+            .await?;
         self.likes
             .create_index(index(doc! { "track": 1, "action": 1, "minute": 1 }))
             .await?;
@@ -119,7 +137,7 @@ impl MongoArchive {
                 recount_minutes.insert((e.track.clone(), minute_of(e)));
             }
         }
-        let mut track_inc: BTreeMap<&str, [i64; 3]> = BTreeMap::new();
+        let mut track_inc: BTreeMap<&str, [i64; 5]> = BTreeMap::new();
         let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
         for (i, e) in batch.iter().enumerate() {
             stored.tracks.insert(e.track.clone());
@@ -131,6 +149,9 @@ impl MongoArchive {
                 let t = track_inc.entry(&e.track).or_default();
                 t[0] += if like { 1 } else { -1 };
                 t[usize::from(!like) + 1] += 1;
+                let [a, b] = event_digest(&e.event_id);
+                t[3] += a;
+                t[4] += b;
             }
             if !recount_minutes.contains(&(e.track.clone(), minute_of(e))) {
                 minute_inc.entry((&e.track, minute_of(e))).or_default()[usize::from(!like)] += 1;
@@ -138,11 +159,12 @@ impl MongoArchive {
         }
         let track_updates = track_inc
             .iter()
-            .map(|(track, [count, likes, unlikes])| {
+            .map(|(track, [count, likes, unlikes, digest_a, digest_b])| {
                 doc! {
                     "q": { "_id": *track },
                     "u": { "$inc": { "count": count, "likes": likes, "unlikes": unlikes,
-                                     "events": likes + unlikes } },
+                                     "events": likes + unlikes,
+                                     "digest_a": digest_a, "digest_b": digest_b } },
                     "upsert": true,
                 }
             })
@@ -230,17 +252,24 @@ impl MongoArchive {
     /// user's events alternate), the same rule the increments follow. `like_state` is not
     /// used: its versions restart when Redis loses its data, so it can trail.
     async fn recount_track(&self, track: &str) -> anyhow::Result<()> {
-        let likes = self
+        let mut events = self
             .likes
-            .count_documents(doc! { "track": track, "action": "like" })
+            .find(doc! { "track": track })
+            .projection(doc! { "_id": 1, "action": 1 })
             .await?;
-        let unlikes = self
-            .likes
-            .count_documents(doc! { "track": track, "action": "unlike" })
-            .await?;
-        let count = likes as i64 - unlikes as i64;
-        let totals = doc! { "count": count, "likes": likes as i64,
-        "unlikes": unlikes as i64, "events": (likes + unlikes) as i64 };
+        let [mut likes, mut unlikes, mut digest_a, mut digest_b] = [0i64; 4];
+        while let Some(event) = events.try_next().await? {
+            match event.get_str("action") {
+                Ok("like") => likes += 1,
+                Ok("unlike") => unlikes += 1,
+                _ => continue,
+            }
+            let [a, b] = event_digest(event.get_str("_id").unwrap_or_default());
+            digest_a += a;
+            digest_b += b;
+        }
+        let totals = doc! { "count": likes - unlikes, "likes": likes, "unlikes": unlikes,
+        "events": likes + unlikes, "digest_a": digest_a, "digest_b": digest_b };
         self.update_many_statements(
             "track_counts",
             vec![doc! { "q": { "_id": track }, "u": { "$set": totals }, "upsert": true }],
@@ -280,6 +309,7 @@ impl MongoArchive {
                     track: d.get_str("_id").ok()?.to_owned(),
                     count: number(d, "count"),
                     events: number(d, "events"),
+                    digest: [number(d, "digest_a"), number(d, "digest_b")],
                 })
             })
             .collect())

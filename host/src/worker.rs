@@ -3,10 +3,10 @@
 //! acknowledged the batch. Run more of them to scale; a crash means a replay, and replays
 //! change nothing (see `archive`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +14,9 @@ use clap::Parser;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -198,34 +200,87 @@ impl WorkerMetrics {
     }
 }
 
-/// Feeds librdkafka's statistics into the lag gauge.
+/// Feeds librdkafka's statistics into the lag gauge, logs assignments, and warns when
+/// assigned partitions with lag stop moving: a consumer that holds partitions without
+/// fetching them stalls the pipeline silently otherwise.
 struct LagContext {
     lag: Gauge<i64, AtomicI64>,
+    watch: Mutex<StallWatch>,
 }
+
+/// Fetch positions of lagging partitions at the last statistics, and for how many
+/// statistics intervals they have not moved.
+#[derive(Default)]
+struct StallWatch {
+    positions: BTreeMap<i32, i64>,
+    still_for: u32,
+}
+
+/// Longest wait for one MongoDB batch or one write-back round: a call that hangs (a server
+/// that died mid-answer) is abandoned and retried, never waited on forever.
+const SERVICE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Statistics intervals (1 s) of no progress before a warning, and between warnings.
+const STALL_WARN_AFTER: u32 = 10;
 
 impl ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
         // Per assigned partition: newest offset minus committed offset; before the group's
         // first commit, everything since the partition's start counts as lag.
-        let lag: i64 = statistics
+        let mut lagging = BTreeMap::new();
+        let mut states = Vec::new();
+        let mut total = 0;
+        for p in statistics
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.desired && p.hi_offset >= 0)
-            .map(|p| {
-                let done = if p.committed_offset >= 0 {
-                    p.committed_offset
-                } else {
-                    p.lo_offset.max(0)
-                };
-                (p.hi_offset - done).max(0)
-            })
-            .sum();
-        self.lag.set(lag);
+        {
+            if p.partition < 0 || !p.desired || p.hi_offset < 0 {
+                continue;
+            }
+            let done = if p.committed_offset >= 0 {
+                p.committed_offset
+            } else {
+                p.lo_offset.max(0)
+            };
+            let lag = (p.hi_offset - done).max(0);
+            total += lag;
+            if lag > 0 {
+                lagging.insert(p.partition, p.next_offset);
+                states.push(format!(
+                    "p{} {} next {} committed {} high {}",
+                    p.partition, p.fetch_state, p.next_offset, p.committed_offset, p.hi_offset
+                ));
+            }
+        }
+        self.lag.set(total);
+        let mut watch = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        if lagging.is_empty() || lagging != watch.positions {
+            watch.positions = lagging;
+            watch.still_for = 0;
+            return;
+        }
+        watch.still_for += 1;
+        if watch.still_for % STALL_WARN_AFTER == 0 {
+            tracing::warn!(seconds = watch.still_for, partitions = ?states, "assigned partitions with lag are not moving");
+        }
     }
 }
 
-impl ConsumerContext for LagContext {}
+impl ConsumerContext for LagContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, "partitions assigned");
+            }
+            Rebalance::Revoke(list) => {
+                tracing::info!(partitions = list.count(), "partitions revoked");
+            }
+            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance failed"),
+        }
+    }
+}
 
 /// Runs until `shutdown`; what is not committed is consumed again by the next worker.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -242,8 +297,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         ));
     }
     let archive = MongoArchive::connect(&config.mongo, &config.mongo_database).await?;
-    if let Err(err) = archive.ensure_indexes().await {
-        tracing::warn!(error = %format!("{err:#}"), "cannot create MongoDB indexes (continuing)");
+    if !ensure_indexes(&archive, &shutdown).await {
+        return Ok(());
     }
     let redis = match &config.redis {
         Some(url) => {
@@ -267,6 +322,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         .set("statistics.interval.ms", "1000")
         .create_with_context(LagContext {
             lag: metrics.consumer_lag.clone(),
+            watch: Mutex::default(),
         })
         .context("cannot create the Kafka consumer")?;
     consumer
@@ -286,18 +342,26 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         else {
             break; // shutting down mid-retry: nothing committed, the batch is replayed later
         };
+        if let Some(link) = &redis {
+            let corrected = tokio::time::timeout(SERVICE_CALL_TIMEOUT, async {
+                match archive.totals(&stored.tracks).await {
+                    Ok(totals) => write_back(link, &totals, &metrics).await,
+                    Err(err) => {
+                        tracing::warn!(error = %format!("{err:#}"), "cannot read stored totals")
+                    }
+                }
+            });
+            if corrected.await.is_err() {
+                tracing::warn!("count write-back skipped: no answer in time");
+            }
+        }
+        // Counted once the batch is fully handled (stored and written back).
         metrics.batches.inc();
         metrics.events_inserted.inc_by(stored.inserted as u64);
         metrics.events_duplicate.inc_by(stored.duplicates as u64);
-        if let Some(link) = &redis {
-            match archive.totals(&stored.tracks).await {
-                Ok(totals) => write_back(link, &totals, &metrics).await,
-                Err(err) => {
-                    tracing::warn!(error = %format!("{err:#}"), "cannot read stored totals")
-                }
-            }
-        }
-        if let Err(err) = consumer.commit(&batch.offsets, CommitMode::Sync) {
+        // Asynchronous: a broker that does not answer must not block the worker; a commit
+        // that is lost only means a replay, and replays change nothing.
+        if let Err(err) = consumer.commit(&batch.offsets, CommitMode::Async) {
             // Harmless: the next commit covers it, or the batch is replayed (idempotent).
             tracing::warn!(error = %err, "cannot commit offsets");
         }
@@ -376,6 +440,36 @@ async fn next_batch(
     Some(Batch { events, offsets })
 }
 
+/// Creates the indexes before the first batch, waiting while MongoDB is unreachable (the
+/// unique key index is what keeps one event per client key); an index MongoDB refuses is
+/// logged and the worker goes on. `false` on shutdown.
+async fn ensure_indexes(archive: &MongoArchive, shutdown: &CancellationToken) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match archive.ensure_indexes().await {
+            Ok(()) => return true,
+            Err(err)
+                if matches!(
+                    *err.kind,
+                    mongodb::error::ErrorKind::Io(_)
+                        | mongodb::error::ErrorKind::ServerSelection { .. }
+                ) =>
+            {
+                tracing::warn!(error = %err, retry_in = ?backoff, "MongoDB unreachable; waiting to create indexes");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "MongoDB refused an index (continuing without it)");
+                return true;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Retries with backoff until MongoDB acknowledges the batch; `None` on shutdown.
 async fn store_until_done(
     archive: &MongoArchive,
@@ -385,7 +479,14 @@ async fn store_until_done(
 ) -> Option<crate::archive::Stored> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match archive.store(events).await {
+        let attempt = tokio::time::timeout(SERVICE_CALL_TIMEOUT, archive.store(events))
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "no answer from MongoDB within {SERVICE_CALL_TIMEOUT:?}"
+                ))
+            });
+        match attempt {
             Ok(stored) => return Some(stored),
             Err(err) => {
                 metrics.mongo_failures.inc();
@@ -401,12 +502,16 @@ async fn store_until_done(
 }
 
 /// Sets a track's live count to the stored one when Redis has applied exactly the events
-/// MongoDB holds (its version equals the stored event total) but its count differs: the
-/// stored count is then authoritative. Anything in flight makes the versions differ, and
-/// the live count is left alone.
+/// MongoDB holds — the same number (version = stored events) and the same set (equal sums of
+/// `event_digest`; a Redis that lost its data starts both from zero, so a count rebuilt by a
+/// partial replay never matches a lagging MongoDB by chance) — but its count differs: the
+/// stored count is then authoritative. Anything in flight makes them differ, and the live
+/// count is left alone.
 const WRITE_BACK: &str = r"
 local version = tonumber(redis.call('GET', KEYS[2]) or '0')
 if version ~= tonumber(ARGV[1]) then return 0 end
+if (redis.call('HGET', KEYS[3], 'a') or '0') ~= ARGV[3] then return 0 end
+if (redis.call('HGET', KEYS[3], 'b') or '0') ~= ARGV[4] then return 0 end
 if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[2]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
@@ -421,8 +526,11 @@ async fn write_back(link: &RedisLink, totals: &[TrackTotals], metrics: &WorkerMe
         let result: Result<i64, _> = script
             .key(format!("ff:{{{}}}:count", total.track))
             .key(format!("ff:{{{}}}:version", total.track))
+            .key(format!("ff:{{{}}}:digest", total.track))
             .arg(total.events)
             .arg(total.count.max(0))
+            .arg(total.digest[0])
+            .arg(total.digest[1])
             .invoke_async(&mut conn)
             .await;
         match result {

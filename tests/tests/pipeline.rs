@@ -272,42 +272,139 @@ async fn worker_metric(addr: &str, series: &str) -> anyhow::Result<f64> {
     fanfare_tests::metric_at(addr, series).await
 }
 
+/// Runs `redis-cli` against the pipeline's Redis.
+fn redis_cli(p: &Pipeline, args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("redis-cli")
+        .args(["-p", &p.redis.port.to_string()])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "redis-cli {args:?} failed");
+    Ok(())
+}
+
+/// Waits until the worker has fully handled (stored and written back) `events` events.
+async fn wait_handled(metrics_addr: &str, events: f64) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while worker_metric(metrics_addr, "fanfare_worker_events_inserted_total").await? < events {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the worker did not handle {events} events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drifted_live_count_converges_to_the_stored_one() -> anyhow::Result<()> {
     let p = Pipeline::start().await?;
     let dir = tempfile::tempdir()?;
     let node = p.node(dir.path()).await?;
-    let _worker = p.worker(&[]).await?;
+    let metrics_addr = format!("127.0.0.1:{}", fanfare_tests::free_port()?);
+    let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
     let track = TRACKS[1];
     for u in 0..3 {
         let mut ws = node.connect(&format!("d{u}")).await?;
         ws.like("like", track, &format!("d{u}-1")).await?;
     }
     wait_stored(&p.db().await?, 3, Duration::from_secs(30)).await?;
-    // Someone (a bug, an operator) breaks the live count.
-    let status = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &p.redis.port.to_string(),
-            "SET",
-            &format!("ff:{{{track}}}:count"),
-            "40",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "redis-cli failed");
-    assert_eq!(node.track_count(track).await?, 40);
-    // The next like is counted on top of the drift; the worker then restores the truth.
+    wait_handled(&metrics_addr, 3.0).await?;
+
+    // The live count drifts, and Redis' digest says it applied a different set of events than
+    // MongoDB holds (as after Redis lost its data and a replay is half done): the worker must
+    // not overwrite the live count, even though the numbers of events agree.
+    let count_key = format!("ff:{{{track}}}:count");
+    let digest_key = format!("ff:{{{track}}}:digest");
+    redis_cli(&p, &["SET", &count_key, "40"])?;
+    redis_cli(&p, &["HINCRBY", &digest_key, "a", "1"])?;
+    let mut ws = node.connect("d8").await?;
+    assert_eq!(ws.like("like", track, "d8-1").await?["count"], 41);
+    wait_handled(&metrics_addr, 4.0).await?;
+    assert_eq!(
+        node.track_count(track).await?,
+        41,
+        "overwritten on a digest mismatch"
+    );
+    let corrections = "fanfare_worker_redis_corrections_total";
+    assert_eq!(worker_metric(&metrics_addr, corrections).await?, 0.0);
+
+    // Same events on both sides, different count: the stored count is the truth.
+    redis_cli(&p, &["HINCRBY", &digest_key, "a", "-1"])?;
     let mut ws = node.connect("d9").await?;
-    let reply = ws.like("like", track, "d9-1").await?;
-    assert_eq!(reply["count"], 41);
+    assert_eq!(ws.like("like", track, "d9-1").await?["count"], 42);
+    wait_handled(&metrics_addr, 5.0).await?;
+    assert_eq!(node.track_count(track).await?, 5);
+    assert_eq!(worker_metric(&metrics_addr, corrections).await?, 1.0);
+    Ok(())
+}
+
+/// One client key, two events: node A applied and stored the like, then froze; Redis lost its
+/// data, so when the client re-sent the key to node B nothing remembered it and B made a second
+/// event. MongoDB's unique (track, user, key) index keeps one, and every count says 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_resent_while_redis_forgot_it_is_stored_once() -> anyhow::Result<()> {
+    let mut p = Pipeline::start().await?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let a = p.node(dir_a.path()).await?;
+    let b = p.node(dir_b.path()).await?;
+    let metrics_addr = format!("127.0.0.1:{}", fanfare_tests::free_port()?);
+    let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
+    let track = TRACKS[2];
+    let mut on_a = a.connect("r1").await?;
+    assert_eq!(on_a.like("like", track, "r1-k").await?["count"], 1);
+    wait_handled(&metrics_addr, 1.0).await?;
+
+    a.signal("STOP")?;
+    p.redis.kill().await?;
+    p.redis.restart().await?;
+    // B is back on the new (empty) Redis once it has stamped it with an epoch.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while node.track_count(track).await? != 4 {
+    while p.redis.get("ff:epoch").await?.is_none() {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
-            "live count did not converge to 4"
+            "B never reconnected"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut on_b = b.connect("r1").await?;
+    let reply = on_b.like("like", track, "r1-k").await?;
+    assert_eq!(reply["count"], 1, "B counts the re-sent like once: {reply}");
+    a.signal("CONT")?;
+
+    // Wait until the worker has handled B's event too (stored or refused).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let inserted = worker_metric(&metrics_addr, "fanfare_worker_events_inserted_total").await?;
+        let refused = worker_metric(&metrics_addr, "fanfare_worker_events_duplicate_total").await?;
+        if inserted + refused >= 2.0 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "B's event never reached the worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db = p.db().await?;
+    let events = db
+        .collection::<Document>("likes")
+        .count_documents(doc! { "track": track, "user": "r1", "key": "r1-k" })
+        .await?;
+    assert_eq!(events, 1, "one event per client key");
+    let mut expected = BTreeMap::new();
+    expected.insert(
+        track.to_owned(),
+        Expected {
+            likes: 1,
+            unlikes: 0,
+            count: 1,
+        },
+    );
+    assert_eq!(stored_totals(&db, &[track]).await?, expected);
+    a.wait_metric("fanfare_redis_up", |up| up == 1.0).await?;
+    for node in [&a, &b] {
+        assert_eq!(node.track_count(track).await?, 1, "live count");
     }
     Ok(())
 }

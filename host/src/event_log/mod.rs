@@ -34,6 +34,19 @@ pub struct LikeEvent {
     pub node: Arc<str>,
 }
 
+/// Two 28-bit halves of SHA-1(event id). Summed per track by the ledger script in Redis and by
+/// the worker in MongoDB, they say whether both applied the same set of events (sums do not
+/// depend on order, and a Redis that lost its data starts again from zero): the worker only
+/// corrects a live count that provably covers exactly what MongoDB holds.
+pub fn event_digest(event_id: &str) -> [i64; 2] {
+    use sha1::{Digest, Sha1};
+    let hash = Sha1::digest(event_id.as_bytes());
+    // The same bits the script reads: the first 7 and the next 7 hex digits.
+    let high = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]);
+    let low = u32::from_be_bytes([hash[3], hash[4], hash[5], hash[6]]);
+    [i64::from(high >> 4), i64::from(low & 0x0fff_ffff)]
+}
+
 /// The wire form of an event on the Kafka topic (JSON; key = track). Documented in
 /// `docs/events.md`; consumers must ignore fields they do not know.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

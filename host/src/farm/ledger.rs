@@ -24,8 +24,10 @@ use crate::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::protocol::{Action, LikeRequest};
 use crate::store::StoredEvent;
 
-/// KEYS: pairs hash, count, keys list of this user, version. ARGV: user, key, want (1/0), ts,
-/// event id. Returns {count, kind (0 applied, 1 duplicate, 2 resent), version, original}.
+/// KEYS: pairs hash, count, keys list of this user, version, digest hash. ARGV: user, key,
+/// want (1/0), ts, event id. Returns {count, kind (0 applied, 1 duplicate, 2 resent), version,
+/// original}. The digest sums halves of SHA-1(event id) over the applied events
+/// (`event_log::event_digest` computes the same in the worker).
 /// Each remembered key carries its event (`key \n event id \n want \n ts \n version`; keys
 /// cannot contain control characters), so a re-sent key can be re-emitted under its original
 /// event id when the node that applied it died before storing it.
@@ -49,6 +51,9 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. ARGV[4])
 if want then count = count + 1 else count = math.max(count - 1, 0) end
 redis.call('SET', KEYS[2], count)
 local version = redis.call('INCR', KEYS[4])
+local hash = redis.sha1hex(ARGV[5])
+redis.call('HINCRBY', KEYS[5], 'a', tonumber(string.sub(hash, 1, 7), 16))
+redis.call('HINCRBY', KEYS[5], 'b', tonumber(string.sub(hash, 8, 14), 16))
 redis.call('LPUSH', KEYS[3], ARGV[2] .. '\n' .. ARGV[5] .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. version)
 redis.call('LTRIM', KEYS[3], 0, 3)
 redis.call('PEXPIRE', KEYS[3], 604800000)
@@ -63,13 +68,14 @@ const REPLAY_BATCH: usize = 500;
 /// How soon an owed replay is tried again while Redis is up.
 const RETRY_OWED: Duration = Duration::from_millis(250);
 
-fn keys(track: &str, user: &str) -> [String; 4] {
+fn keys(track: &str, user: &str) -> [String; 5] {
     // One hash tag per track keeps a track's keys on one slot (Redis Cluster ready).
     [
         format!("ff:{{{track}}}:pairs"),
         format!("ff:{{{track}}}:count"),
         format!("ff:{{{track}}}:keys:{user}"),
         format!("ff:{{{track}}}:version"),
+        format!("ff:{{{track}}}:digest"),
     ]
 }
 
@@ -193,7 +199,7 @@ impl FarmLedger {
                 "redis is down",
             )));
         };
-        let [pairs, count, keys, version] = keys(track, user);
+        let [pairs, count, keys, version, digest] = keys(track, user);
         let want = if action == Action::Like { "1" } else { "0" };
         let result: Result<(u64, u8, u64, String), _> = self
             .script
@@ -201,6 +207,7 @@ impl FarmLedger {
             .key(count)
             .key(keys)
             .key(version)
+            .key(digest)
             .arg(user)
             .arg(key)
             .arg(want)
@@ -417,15 +424,16 @@ impl FarmLedger {
     ) -> anyhow::Result<u64> {
         let mut pipe = redis::pipe();
         for event in events {
-            let [pairs, count, keys, version] = keys(&event.track, &event.user);
+            let [pairs, count, keys, version, digest] = keys(&event.track, &event.user);
             let want = if event.action == "like" { "1" } else { "0" };
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
-                .arg(4)
+                .arg(5)
                 .arg(pairs)
                 .arg(count)
                 .arg(keys)
                 .arg(version)
+                .arg(digest)
                 .arg(&event.user)
                 .arg(&event.key)
                 .arg(want)
