@@ -78,6 +78,18 @@ pub struct Config {
     )]
     pub kafka_ack_timeout: u64,
 
+    /// Idempotent Kafka producer (the default). `false` trades Kafka-side dedupe of retries for
+    /// one request in flight (order kept); duplicates from retries are then dropped by event id
+    /// downstream. For brokers whose idempotence breaks on recovery (tansu 0.6, docs/events.md).
+    #[arg(
+        long,
+        env = "FANFARE_KAFKA_IDEMPOTENCE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub kafka_idempotence: bool,
+
     /// Likes the local spill holds while Kafka is away; beyond it likes get `overloaded`.
     #[arg(
         long,
@@ -433,6 +445,7 @@ impl Config {
                 topic: self.kafka_topic.clone(),
                 ack_timeout: Duration::from_millis(self.kafka_ack_timeout),
                 spill_max_events: self.spill_max_events,
+                idempotence: self.kafka_idempotence,
             })
     }
 }

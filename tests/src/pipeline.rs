@@ -28,7 +28,7 @@ impl Pipeline {
     }
 
     pub fn node_args(&self) -> Vec<String> {
-        [
+        let mut args: Vec<String> = [
             "--redis",
             &self.redis.url(),
             "--kafka",
@@ -45,7 +45,13 @@ impl Pipeline {
             "100",
         ]
         .map(str::to_owned)
-        .to_vec()
+        .to_vec();
+        if self.kafka.is_own() {
+            // tansu 0.6 panics when an idempotent producer recovers after a broker restart
+            // (docs/events.md); real Kafka (FANFARE_TEST_KAFKA) runs with the default.
+            args.extend(["--kafka-idempotence".to_owned(), "false".to_owned()]);
+        }
+        args
     }
 
     pub async fn node(&self, data_dir: &std::path::Path) -> anyhow::Result<NodeProcess> {

@@ -45,6 +45,8 @@ pub struct KafkaSettings {
     pub ack_timeout: Duration,
     /// Most events the spill holds; beyond it likes are refused with `overloaded`.
     pub spill_max_events: u64,
+    /// Idempotent producer; without it, one request in flight keeps the order.
+    pub idempotence: bool,
 }
 
 type Delivery = (u64, u64, Result<(), String>);
@@ -102,7 +104,7 @@ impl KafkaEventLog {
                 committed_pos: committed_pos.clone(),
             }),
         )?;
-        let producer = producer(&settings.brokers)?;
+        let producer = producer(&settings)?;
         let shared = Arc::new(Shared {
             waiters: Mutex::new(HashMap::new()),
             shipped_pos: AtomicU64::new(shipped),
@@ -251,7 +253,7 @@ impl Shipper {
                         tracing::warn!(error = %err, retry_in = ?backoff, spilled = self.shared.spilled(), "Kafka replay failed");
                         // A fresh producer id: after timeouts the old one's sequence numbers
                         // may no longer match what the broker has (it then refuses them).
-                        match producer(&self.shared.settings.brokers) {
+                        match producer(&self.shared.settings) {
                             Ok(fresh) => self.producer = fresh,
                             Err(err) => {
                                 tracing::warn!(error = %format!("{err:#}"), "cannot recreate the Kafka producer")
@@ -443,11 +445,17 @@ fn read_spill(data_dir: &Path, after: u64) -> anyhow::Result<Vec<(u64, LikeEvent
 }
 
 /// The idempotent producer: acks from all in-sync replicas, no duplicates or reordering from
-/// its own retries, lz4 batches, and a short linger so acks stay fast.
-fn producer(brokers: &str) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
+/// its own retries, lz4 batches, and a short linger so acks stay fast. Without idempotence,
+/// one request in flight per broker keeps the order, and retries may duplicate (harmless:
+/// stores keep one copy per event id).
+fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
+    let mut config = ClientConfig::new();
+    if !settings.idempotence {
+        config.set("max.in.flight.requests.per.connection", "1");
+    }
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("enable.idempotence", settings.idempotence.to_string())
         .set("acks", "all")
         .set("compression.type", "lz4")
         .set("linger.ms", "2")
