@@ -261,7 +261,7 @@ impl ClientContext for LagContext {
             return;
         }
         watch.still_for += 1;
-        if watch.still_for % STALL_WARN_AFTER == 0 {
+        if watch.still_for.is_multiple_of(STALL_WARN_AFTER) {
             tracing::warn!(seconds = watch.still_for, partitions = ?states, "assigned partitions with lag are not moving");
         }
     }
