@@ -306,3 +306,37 @@ async fn plugin_rate_limits_hold_across_nodes() -> anyhow::Result<()> {
     assert_eq!(replies[3]["code"], "rate_limited", "{}", replies[3]);
     Ok(())
 }
+
+/// A node that was down while Redis lost its data must replay its history when it comes back,
+/// even though the other nodes have already stamped the new Redis with an epoch (it remembers
+/// which epoch its history was last replayed into).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_down_during_redis_data_loss_replays_when_it_returns() -> anyhow::Result<()> {
+    let mut redis = RedisProcess::start().await?;
+    let url = redis.url();
+    let (dirs, mut nodes) = farm(&url, 2).await?;
+    let track = "returning";
+    for u in 0..5 {
+        let mut client = nodes[0].connect(&format!("r{u}")).await?;
+        client.like("like", track, &format!("r{u}-1")).await?;
+    }
+    converge(&nodes, track, 5).await?;
+
+    nodes[0].kill().await?;
+    redis.kill().await?;
+    redis.restart().await?;
+    // The surviving node stamps the empty Redis with a new epoch (and has nothing to replay).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while redis.get("ff:epoch").await?.is_none() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no epoch set");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        redis.get(&format!("ff:{{{track}}}:count")).await?,
+        None,
+        "Redis came back empty"
+    );
+
+    nodes[0] = NodeProcess::start(dirs[0].path(), &["--redis", &url, "--node-id", "node0"]).await?;
+    converge(&nodes, track, 5).await
+}

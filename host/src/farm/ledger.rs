@@ -105,6 +105,20 @@ struct Seen {
     pending_from: Option<u64>,
 }
 
+/// Meta key of the fingerprint of the last Redis epoch this node's whole history was
+/// replayed into. A node restarted while Redis lost its data must replay too, even though
+/// another node has already stamped the new Redis with an epoch.
+const SYNCED_EPOCH_META: &str = "farm.synced_epoch";
+
+/// 63 bits of SHA-256(epoch), to fit the store's integer meta table.
+fn epoch_fingerprint(epoch: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(epoch.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash[..8]);
+    u64::from_be_bytes(first) & (u64::MAX >> 1)
+}
+
 enum Kind {
     Applied(u64),
     Duplicate,
@@ -338,8 +352,18 @@ impl FarmLedger {
             .query_async(&mut conn)
             .await?;
         // What this reconnect needs replayed is remembered until a replay succeeds, so a
-        // failed attempt (Redis flapping) is not forgotten on the next reconnect.
-        if set || seen.epoch.as_ref().is_some_and(|e| *e != current) {
+        // failed attempt (Redis flapping) is not forgotten on the next reconnect. On the first
+        // connection after a start, the epoch the history was last fully replayed into (kept
+        // in the store) says whether this Redis has it.
+        let lost = match &seen.epoch {
+            Some(epoch) => *epoch != current,
+            None => {
+                let reader = crate::store::open_reader(&self.data_dir)?;
+                crate::store::meta_get(&reader, SYNCED_EPOCH_META)?
+                    != Some(epoch_fingerprint(&current))
+            }
+        };
+        if set || lost {
             seen.pending_from = Some(1); // Redis lost its data: replay everything.
         }
         if seen.addr.as_ref().is_some_and(|a| *a != session.addr) {
@@ -349,12 +373,15 @@ impl FarmLedger {
                 seen.pending_from = Some(seen.pending_from.map_or(recent, |p| p.min(recent)));
             }
         }
-        seen.epoch = Some(current);
+        seen.epoch = Some(current.clone());
         seen.addr = Some(session.addr.clone());
 
         let gap = self.degraded_from.load(Ordering::Relaxed);
         let from_seq = match (gap, seen.pending_from) {
-            (0, None) => return Ok(0),
+            (0, None) => {
+                self.note_synced(&current)?;
+                return Ok(0);
+            }
             (0, Some(p)) => p,
             (g, None) => g,
             (g, Some(p)) => g.min(p),
@@ -391,7 +418,19 @@ impl FarmLedger {
         self.degraded_from.store(still_owed, Ordering::Relaxed);
         let reader = crate::store::open_reader(&self.data_dir)?;
         crate::store::meta_set(&reader, "farm.degraded_from", still_owed)?;
+        self.note_synced(&current)?;
         Ok(replayed)
+    }
+
+    /// Records that this Redis epoch holds the node's whole history (only after a replay
+    /// succeeded, so a crash mid-replay replays again on the next start).
+    fn note_synced(&self, epoch: &str) -> anyhow::Result<()> {
+        let reader = crate::store::open_reader(&self.data_dir)?;
+        let fingerprint = epoch_fingerprint(epoch);
+        if crate::store::meta_get(&reader, SYNCED_EPOCH_META)? != Some(fingerprint) {
+            crate::store::meta_set(&reader, SYNCED_EPOCH_META, fingerprint)?;
+        }
+        Ok(())
     }
 
     /// Replays the store from `from_seq` to its end, then `owed`.
