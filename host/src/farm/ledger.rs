@@ -5,7 +5,8 @@
 //! history) and shows the last global counts it saw, adjusted; every accepted like is still
 //! durable locally. When Redis is back, the node replays the events it accepted meanwhile
 //! through the same script (idempotent: keys and per-pair timestamps make replays no-ops).
-//! If Redis lost its data (its epoch key changed) the node replays its whole history, and
+//! If Redis lost its data (its epoch key changed, or differs from the one the node's store
+//! says its history was last replayed into) the node replays its whole history, and
 //! after a failover it replays its last minute, so counts converge without a restart.
 
 use std::collections::HashMap;
