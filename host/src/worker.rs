@@ -297,9 +297,6 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         ));
     }
     let archive = MongoArchive::connect(&config.mongo, &config.mongo_database).await?;
-    if !ensure_indexes(&archive, &shutdown).await {
-        return Ok(());
-    }
     let redis = match &config.redis {
         Some(url) => {
             let link = RedisLink::new(url)?;
@@ -332,13 +329,15 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     println!("fanfare worker consuming {}", config.kafka_topic);
 
     let batch_wait = Duration::from_millis(config.batch_wait);
+    let mut indexed = false;
     loop {
         let Some(batch) =
             next_batch(&consumer, config.batch_max, batch_wait, &shutdown, &metrics).await
         else {
             break;
         };
-        let Some(stored) = store_until_done(&archive, &batch.events, &metrics, &shutdown).await
+        let Some(stored) =
+            store_until_done(&archive, &mut indexed, &batch.events, &metrics, &shutdown).await
         else {
             break; // shutting down mid-retry: nothing committed, the batch is replayed later
         };
@@ -440,52 +439,52 @@ async fn next_batch(
     Some(Batch { events, offsets })
 }
 
-/// Creates the indexes before the first batch, waiting while MongoDB is unreachable (the
-/// unique key index is what keeps one event per client key); an index MongoDB refuses is
-/// logged and the worker goes on. `false` on shutdown.
-async fn ensure_indexes(archive: &MongoArchive, shutdown: &CancellationToken) -> bool {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match archive.ensure_indexes().await {
-            Ok(()) => return true,
-            Err(err)
-                if matches!(
-                    *err.kind,
-                    mongodb::error::ErrorKind::Io(_)
-                        | mongodb::error::ErrorKind::ServerSelection { .. }
-                ) =>
-            {
-                tracing::warn!(error = %err, retry_in = ?backoff, "MongoDB unreachable; waiting to create indexes");
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "MongoDB refused an index (continuing without it)");
-                return true;
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+/// Creates the indexes before the first batch is stored (the unique key index is what keeps
+/// one event per client key); while MongoDB is unreachable this fails like the batch would,
+/// and is retried with it. An index MongoDB refuses is logged and the worker goes on.
+async fn ensure_indexes(archive: &MongoArchive, indexed: &mut bool) -> anyhow::Result<()> {
+    if *indexed {
+        return Ok(());
     }
+    match archive.ensure_indexes().await {
+        Ok(()) => {}
+        Err(err)
+            if matches!(
+                *err.kind,
+                mongodb::error::ErrorKind::Io(_)
+                    | mongodb::error::ErrorKind::ServerSelection { .. }
+            ) =>
+        {
+            return Err(anyhow::Error::new(err).context("cannot create the MongoDB indexes"));
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "MongoDB refused an index (continuing without it)")
+        }
+    }
+    *indexed = true;
+    Ok(())
 }
 
 /// Retries with backoff until MongoDB acknowledges the batch; `None` on shutdown.
 async fn store_until_done(
     archive: &MongoArchive,
+    indexed: &mut bool,
     events: &[EventRecord],
     metrics: &WorkerMetrics,
     shutdown: &CancellationToken,
 ) -> Option<crate::archive::Stored> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let attempt = tokio::time::timeout(SERVICE_CALL_TIMEOUT, archive.store(events))
-            .await
-            .unwrap_or_else(|_| {
-                Err(anyhow::anyhow!(
-                    "no answer from MongoDB within {SERVICE_CALL_TIMEOUT:?}"
-                ))
-            });
+        let attempt = tokio::time::timeout(SERVICE_CALL_TIMEOUT, async {
+            ensure_indexes(archive, indexed).await?;
+            archive.store(events).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "no answer from MongoDB within {SERVICE_CALL_TIMEOUT:?}"
+            ))
+        });
         match attempt {
             Ok(stored) => return Some(stored),
             Err(err) => {
