@@ -40,8 +40,10 @@ pub struct ChaosPlan {
     /// Subscribers that never read, and zombies that go silent without closing.
     pub slow_clients: usize,
     pub zombies: usize,
-    /// The kinds of fault to inject (all by default).
+    /// The kinds of fault to inject alone (all by default).
     pub faults: Vec<Fault>,
+    /// The kinds the combined rounds draw from.
+    pub combined_faults: Vec<Fault>,
 }
 
 impl ChaosPlan {
@@ -53,11 +55,17 @@ impl ChaosPlan {
             tracks: 12,
             pause: Duration::from_millis(50),
             single_rounds: 1,
-            combined_rounds: 0,
+            combined_rounds: 1,
             max_outage: Duration::from_secs(4),
             slow_clients: 4,
             zombies: 20,
             faults: ALL_FAULTS.to_vec(),
+            // Without a Redis data loss: combined with node faults it does not converge to
+            // the acks yet (docs/reliability.md, open problem 1).
+            combined_faults: ALL_FAULTS
+                .into_iter()
+                .filter(|f| *f != Fault::KillRedis)
+                .collect(),
         }
     }
 }
@@ -309,15 +317,13 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
         ..Report::default()
     };
     // Outside services given by URL are never killed.
-    let injectable: Vec<Fault> = plan
-        .faults
-        .iter()
-        .copied()
-        .filter(|f| farm.can(*f))
-        .collect();
+    let injectable = |kinds: &[Fault]| -> Vec<Fault> {
+        kinds.iter().copied().filter(|f| farm.can(*f)).collect()
+    };
+    let (alone, combinable) = (injectable(&plan.faults), injectable(&plan.combined_faults));
     // One at a time.
     for _ in 0..plan.single_rounds {
-        let mut faults = injectable.clone();
+        let mut faults = alone.clone();
         faults.shuffle(&mut rng);
         for fault in faults {
             let target = rng.random_range(0..target_count(fault));
@@ -326,7 +332,7 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
     }
     // Several at once: distinct kinds, never both node faults on the same node.
     for _ in 0..plan.combined_rounds {
-        let mut kinds = injectable.clone();
+        let mut kinds = combinable.clone();
         kinds.shuffle(&mut rng);
         let mut chosen = Vec::new();
         let mut node_targets: Vec<usize> = (0..NODES).collect();

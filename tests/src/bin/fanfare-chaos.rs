@@ -38,6 +38,9 @@ struct Args {
     /// Fault kinds to inject, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<Fault>,
+    /// Fault kinds the combined rounds draw from (default: those of --faults).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    combined_faults: Vec<Fault>,
 }
 
 #[tokio::main]
@@ -59,6 +62,13 @@ async fn main() -> anyhow::Result<()> {
         max_outage: Duration::from_millis(args.max_outage_ms),
         slow_clients: args.slow_clients,
         zombies: args.zombies,
+        combined_faults: if !args.combined_faults.is_empty() {
+            args.combined_faults
+        } else if !args.faults.is_empty() {
+            args.faults.clone()
+        } else {
+            ALL_FAULTS.to_vec()
+        },
         faults: if args.faults.is_empty() {
             ALL_FAULTS.to_vec()
         } else {
