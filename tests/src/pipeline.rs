@@ -60,6 +60,17 @@ impl Pipeline {
         NodeProcess::start(data_dir, &args).await
     }
 
+    /// A node with the default (idempotent) producer whatever the broker: for runs without
+    /// broker faults, so the default path is exercised against tansu too.
+    pub async fn idempotent_node(&self, data_dir: &std::path::Path) -> anyhow::Result<NodeProcess> {
+        let mut args = self.node_args();
+        if let Some(at) = args.iter().position(|a| a == "--kafka-idempotence") {
+            args.drain(at..at + 2);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        NodeProcess::start(data_dir, &args).await
+    }
+
     pub async fn worker(&self, extra: &[&str]) -> anyhow::Result<WorkerProcess> {
         let redis = self.redis.url();
         let mut args = vec![
