@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use fanfare_tests::chaos::{ALL_FAULTS, ChaosPlan, Fault, run};
+use fanfare_tests::chaos::{ALL_FAULTS, ChaosPlan, Fault, combinable_by_default, run};
 
 #[derive(Parser, Debug)]
 #[command(name = "fanfare-chaos", about)]
@@ -38,7 +38,9 @@ struct Args {
     /// Fault kinds to inject, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<Fault>,
-    /// Fault kinds the combined rounds draw from (default: those of --faults).
+    /// Fault kinds the combined rounds draw from (default: those of --faults, but the Redis
+    /// kill only when named here: with node faults it does not converge yet, see
+    /// docs/reliability.md, open problem 1).
     #[arg(long, value_enum, value_delimiter = ',')]
     combined_faults: Vec<Fault>,
 }
@@ -64,10 +66,10 @@ async fn main() -> anyhow::Result<()> {
         zombies: args.zombies,
         combined_faults: if !args.combined_faults.is_empty() {
             args.combined_faults
-        } else if !args.faults.is_empty() {
-            args.faults.clone()
+        } else if args.faults.is_empty() {
+            combinable_by_default(&ALL_FAULTS)
         } else {
-            ALL_FAULTS.to_vec()
+            combinable_by_default(&args.faults)
         },
         faults: if args.faults.is_empty() {
             ALL_FAULTS.to_vec()
