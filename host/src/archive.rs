@@ -196,10 +196,12 @@ impl MongoArchive {
     /// Inserts the events unordered; returns the batch indexes that were already stored.
     async fn insert_events(&self, batch: &[EventRecord]) -> anyhow::Result<HashSet<usize>> {
         let docs = batch.iter().map(|e| {
+            let [digest_a, digest_b] = event_digest(&e.event_id);
             doc! {
                 "_id": &e.event_id, "user": &e.user, "track": &e.track, "action": &e.action,
                 "accepted_at_ms": e.accepted_at_ms, "minute": minute_of(e), "node": &e.node,
                 "version": e.version as i64, "key": &e.key,
+                "digest_a": digest_a, "digest_b": digest_b,
             }
         });
         match self.likes.insert_many(docs).ordered(false).await {
@@ -252,21 +254,24 @@ impl MongoArchive {
     /// user's events alternate), the same rule the increments follow. `like_state` is not
     /// used: its versions restart when Redis loses its data, so it can trail.
     async fn recount_track(&self, track: &str) -> anyhow::Result<()> {
-        let mut events = self
+        // One aggregation: counts and digest sums per action, computed by the server.
+        let mut groups = self
             .likes
-            .find(doc! { "track": track })
-            .projection(doc! { "_id": 1, "action": 1 })
+            .aggregate(vec![
+                doc! { "$match": { "track": track } },
+                doc! { "$group": { "_id": "$action", "n": { "$sum": 1 },
+                "a": { "$sum": "$digest_a" }, "b": { "$sum": "$digest_b" } } },
+            ])
             .await?;
         let [mut likes, mut unlikes, mut digest_a, mut digest_b] = [0i64; 4];
-        while let Some(event) = events.try_next().await? {
-            match event.get_str("action") {
-                Ok("like") => likes += 1,
-                Ok("unlike") => unlikes += 1,
+        while let Some(group) = groups.try_next().await? {
+            match group.get_str("_id") {
+                Ok("like") => likes += number(&group, "n"),
+                Ok("unlike") => unlikes += number(&group, "n"),
                 _ => continue,
             }
-            let [a, b] = event_digest(event.get_str("_id").unwrap_or_default());
-            digest_a += a;
-            digest_b += b;
+            digest_a += number(&group, "a");
+            digest_b += number(&group, "b");
         }
         let totals = doc! { "count": likes - unlikes, "likes": likes, "unlikes": unlikes,
         "events": likes + unlikes, "digest_a": digest_a, "digest_b": digest_b };

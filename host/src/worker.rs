@@ -216,9 +216,13 @@ struct StallWatch {
     still_for: u32,
 }
 
-/// Longest wait for one MongoDB batch or one write-back round: a call that hangs (a server
-/// that died mid-answer) is abandoned and retried, never waited on forever.
-const SERVICE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A guard against a MongoDB call that never returns (a server frozen mid-answer), not a
+/// latency bound: a big batch on a slow server can take tens of seconds, and abandoning it
+/// only makes the retry slower (it meets its own half-written events and recounts).
+const STORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for one write-back round (a read of stored totals and a script per track);
+/// the write-back is optional, so it is skipped rather than waited on.
+const WRITE_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Statistics intervals (1 s) of no progress before a warning, and between warnings.
 const STALL_WARN_AFTER: u32 = 10;
@@ -342,7 +346,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
             break; // shutting down mid-retry: nothing committed, the batch is replayed later
         };
         if let Some(link) = &redis {
-            let corrected = tokio::time::timeout(SERVICE_CALL_TIMEOUT, async {
+            let corrected = tokio::time::timeout(WRITE_BACK_TIMEOUT, async {
                 match archive.totals(&stored.tracks).await {
                     Ok(totals) => write_back(link, &totals, &metrics).await,
                     Err(err) => {
@@ -475,14 +479,14 @@ async fn store_until_done(
 ) -> Option<crate::archive::Stored> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let attempt = tokio::time::timeout(SERVICE_CALL_TIMEOUT, async {
+        let attempt = tokio::time::timeout(STORE_TIMEOUT, async {
             ensure_indexes(archive, indexed).await?;
             archive.store(events).await
         })
         .await
         .unwrap_or_else(|_| {
             Err(anyhow::anyhow!(
-                "no answer from MongoDB within {SERVICE_CALL_TIMEOUT:?}"
+                "no answer from MongoDB within {STORE_TIMEOUT:?}"
             ))
         });
         match attempt {
