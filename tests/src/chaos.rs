@@ -466,7 +466,10 @@ async fn audit(
 
     // Stored: every acked like, once; per-track totals consistent and equal to the live ones.
     let db = farm.services.db().await?;
-    match wait_stored(&db, acks.total(), Duration::from_secs(300)).await {
+    // nx-27017 (a Python server) stores a few hundred events a second under replays and
+    // recounts, so long runs get time in proportion to what they acked.
+    let patience = Duration::from_secs(300).max(Duration::from_millis(acks.total() * 10));
+    match wait_stored(&db, acks.total(), patience).await {
         Ok(_) => report.stored_after = Some(quiet.elapsed()),
         Err(err) => eprintln!("chaos: {err:#}"),
     }
