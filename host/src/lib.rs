@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod auth;
 pub mod config;
+pub mod consumer_watch;
 pub mod event_log;
 pub mod fanout;
 pub mod farm;

@@ -3,10 +3,10 @@
 //! acknowledged the batch. Run more of them to scale; a crash means a replay, and replays
 //! change nothing (see `archive`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,15 +14,13 @@ use clap::Parser;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::{MongoArchive, TrackTotals};
+use crate::consumer_watch::{WatchContext, spawn_lag_sampler};
 use crate::event_log::EventRecord;
 use crate::farm::link::RedisLink;
 
@@ -200,22 +198,6 @@ impl WorkerMetrics {
     }
 }
 
-/// Feeds librdkafka's statistics into the lag gauge, logs assignments, and warns when
-/// assigned partitions with lag stop moving: a consumer that holds partitions without
-/// fetching them stalls the pipeline silently otherwise.
-struct LagContext {
-    lag: Gauge<i64, AtomicI64>,
-    watch: Mutex<StallWatch>,
-}
-
-/// Fetch positions of lagging partitions at the last statistics, and for how many
-/// statistics intervals they have not moved.
-#[derive(Default)]
-struct StallWatch {
-    positions: BTreeMap<i32, i64>,
-    still_for: u32,
-}
-
 /// A guard against a MongoDB call that never returns (a server frozen mid-answer), not a
 /// latency bound: a big batch on a slow server can take tens of seconds, and abandoning it
 /// only makes the retry slower (it meets its own half-written events and recounts).
@@ -223,68 +205,6 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest wait for one write-back round (a read of stored totals and a script per track);
 /// the write-back is optional, so it is skipped rather than waited on.
 const WRITE_BACK_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Statistics intervals (1 s) of no progress before a warning, and between warnings.
-const STALL_WARN_AFTER: u32 = 10;
-
-impl ClientContext for LagContext {
-    fn stats(&self, statistics: Statistics) {
-        // Per assigned partition: newest offset minus committed offset; before the group's
-        // first commit, everything since the partition's start counts as lag.
-        let mut lagging = BTreeMap::new();
-        let mut states = Vec::new();
-        let mut total = 0;
-        for p in statistics
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-        {
-            if p.partition < 0 || !p.desired || p.hi_offset < 0 {
-                continue;
-            }
-            let done = if p.committed_offset >= 0 {
-                p.committed_offset
-            } else {
-                p.lo_offset.max(0)
-            };
-            let lag = (p.hi_offset - done).max(0);
-            total += lag;
-            if lag > 0 {
-                lagging.insert(p.partition, p.next_offset);
-                states.push(format!(
-                    "p{} {} next {} committed {} high {}",
-                    p.partition, p.fetch_state, p.next_offset, p.committed_offset, p.hi_offset
-                ));
-            }
-        }
-        self.lag.set(total);
-        let mut watch = self.watch.lock().unwrap_or_else(|p| p.into_inner());
-        if lagging.is_empty() || lagging != watch.positions {
-            watch.positions = lagging;
-            watch.still_for = 0;
-            return;
-        }
-        watch.still_for += 1;
-        if watch.still_for.is_multiple_of(STALL_WARN_AFTER) {
-            tracing::warn!(seconds = watch.still_for, partitions = ?states, "assigned partitions with lag are not moving");
-        }
-    }
-}
-
-impl ConsumerContext for LagContext {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(list) => {
-                let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-                tracing::info!(?partitions, "partitions assigned");
-            }
-            Rebalance::Revoke(list) => {
-                tracing::info!(partitions = list.count(), "partitions revoked");
-            }
-            Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance failed"),
-        }
-    }
-}
 
 /// Runs until `shutdown`; what is not committed is consumed again by the next worker.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -314,21 +234,24 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     {
         tracing::warn!(error = %format!("{err:#}"), "cannot create the topic yet (nodes create it too)");
     }
-    let consumer: StreamConsumer<LagContext> = ClientConfig::new()
+    let consumer: StreamConsumer<WatchContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka)
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.session_timeout.to_string())
         .set("statistics.interval.ms", "1000")
-        .create_with_context(LagContext {
-            lag: metrics.consumer_lag.clone(),
-            watch: Mutex::default(),
-        })
+        .create_with_context(WatchContext::default())
         .context("cannot create the Kafka consumer")?;
+    let consumer = Arc::new(consumer);
     consumer
         .subscribe(&[&config.kafka_topic])
         .context("cannot subscribe to the like topic")?;
+    spawn_lag_sampler(
+        consumer.clone(),
+        metrics.consumer_lag.clone(),
+        shutdown.clone(),
+    );
     tracing::info!(topic = %config.kafka_topic, group = %config.group, "fanfare worker consuming");
     println!("fanfare worker consuming {}", config.kafka_topic);
 
@@ -385,7 +308,7 @@ struct Batch {
 
 /// Waits for one event, then takes more until the batch is full or `wait` has passed.
 async fn next_batch(
-    consumer: &StreamConsumer<LagContext>,
+    consumer: &StreamConsumer<WatchContext>,
     max: usize,
     wait: Duration,
     shutdown: &CancellationToken,
