@@ -370,7 +370,17 @@ where
             let _ = self.send_error(ErrorCode::TooLarge, &message, None).await;
         }
         if let Some(frame) = end.close_frame() {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
+            let ws = &mut self.ws;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async move {
+                if ws.close(Some(frame)).await.is_ok() && socket_usable {
+                    // Finish the closing handshake: read and drop what the client still sends
+                    // until its Close. A socket closed with unread data is reset by the kernel,
+                    // and the reset can cost the client the acks and the close frame already
+                    // on their way (seen under shutdown with pipelined likes).
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            })
+            .await;
         }
         self.node.metrics.connections_active.dec();
     }
