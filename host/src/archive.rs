@@ -108,7 +108,8 @@ impl MongoArchive {
         if batch.is_empty() {
             return Ok(stored);
         }
-        let duplicate = self.insert_events(batch).await?;
+        let digests: Vec<[i64; 2]> = batch.iter().map(|e| event_digest(&e.event_id)).collect();
+        let duplicate = self.insert_events(batch, &digests).await?;
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
 
@@ -149,7 +150,7 @@ impl MongoArchive {
                 let t = track_inc.entry(&e.track).or_default();
                 t[0] += if like { 1 } else { -1 };
                 t[usize::from(!like) + 1] += 1;
-                let [a, b] = event_digest(&e.event_id);
+                let [a, b] = digests[i];
                 t[3] += a;
                 t[4] += b;
             }
@@ -194,9 +195,12 @@ impl MongoArchive {
     }
 
     /// Inserts the events unordered; returns the batch indexes that were already stored.
-    async fn insert_events(&self, batch: &[EventRecord]) -> anyhow::Result<HashSet<usize>> {
-        let docs = batch.iter().map(|e| {
-            let [digest_a, digest_b] = event_digest(&e.event_id);
+    async fn insert_events(
+        &self,
+        batch: &[EventRecord],
+        digests: &[[i64; 2]],
+    ) -> anyhow::Result<HashSet<usize>> {
+        let docs = batch.iter().zip(digests).map(|(e, [digest_a, digest_b])| {
             doc! {
                 "_id": &e.event_id, "user": &e.user, "track": &e.track, "action": &e.action,
                 "accepted_at_ms": e.accepted_at_ms, "minute": minute_of(e), "node": &e.node,

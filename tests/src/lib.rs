@@ -179,17 +179,28 @@ impl NodeProcess {
         patience: Duration,
         check: impl Fn(f64) -> bool,
     ) -> anyhow::Result<f64> {
-        let deadline = tokio::time::Instant::now() + patience;
-        loop {
-            let value = self.metric(series).await.unwrap_or(f64::NAN);
-            if check(value) {
-                return Ok(value);
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("metric {series} stuck at {value}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        wait_metric_at(&self.addr, series, patience, check).await
+    }
+}
+
+/// Polls a metric of any process serving `/metrics` (a node, a worker) until it satisfies
+/// `check`.
+pub async fn wait_metric_at(
+    addr: &str,
+    series: &str,
+    patience: Duration,
+    check: impl Fn(f64) -> bool,
+) -> anyhow::Result<f64> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let value = metric_at(addr, series).await.unwrap_or(f64::NAN);
+        if check(value) {
+            return Ok(value);
         }
+        if tokio::time::Instant::now() > deadline {
+            bail!("metric {series} stuck at {value}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

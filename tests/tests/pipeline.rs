@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use fanfare_tests::NodeProcess;
 use fanfare_tests::pipeline::Pipeline;
 use fanfare_tests::stored::{stored_totals, wait_stored};
 use fanfare_tests::traffic::{Acks, Expected, Traffic, TrafficPlan};
+use fanfare_tests::{NodeProcess, wait_metric_at};
 use mongodb::bson::{Document, doc};
 use std::collections::BTreeMap;
 
@@ -217,19 +217,48 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
     let traffic = traffic(&[&node.addr], 8, Duration::from_millis(10));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let inserted = "fanfare_worker_events_inserted_total";
+    wait_metric_at(&metrics_addr, inserted, Duration::from_secs(30), |n| {
+        n > 0.0
+    })
+    .await
+    .context("nothing stored before the outage")?;
 
     p.mongo.kill().await?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let lag = worker_metric(&metrics_addr, "fanfare_worker_consumer_lag").await?;
-    let failures = worker_metric(&metrics_addr, "fanfare_worker_mongo_failures_total").await?;
-    assert!(
-        lag > 0.0,
-        "consumer lag grows while MongoDB is down (lag {lag})"
-    );
-    assert!(failures > 0.0, "the worker saw the failures");
+    // The worker fails its batches, and the lag it reports grows while likes keep coming.
+    let patience = Duration::from_secs(30);
+    wait_metric_at(
+        &metrics_addr,
+        "fanfare_worker_mongo_failures_total",
+        patience,
+        |f| f > 0.0,
+    )
+    .await
+    .context("the worker never saw the outage")?;
+    let first = wait_metric_at(
+        &metrics_addr,
+        "fanfare_worker_consumer_lag",
+        patience,
+        |l| l > 0.0,
+    )
+    .await
+    .context("consumer lag did not grow while MongoDB was down")?;
+    wait_metric_at(
+        &metrics_addr,
+        "fanfare_worker_consumer_lag",
+        patience,
+        |l| l > first,
+    )
+    .await
+    .context("consumer lag stopped growing while MongoDB was down")?;
+    let before = worker_metric(&metrics_addr, inserted).await?;
     p.mongo.restart().await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Traffic goes on until the worker stores again.
+    wait_metric_at(&metrics_addr, inserted, Duration::from_secs(60), |n| {
+        n > before
+    })
+    .await
+    .context("the worker did not store after MongoDB came back")?;
     let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0, "acks never waited for MongoDB");
     let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
@@ -238,11 +267,14 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
     let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
     assert_eq!(stored, total);
     assert_eq!(stored_totals(&db, &TRACKS).await?, acked);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while worker_metric(&metrics_addr, "fanfare_worker_consumer_lag").await? > 0.0 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "lag did not drain");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_metric_at(
+        &metrics_addr,
+        "fanfare_worker_consumer_lag",
+        Duration::from_secs(15),
+        |lag| lag == 0.0,
+    )
+    .await
+    .context("lag did not drain")?;
     Ok(())
 }
 
@@ -286,14 +318,12 @@ fn redis_cli(p: &Pipeline, args: &[&str]) -> anyhow::Result<()> {
 
 /// Waits until the worker has fully handled (stored and written back) `events` events.
 async fn wait_handled(metrics_addr: &str, events: f64) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while worker_metric(metrics_addr, "fanfare_worker_events_inserted_total").await? < events {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the worker did not handle {events} events"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let series = "fanfare_worker_events_inserted_total";
+    wait_metric_at(metrics_addr, series, Duration::from_secs(30), |n| {
+        n >= events
+    })
+    .await
+    .with_context(|| format!("the worker did not handle {events} events"))?;
     Ok(())
 }
 
