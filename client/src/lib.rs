@@ -17,8 +17,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use fanfare_protocol::{Action, ClientFrame, LikeRequest};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -57,7 +58,11 @@ pub enum ClientError {
 enum Command {
     Subscribe(String, oneshot::Sender<u64>),
     Unsubscribe(String),
-    Like(Value, String, oneshot::Sender<Result<Ack, ClientError>>),
+    Like(
+        ClientFrame,
+        String,
+        oneshot::Sender<Result<Ack, ClientError>>,
+    ),
     Close,
 }
 
@@ -106,15 +111,28 @@ impl Client {
 
     /// Likes a track; resolves once the node acked it (durably), across reconnects.
     pub async fn like(&self, track: &str, key: &str) -> Result<Ack, ClientError> {
-        self.request("like", track, key).await
+        self.request(Action::Like, track, key).await
     }
 
     pub async fn unlike(&self, track: &str, key: &str) -> Result<Ack, ClientError> {
-        self.request("unlike", track, key).await
+        self.request(Action::Unlike, track, key).await
     }
 
-    async fn request(&self, action: &str, track: &str, key: &str) -> Result<Ack, ClientError> {
-        let frame = json!({"type": action, "track": track, "id": key});
+    /// Frames come from the protocol crate, the node's own definition; ids it would refuse are
+    /// refused here, before they travel.
+    async fn request(&self, action: Action, track: &str, key: &str) -> Result<Ack, ClientError> {
+        if !fanfare_protocol::is_valid_track(track) || !fanfare_protocol::is_valid_key(key) {
+            return Err(ClientError::Refused {
+                code: "bad_request".to_owned(),
+                message: "invalid track or key (see docs/protocol.md, id rules)".to_owned(),
+                retry_after_ms: None,
+            });
+        }
+        let frame = ClientFrame::Like(LikeRequest {
+            action,
+            track: track.to_owned(),
+            key: key.to_owned(),
+        });
         let (done, ack) = oneshot::channel();
         self.send(Command::Like(frame, key.to_owned(), done))
             .await?;
@@ -151,7 +169,7 @@ struct Driver {
     /// Subscribed tracks with their last known count.
     tracks: HashMap<String, u64>,
     /// Unacked likes by key: the frame to resend and who waits.
-    pending: HashMap<String, (Value, oneshot::Sender<Result<Ack, ClientError>>)>,
+    pending: HashMap<String, (ClientFrame, oneshot::Sender<Result<Ack, ClientError>>)>,
     waiting: HashMap<String, Vec<oneshot::Sender<u64>>>,
 }
 
@@ -225,16 +243,16 @@ impl Driver {
     }
 
     /// Records a command so that it is (re)sent on the next connection.
-    fn remember(&mut self, command: Command) -> Option<Value> {
+    fn remember(&mut self, command: Command) -> Option<ClientFrame> {
         match command {
             Command::Subscribe(track, done) => {
                 self.tracks.entry(track.clone()).or_insert(0);
                 self.waiting.entry(track.clone()).or_default().push(done);
-                Some(json!({"type": "subscribe", "track": track}))
+                Some(ClientFrame::Subscribe { track })
             }
             Command::Unsubscribe(track) => {
                 self.tracks.remove(&track);
-                Some(json!({"type": "unsubscribe", "track": track}))
+                Some(ClientFrame::Unsubscribe { track })
             }
             Command::Like(frame, key, done) => {
                 self.pending.insert(key, (frame.clone(), done));
@@ -263,13 +281,13 @@ impl Driver {
                         return Next::Stop;
                     }
                     if let Some(frame) = self.remember(command)
-                        && socket.send(Message::text(frame.to_string())).await.is_err()
+                        && socket.send(Message::text(frame.to_json())).await.is_err()
                     {
                         return Next::Reconnect { drained: None };
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if socket.send(Message::text(r#"{"type":"ping"}"#)).await.is_err() {
+                    if socket.send(Message::text(ClientFrame::Ping.to_json())).await.is_err() {
                         return Next::Reconnect { drained: None };
                     }
                 }
@@ -311,9 +329,14 @@ impl Driver {
         let mut frames: Vec<String> = self
             .tracks
             .keys()
-            .map(|track| json!({"type": "subscribe", "track": track}).to_string())
+            .map(|track| {
+                ClientFrame::Subscribe {
+                    track: track.clone(),
+                }
+                .to_json()
+            })
             .collect();
-        frames.extend(self.pending.values().map(|(frame, _)| frame.to_string()));
+        frames.extend(self.pending.values().map(|(frame, _)| frame.to_json()));
         for frame in frames {
             socket.feed(Message::text(frame)).await.map_err(|_| ())?;
         }

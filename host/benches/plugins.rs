@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use fanfare::metrics::Metrics;
 use fanfare::plugins::Plugins;
-use fanfare::plugins::counters::MemoryCounters;
-use fanfare::protocol::{Action, LikeRequest, RecentLike};
+use fanfare::seams::counters::MemoryCounters;
+use fanfare_protocol::{Action, LikeRequest, RecentLike};
 
 const MANIFEST: &str = r#"
 [rate_limit]

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
-use crate::toml_text::toml_text;
+use fanfare_protocol::toml_text::toml_text;
 
 /// Fanfare: realtime likes for music tracks over WebSocket.
 ///
@@ -50,10 +50,9 @@ pub struct Config {
     #[arg(long, env = "FANFARE_PLUGINS", value_name = "FILE")]
     pub plugins: Option<PathBuf>,
 
-    /// Farm mode: Redis shared by all nodes, `redis://host:port` or
-    /// `redis+sentinel://host:port[,host:port…]/master-name`. Without it the node is alone.
-    #[arg(long, env = "FANFARE_REDIS", value_name = "URL")]
-    pub redis: Option<String>,
+    /// Redis, MongoDB, metrics address and log filter: defined once, shared with the worker.
+    #[command(flatten)]
+    pub shared: SharedArgs,
 
     /// Durable pipeline: Kafka brokers (`host:port[,host:port…]`). Every accepted like goes to
     /// the topic before its ack; persistence workers (`fanfare worker`) write MongoDB.
@@ -98,19 +97,6 @@ pub struct Config {
         value_name = "N"
     )]
     pub spill_max_events: u64,
-
-    /// MongoDB the workers write (`mongodb://…`): nodes serve track history from it.
-    #[arg(long, env = "FANFARE_MONGO", value_name = "URL")]
-    pub mongo: Option<String>,
-
-    /// MongoDB database name.
-    #[arg(
-        long,
-        env = "FANFARE_MONGO_DATABASE",
-        default_value = "fanfare",
-        value_name = "NAME"
-    )]
-    pub mongo_database: String,
 
     /// Name of this node in events and logs (default: a random id per start).
     #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
@@ -253,10 +239,6 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
-    /// Serve `/metrics` on this separate address instead of the public port.
-    #[arg(long, env = "FANFARE_METRICS_LISTEN", value_name = "ADDR:PORT")]
-    pub metrics_listen: Option<SocketAddr>,
-
     /// WebSocket connections this node accepts at once (beyond: HTTP 503).
     #[arg(
         long,
@@ -305,6 +287,35 @@ pub struct Config {
     /// Log output format.
     #[arg(long, env = "FANFARE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Options the node (`fanfare`) and the worker (`fanfare worker`) share: one definition,
+/// flattened into both.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SharedArgs {
+    /// Redis shared by the farm, `redis://host:port` or
+    /// `redis+sentinel://host:port[,host:port…]/master-name`. A node with it is in farm mode
+    /// (without it, alone); a worker with it writes stored counts back where live counts drifted.
+    #[arg(long, env = "FANFARE_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// MongoDB (`mongodb://…`): workers store every like there (required by `fanfare worker`),
+    /// nodes serve track history from it.
+    #[arg(long, env = "FANFARE_MONGO", value_name = "URL")]
+    pub mongo: Option<String>,
+
+    /// MongoDB database name.
+    #[arg(
+        long,
+        env = "FANFARE_MONGO_DATABASE",
+        default_value = "fanfare",
+        value_name = "NAME"
+    )]
+    pub mongo_database: String,
+
+    /// Serve `/metrics` on this separate address (a node otherwise serves it on its public port).
+    #[arg(long, env = "FANFARE_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Log filter in tracing-subscriber's EnvFilter syntax (RUST_LOG also works).
     #[arg(
@@ -406,7 +417,7 @@ impl Config {
             );
         }
         if let Some(node) = &self.node_id
-            && !crate::protocol::is_valid_user(node)
+            && !fanfare_protocol::is_valid_user(node)
         {
             bail!("--node-id must match [A-Za-z0-9_.-]{{1,64}}");
         }
@@ -437,10 +448,10 @@ impl Config {
         Duration::from_millis(self.shutdown_timeout)
     }
 
-    pub fn kafka_settings(&self) -> Option<crate::event_log::KafkaSettings> {
+    pub fn kafka_settings(&self) -> Option<crate::seams::event_log::KafkaSettings> {
         self.kafka
             .as_ref()
-            .map(|brokers| crate::event_log::KafkaSettings {
+            .map(|brokers| crate::seams::event_log::KafkaSettings {
                 brokers: brokers.clone(),
                 topic: self.kafka_topic.clone(),
                 ack_timeout: Duration::from_millis(self.kafka_ack_timeout),

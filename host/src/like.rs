@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use crate::event_log::EventLogError;
-use crate::fanout::Published;
-use crate::ledger::Outcome;
+use crate::broadcast::outbox::ConnId;
 use crate::metrics::LikeOutcome;
 use crate::node::Node;
-use crate::outbox::ConnId;
 use crate::plugins::Gate;
-use crate::protocol::{Action, ErrorCode, LikeRequest, RecentLike};
+use crate::seams::bus::Published;
+use crate::seams::event_log::EventLogError;
+use crate::seams::ledger::Outcome;
+use fanfare_protocol::{Action, ErrorCode, LikeRequest, RecentLike};
 
 /// What the liker is told: an ack, or a refusal.
 pub struct Reply {
@@ -108,11 +108,8 @@ async fn run(
                 },
                 origin: conn,
             };
-            // Other nodes (farm mode), then this node's listeners.
-            if let Some(bus) = &node.bus {
-                bus.publish(&published);
-            }
-            node.fanout.publish(published);
+            // This node's listeners at once, the other nodes' (in a farm) through the bus.
+            node.bus.publish(published);
             // 5. The ack waits until the event is durable.
             node.event_log
                 .append(event)

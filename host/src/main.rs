@@ -9,8 +9,13 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use fanfare::config::{Config, LogFormat};
+use fanfare::edge::{server, tls::Tls};
 use fanfare::node::Node;
-use fanfare::{plugins, server, worker};
+use fanfare::tasks::Tasks;
+use fanfare::{compose, plugins, worker};
+
+/// How long shutdown waits for background tasks after the parts closed.
+const TASKS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> ExitCode {
     // `fanfare worker …` is the persistence worker; everything else configures a node.
@@ -27,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config.log, config.log_format);
+    init_tracing(&config.shared.log, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -64,7 +69,7 @@ fn worker_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config.log, LogFormat::Text);
+    init_tracing(&config.shared.log, LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,10 +80,18 @@ fn worker_main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = Tasks::new();
     let result = runtime.block_on(async {
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
-        worker::run(config, shutdown).await
+        tasks.spawn(cancel_on_signal(tasks.clone()));
+        let result = worker::run(config, &tasks).await;
+        tasks.cancel();
+        if !tasks.wait(TASKS_PATIENCE).await {
+            tracing::warn!(
+                running = tasks.running(),
+                "some worker tasks did not finish in time"
+            );
+        }
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -107,10 +120,10 @@ fn init_tracing(log: &str, format: LogFormat) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(fanfare::tls::Tls::load(cert, key)?),
+        (Some(cert), Some(key)) => Some(Tls::load(cert, key)?),
         _ => None,
     };
-    let node = Node::start(config).await?;
+    let node = compose::node(config).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -119,33 +132,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("fanfare listening on {scheme}://{local}");
-    if let Some(addr) = node.config.metrics_listen {
+    if let Some(addr) = node.config.shared.metrics_listen {
         let metrics_listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         tracing::info!(listen = %addr, "metrics served on their own address");
         let metrics = node.metrics.clone();
-        tokio::spawn(server::serve_metrics(
+        fanfare::metrics::http::spawn(
             Arc::new(move || metrics.render()),
             metrics_listener,
-            node.shutdown.clone(),
-        ));
+            &node.tasks,
+        );
     }
-    tokio::spawn(watch_signals(node.clone()));
-    plugins::reload::spawn_triggers(node.plugins.clone(), node.shutdown.clone())?;
+    node.tasks.spawn(cancel_on_signal(node.tasks.clone()));
+    plugins::reload::spawn_triggers(node.plugins.clone(), &node.tasks)?;
     if let Some(tls) = &tls {
-        tls.spawn_watch(node.shutdown.clone())?;
+        tls.spawn_watch(&node.tasks)?;
     }
     server::serve(node.clone(), listener, tls).await;
     shutdown(node).await
 }
 
-async fn watch_signals(node: Arc<Node>) {
-    cancel_on_signal(node.shutdown.clone()).await;
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
+/// Cancels the shutdown signal on SIGTERM or SIGINT (or returns with it).
+async fn cancel_on_signal(tasks: Tasks) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(term) => term,
@@ -157,12 +166,14 @@ async fn cancel_on_signal(shutdown: tokio_util::sync::CancellationToken) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = tasks.shutdown().cancelled() => return,
     }
-    shutdown.cancel();
+    tasks.cancel();
 }
 
 /// Sessions first (each closes at its moment within the drain period with 1001, after
-/// finishing its in-flight likes), then the event log.
+/// finishing its in-flight likes), then every part (the event log flushes first), then the
+/// background tasks.
 async fn shutdown(node: Arc<Node>) -> anyhow::Result<()> {
     node.sessions.close();
     let grace = node.config.drain_period()
@@ -174,10 +185,14 @@ async fn shutdown(node: Arc<Node>) -> anyhow::Result<()> {
     {
         tracing::warn!("some sessions did not finish in time");
     }
-    node.event_log
-        .close()
-        .await
-        .context("cannot flush the event log")?;
+    let closed = node.close_parts().await;
+    if !node.tasks.wait(TASKS_PATIENCE).await {
+        tracing::warn!(
+            running = node.tasks.running(),
+            "some background tasks did not finish in time"
+        );
+    }
+    closed?;
     tracing::info!("shutdown complete");
     Ok(())
 }

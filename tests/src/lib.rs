@@ -6,23 +6,25 @@
 
 pub mod chaos;
 pub mod pipeline;
+pub mod process;
 pub mod services;
 pub mod stored;
 pub mod traffic;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::process::{Log, Ready, Service, Spec};
 
 /// Default time to wait for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(10);
@@ -41,14 +43,24 @@ pub fn fanfare_bin() -> PathBuf {
     profile_dir.join("fanfare")
 }
 
-/// A running node process with its own data directory.
+/// A running node process with its data directory.
 pub struct NodeProcess {
-    child: Child,
+    service: Service,
     pub addr: String,
     pub data_dir: PathBuf,
+    /// Set when the node owns a temp data directory (removed with it).
+    _own_dir: Option<tempfile::TempDir>,
 }
 
 impl NodeProcess {
+    /// A node on a free port with a fresh data directory of its own.
+    pub async fn fresh(extra: &[&str]) -> anyhow::Result<NodeProcess> {
+        let dir = tempfile::tempdir()?;
+        let mut node = Self::start(dir.path(), extra).await?;
+        node._own_dir = Some(dir);
+        Ok(node)
+    }
+
     /// Starts a node on a free port with the given data directory and extra flags.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<NodeProcess> {
         Self::start_on("127.0.0.1:0", data_dir, extra).await
@@ -67,40 +79,33 @@ impl NodeProcess {
                 bin.display()
             );
         }
-        let mut child = Command::new(&bin)
-            .arg("--listen")
-            .arg(listen)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
-            .env("FANFARE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line
-                    .strip_prefix("fanfare listening on http://")
-                    .or_else(|| line.strip_prefix("fanfare listening on https://"))
-                {
-                    return Ok(addr.to_owned());
-                }
-            }
-            Err(anyhow!("fanfare exited before listening"))
-        })
-        .await
-        .context("fanfare did not start listening in time")??;
-        // Keep draining stdout so the node never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let spec = Spec::new(
+            "fanfare",
+            bin,
+            Ready::Line(vec![
+                "fanfare listening on http://",
+                "fanfare listening on https://",
+            ]),
+        )
+        .args(["--listen", listen])
+        .args([OsStr::new("--data-dir"), data_dir.as_os_str()])
+        .args(extra.iter().copied())
+        .env("FANFARE_LOG", "warn");
+        let service = Service::start(spec).await?;
         Ok(NodeProcess {
-            child,
-            addr,
+            addr: service.announced.clone(),
+            service,
             data_dir: data_dir.to_owned(),
+            _own_dir: None,
         })
+    }
+
+    /// Starts it again with the same flags and data directory (on a new port unless it was
+    /// started with `start_on` a fixed address).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.service.restart().await?;
+        self.addr = self.service.announced.clone();
+        Ok(())
     }
 
     pub fn ws_url(&self, user: &str) -> String {
@@ -112,35 +117,24 @@ impl NodeProcess {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
+        self.service.pid().unwrap_or(0)
     }
 
-    /// Sends a signal (e.g. "TERM", "KILL") to the node.
+    /// Sends a signal (e.g. "TERM", "KILL", "STOP", "CONT") to the node.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{name} failed");
-        }
-        Ok(())
+        self.service.signal(name)
     }
 
     /// Waits for the process to exit and returns its exit code.
     pub async fn wait_exit(&mut self, patience: Duration) -> anyhow::Result<Option<i32>> {
-        let status = tokio::time::timeout(patience, self.child.wait())
-            .await
-            .context("node did not exit in time")??;
-        Ok(status.code())
+        self.service.wait_exit(patience).await
     }
 
+    /// kill -9.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.kill().await?;
-        Ok(())
+        self.service.kill().await
     }
 
-    /// GET on the node: (status, body).
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         http_get(&self.addr, path).await
     }
@@ -416,9 +410,8 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// A real `redis-server` (or `redis-sentinel`) process on loopback, killed when dropped.
 pub struct RedisProcess {
-    child: Option<Child>,
+    service: Service,
     pub port: u16,
-    args: Vec<String>,
     pub dir: tempfile::TempDir,
 }
 
@@ -440,27 +433,17 @@ impl RedisProcess {
     async fn launch(extra: Vec<String>) -> anyhow::Result<RedisProcess> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let mut args = vec![
-            "--port".to_owned(),
-            port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--dir".into(),
-            dir.path().display().to_string(),
-        ];
-        args.extend(extra);
-        let mut redis = RedisProcess {
-            child: None,
+        let spec = Spec::new("redis-server", "redis-server", Ready::RedisPing(port))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args([OsStr::new("--dir"), dir.path().as_os_str()])
+            .args(extra)
+            .log(Log::Discard(None));
+        Ok(RedisProcess {
+            service: Service::start(spec).await?,
             port,
-            args,
             dir,
-        };
-        redis.restart().await?;
-        Ok(redis)
+        })
     }
 
     /// A Sentinel watching `master` as `mymaster`, quick to declare it down.
@@ -478,50 +461,24 @@ impl RedisProcess {
                 master.port
             ),
         )?;
-        let args = vec![conf.display().to_string(), "--sentinel".to_owned()];
-        let mut sentinel = RedisProcess {
-            child: None,
+        let spec = Spec::new("redis-sentinel", "redis-server", Ready::RedisPing(port))
+            .args([conf.as_os_str(), OsStr::new("--sentinel")])
+            .log(Log::Discard(None));
+        Ok(RedisProcess {
+            service: Service::start(spec).await?,
             port,
-            args,
             dir,
-        };
-        sentinel.restart().await?;
-        Ok(sentinel)
+        })
     }
 
     /// (Re)starts the server on the same port and waits until it answers.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start redis-server (run ./scripts/setup)")?;
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await {
-                stream.write_all(b"PING\r\n").await?;
-                let mut reply = [0u8; 16];
-                let n = stream.read(&mut reply).await.unwrap_or(0);
-                if reply[..n].starts_with(b"+PONG") {
-                    return Ok(());
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("redis on port {} did not come up", self.port);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.service.restart().await
     }
 
     /// kill -9.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
+        self.service.kill().await
     }
 
     pub fn url(&self) -> String {
@@ -545,4 +502,17 @@ impl RedisProcess {
         reader.read_line(&mut value).await?;
         Ok(Some(value.trim_end().to_owned()))
     }
+}
+
+/// Whether a Redis (or Sentinel) on this loopback port answers `PING`.
+pub async fn redis_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    if stream.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 16];
+    let n = stream.read(&mut reply).await.unwrap_or(0);
+    reply[..n].starts_with(b"+PONG")
 }

@@ -6,15 +6,12 @@
 //! `FANFARE_TEST_MONGO=mongodb://…` run the same tests against real Apache Kafka and MongoDB
 //! instead; tests that must kill or freeze a service are then skipped (they say so).
 
+use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use anyhow::Context;
 
+use crate::process::{Log, Ready, Service, Spec};
 use crate::{PATIENCE, fanfare_bin, free_port};
 
 /// A name no other test run uses (topics, groups, databases).
@@ -26,41 +23,11 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
-async fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + PATIENCE * 3;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("{what} on port {port} did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-fn signal_pid(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()?;
-    if !status.success() {
-        bail!("kill -{name} {pid} failed");
-    }
-    Ok(())
-}
-
-/// Appends a service's stderr to a file in its data directory (kept while the test runs).
-fn log_file(dir: &std::path::Path, name: &str) -> anyhow::Result<std::fs::File> {
-    Ok(std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(name))?)
-}
-
 /// A Kafka-protocol broker: our own tansu, or the one `FANFARE_TEST_KAFKA` names.
 pub struct KafkaBroker {
-    child: Option<Child>,
+    /// `None` for an outside broker.
+    service: Option<Service>,
     pub brokers: String,
-    port: u16,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -68,21 +35,32 @@ impl KafkaBroker {
     pub async fn start() -> anyhow::Result<KafkaBroker> {
         if let Ok(brokers) = std::env::var("FANFARE_TEST_KAFKA") {
             return Ok(KafkaBroker {
-                child: None,
+                service: None,
                 brokers,
-                port: 0,
                 dir: None,
             });
         }
         let port = free_port()?;
-        let mut broker = KafkaBroker {
-            child: None,
+        let dir = tempfile::tempdir()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let spec = Spec::new("tansu", tansu_bin(), Ready::Port(port))
+            .current_dir(dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .env("RUST_LOG", "error")
+            .log(Log::File(dir.path().join("tansu.log")))
+            .patience(PATIENCE * 3);
+        Ok(KafkaBroker {
+            service: Some(Service::start(spec).await?),
             brokers: format!("127.0.0.1:{port}"),
-            port,
-            dir: Some(tempfile::tempdir()?),
-        };
-        broker.restart().await?;
-        Ok(broker)
+            dir: Some(dir),
+        })
     }
 
     /// Where our own broker keeps its data.
@@ -92,46 +70,27 @@ impl KafkaBroker {
 
     /// False for an outside broker, which tests must not kill or freeze.
     pub fn is_own(&self) -> bool {
-        self.dir.is_some()
+        self.service.is_some()
+    }
+
+    fn own(&mut self) -> anyhow::Result<&mut Service> {
+        self.service
+            .as_mut()
+            .context("an outside broker cannot be stopped or restarted")
     }
 
     /// (Re)starts tansu on the same port and storage; what it stored survives.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let dir = self
-            .dir
-            .as_ref()
-            .context("an outside broker cannot be restarted")?;
-        let bin = tansu_bin();
-        let child = Command::new(&bin)
-            .current_dir(dir.path())
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
-            .arg("--storage-engine")
-            .arg("sqlite://tansu.db")
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(log_file(dir.path(), "tansu.log")?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {} (run ./scripts/setup)", bin.display()))?;
-        self.child = Some(child);
-        wait_port(self.port, "tansu").await
+        self.own()?.restart().await
     }
 
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
+        self.own()?.kill().await
     }
 
     /// If our broker died on its own: its exit status and the end of its log.
     pub fn died(&mut self) -> Option<String> {
-        let status = self.child.as_mut()?.try_wait().ok()??;
-        Some(format!("tansu exited ({status}): {}", self.log_tail(5)))
+        self.service.as_mut()?.died()
     }
 
     /// Where our broker panicked, as it logged it (`panicked at <file:line>: <message>`).
@@ -153,31 +112,31 @@ impl KafkaBroker {
             .collect()
     }
 
-    /// The last lines our broker wrote to stderr.
+    /// The last lines our broker wrote to stderr (backtrace frames, indented, left out).
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self
-            .dir()
-            .and_then(|d| std::fs::read_to_string(d.join("tansu.log")).ok())
-            .unwrap_or_default();
-        // Backtrace frames (indented) say less than the messages above them.
-        let mut tail: Vec<&str> = log
-            .lines()
+        let Some(service) = &self.service else {
+            return String::new();
+        };
+        let all = service.log_tail(lines * 20);
+        let mut tail: Vec<&String> = all
+            .iter()
             .rev()
             .filter(|l| !l.starts_with(' '))
             .take(lines)
             .collect();
         tail.reverse();
-        tail.join(" | ")
+        tail.iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
     }
 
     /// SIGSTOP / SIGCONT.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
-        let pid = self
-            .child
+        self.service
             .as_ref()
-            .and_then(Child::id)
-            .context("broker not running")?;
-        signal_pid(pid, name)
+            .context("an outside broker cannot be signalled")?
+            .signal(name)
     }
 }
 
@@ -199,9 +158,8 @@ pub fn tansu_bin() -> PathBuf {
 
 /// A MongoDB-protocol server: our own nx-27017, or the one `FANFARE_TEST_MONGO` names.
 pub struct MongoServer {
-    child: Option<Child>,
+    service: Option<Service>,
     pub url: String,
-    port: u16,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -209,25 +167,38 @@ impl MongoServer {
     pub async fn start() -> anyhow::Result<MongoServer> {
         if let Ok(url) = std::env::var("FANFARE_TEST_MONGO") {
             return Ok(MongoServer {
-                child: None,
+                service: None,
                 url,
-                port: 0,
                 dir: None,
             });
         }
         let port = free_port()?;
-        let mut server = MongoServer {
-            child: None,
+        let dir = tempfile::tempdir()?;
+        let spec = Spec::new("nx-27017", "nx-27017", Ready::Port(port))
+            .args(["--host", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                OsStr::new("--data-dir"),
+                dir.path().join("data").as_os_str(),
+            ])
+            .args([
+                OsStr::new("--pid-file"),
+                dir.path().join("nx.pid").as_os_str(),
+            ])
+            .args([
+                OsStr::new("--log-file"),
+                dir.path().join("nx.log").as_os_str(),
+            ])
+            .log(Log::Discard(Some(dir.path().join("nx.log"))))
+            .patience(PATIENCE * 3);
+        Ok(MongoServer {
+            service: Some(Service::start(spec).await?),
             url: format!("mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=2000"),
-            port,
-            dir: Some(tempfile::tempdir()?),
-        };
-        server.restart().await?;
-        Ok(server)
+            dir: Some(dir),
+        })
     }
 
     pub fn is_own(&self) -> bool {
-        self.dir.is_some()
+        self.service.is_some()
     }
 
     /// Where our own server keeps its data.
@@ -235,37 +206,19 @@ impl MongoServer {
         self.dir.as_ref().map(|d| d.path())
     }
 
+    fn own(&mut self) -> anyhow::Result<&mut Service> {
+        self.service
+            .as_mut()
+            .context("an outside MongoDB cannot be stopped or restarted")
+    }
+
     /// (Re)starts the server on the same port and data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        let dir = self
-            .dir
-            .as_ref()
-            .context("an outside MongoDB cannot be restarted")?;
-        let child = Command::new("nx-27017")
-            .arg("--host")
-            .arg("127.0.0.1")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .arg("--pid-file")
-            .arg(dir.path().join("nx.pid"))
-            .arg("--log-file")
-            .arg(dir.path().join("nx.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start nx-27017 (run ./scripts/setup)")?;
-        self.child = Some(child);
-        wait_port(self.port, "nx-27017").await
+        self.own()?.restart().await
     }
 
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
+        self.own()?.kill().await
     }
 
     pub async fn database(&self, name: &str) -> anyhow::Result<mongodb::Database> {
@@ -276,40 +229,32 @@ impl MongoServer {
 
 /// A `fanfare worker` process.
 pub struct WorkerProcess {
-    child: Child,
+    service: Service,
 }
 
 impl WorkerProcess {
     pub async fn start(args: &[&str]) -> anyhow::Result<WorkerProcess> {
-        let mut child = Command::new(fanfare_bin())
-            .arg("worker")
-            .args(args)
-            .env("FANFARE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start fanfare worker")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = lines.next_line().await? {
-                if line.starts_with("fanfare worker consuming") {
-                    return Ok(());
-                }
-            }
-            Err(anyhow!("fanfare worker exited before consuming"))
+        let spec = Spec::new(
+            "fanfare worker",
+            fanfare_bin(),
+            Ready::Line(vec!["fanfare worker consuming"]),
+        )
+        .args(["worker"])
+        .args(args.iter().copied())
+        .env("FANFARE_LOG", "warn");
+        Ok(WorkerProcess {
+            service: Service::start(spec).await?,
         })
-        .await
-        .context("fanfare worker did not start in time")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(WorkerProcess { child })
     }
 
     /// kill -9.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.child.kill().await?;
-        Ok(())
+        self.service.kill().await
+    }
+
+    /// Starts it again with the same arguments.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.service.restart().await
     }
 }
 
@@ -317,7 +262,7 @@ impl WorkerProcess {
 /// `/readyz` health checks every 500 ms, sessions of a node marked down are cut so its clients
 /// reconnect to the others, failed connects are redispatched.
 pub struct Haproxy {
-    child: Child,
+    service: Service,
     pub addr: String,
     _dir: tempfile::TempDir,
 }
@@ -344,25 +289,22 @@ impl Haproxy {
         );
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, config)?;
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-q")
-            .arg("-f")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start haproxy (run ./scripts/setup)")?;
-        wait_port(port, "haproxy").await?;
+        let spec = Spec::new("haproxy", "haproxy", Ready::Port(port))
+            .args([
+                OsStr::new("-db"),
+                OsStr::new("-q"),
+                OsStr::new("-f"),
+                path.as_os_str(),
+            ])
+            .patience(PATIENCE * 3);
         Ok(Haproxy {
-            child,
+            service: Service::start(spec).await?,
             addr: format!("127.0.0.1:{port}"),
             _dir: dir,
         })
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.service.pid()
     }
 }

@@ -116,9 +116,8 @@ fn ping_of_len(len: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn frames_of_every_size_around_the_limit() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
     let limit = 300;
-    let node = NodeProcess::start(dir.path(), &["--max-frame-bytes", &limit.to_string()]).await?;
+    let node = NodeProcess::fresh(&["--max-frame-bytes", &limit.to_string()]).await?;
     for len in limit - 3..=limit + 3 {
         let mut socket = RawSocket::open(&node, &format!("size{len}")).await?;
         socket.frame(true, 1, &ping_of_len(len)).await?;
@@ -143,8 +142,7 @@ async fn frames_of_every_size_around_the_limit() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn fragmented_messages_are_reassembled() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     let mut socket = RawSocket::open(&node, "frag").await?;
     let message = br#"{"type":"subscribe","track":"frag:1"}"#;
     socket.frame(false, 1, &message[..5]).await?;
@@ -170,8 +168,7 @@ async fn fragmented_messages_are_reassembled() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn invalid_utf8_closes_only_that_connection() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     let mut socket = RawSocket::open(&node, "utf8").await?;
     socket
         .frame(true, 1, b"{\"type\":\"ping\",\"x\":\"\xff\xfe\"}")
@@ -198,16 +195,12 @@ async fn invalid_utf8_closes_only_that_connection() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn ping_and_subscription_floods_are_bounded() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(
-        dir.path(),
-        &[
-            "--max-subscriptions",
-            "100",
-            "--max-messages-per-second",
-            "100000",
-        ],
-    )
+    let node = NodeProcess::fresh(&[
+        "--max-subscriptions",
+        "100",
+        "--max-messages-per-second",
+        "100000",
+    ])
     .await?;
     // 20 000 control pings as fast as the socket takes them.
     let mut pinger = RawSocket::open(&node, "pinger").await?;
@@ -246,8 +239,7 @@ async fn ping_and_subscription_floods_are_bounded() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn ten_thousand_connections_from_one_ip() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &["--max-connections-per-ip", "500"]).await?;
+    let node = NodeProcess::fresh(&["--max-connections-per-ip", "500"]).await?;
     let mut held = Vec::new();
     let (mut accepted, mut refused) = (0, 0);
     for i in 0..10_000 {
@@ -273,18 +265,14 @@ async fn ten_thousand_connections_from_one_ip() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn handshakes_that_never_upgrade_and_clients_that_vanish() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(
-        dir.path(),
-        &[
-            "--handshake-timeout",
-            "500",
-            "--heartbeat-timeout",
-            "1000",
-            "--heartbeat-interval",
-            "500",
-        ],
-    )
+    let node = NodeProcess::fresh(&[
+        "--handshake-timeout",
+        "500",
+        "--heartbeat-timeout",
+        "1000",
+        "--heartbeat-interval",
+        "500",
+    ])
     .await?;
     // Slowloris: a connection that never finishes its request is cut off.
     let mut idle = TcpStream::connect(&node.addr).await?;

@@ -42,8 +42,7 @@ async fn upgrade_status(url: &str, headers: &[(&'static str, &str)]) -> anyhow::
 
 #[tokio::test]
 async fn jwt_auth_refuses_bad_tokens_at_the_upgrade() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &["--auth", "jwt", "--jwt-secret", SECRET]).await?;
+    let node = NodeProcess::fresh(&["--auth", "jwt", "--jwt-secret", SECRET]).await?;
     let url = format!("ws://{}/v1/ws", node.addr);
     let good = token(SECRET, "ana", 300, -10)?;
 
@@ -137,16 +136,12 @@ async fn jwt_auth_refuses_bad_tokens_at_the_upgrade() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn admin_needs_the_token_and_origins_are_checked() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(
-        dir.path(),
-        &[
-            "--admin-token",
-            "s3cret-admin",
-            "--allowed-origins",
-            "https://good.example",
-        ],
-    )
+    let node = NodeProcess::fresh(&[
+        "--admin-token",
+        "s3cret-admin",
+        "--allowed-origins",
+        "https://good.example",
+    ])
     .await?;
     assert_eq!(node.get("/admin/plugins").await?.0, 401);
     let raw = "GET /admin/plugins HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-admin\r\nConnection: close\r\n\r\n";
@@ -231,9 +226,8 @@ async fn connection_and_message_limits_trip_with_clear_answers() -> anyhow::Resu
 
 #[tokio::test]
 async fn metrics_can_live_on_their_own_address() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
     let metrics_addr = format!("127.0.0.1:{}", free_port()?);
-    let node = NodeProcess::start(dir.path(), &["--metrics-listen", &metrics_addr]).await?;
+    let node = NodeProcess::fresh(&["--metrics-listen", &metrics_addr]).await?;
     let _client = node.connect("ana").await?;
     assert_eq!(node.get("/metrics").await?.0, 404, "not on the public port");
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -424,9 +418,7 @@ async fn jwt_public_keys_rs256_and_es256() -> anyhow::Result<()> {
         ("rsa.pub", "rsa.pem", jsonwebtoken::Algorithm::RS256),
         ("ec.pub", "ec.pem", jsonwebtoken::Algorithm::ES256),
     ] {
-        let dir = tempfile::tempdir()?;
-        let node =
-            NodeProcess::start(dir.path(), &["--auth", "jwt", "--jwt-key", &path(public)]).await?;
+        let node = NodeProcess::fresh(&["--auth", "jwt", "--jwt-key", &path(public)]).await?;
         let pem = std::fs::read(keys.path().join(private))?;
         let key = match algorithm {
             jsonwebtoken::Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem)?,

@@ -6,8 +6,7 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_like_reaches_every_other_listener_with_the_total() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     let mut listeners = Vec::new();
     for i in 0..40 {
         let mut client = node.connect(&format!("listener{i}")).await?;
@@ -54,8 +53,7 @@ async fn a_like_reaches_every_other_listener_with_the_total() -> anyhow::Result<
 
 #[tokio::test]
 async fn likes_are_idempotent_per_user_and_key() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     let mut ana = node.connect("ana").await?;
     let ack = |id: &str, count: u64, duplicate: bool| json!({"type":"ack","id":id,"track":"t","count":count,"duplicate":duplicate});
     assert_eq!(ana.like("like", "t", "k1").await?, ack("k1", 1, false));
@@ -85,8 +83,7 @@ async fn likes_are_idempotent_per_user_and_key() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn concurrent_likes_from_many_users_give_exact_counts() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     let tracks = ["album:a", "album:b", "album:c", "album:d"];
     let mut watcher = node.connect("watcher").await?;
     for track in tracks {
@@ -230,8 +227,7 @@ async fn graceful_shutdown_stores_every_accepted_like() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn counts_and_health_over_http() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     assert_eq!(node.get("/healthz").await?.0, 200);
     assert_eq!(node.get("/readyz").await?.0, 200);
     let (status, body) = node.get("/v1/tracks/fresh:1").await?;

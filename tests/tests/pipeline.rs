@@ -280,8 +280,7 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
 
 #[tokio::test]
 async fn embedded_history_buckets_count_likes_and_unlikes() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     for u in 0..5 {
         let mut ws = node.connect(&format!("h{u}")).await?;
         ws.like("like", TRACKS[0], &format!("h{u}-1")).await?;

@@ -8,8 +8,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn every_bad_frame_gets_an_error_frame() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     let mut bystander = node.connect("bystander").await?;
     bystander.subscribe("calm").await?;
     let mut client = node.connect("mallory").await?;
@@ -72,8 +71,7 @@ async fn every_bad_frame_gets_an_error_frame() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn oversized_frames_close_with_1009_and_garbage_floods_with_1008() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &["--max-frame-bytes", "512"]).await?;
+    let node = NodeProcess::fresh(&["--max-frame-bytes", "512"]).await?;
     let mut bystander = node.connect("bystander").await?;
 
     // Just under the limit is fine (an error for the unknown type, not a close).
@@ -110,8 +108,7 @@ async fn oversized_frames_close_with_1009_and_garbage_floods_with_1008() -> anyh
 
 #[tokio::test]
 async fn bad_upgrades_are_refused_over_http() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    let node = NodeProcess::fresh(&[]).await?;
     // No upgrade headers at all.
     assert_eq!(node.get("/v1/ws").await?.0, 426);
     // A user id outside the allowed alphabet never gets a socket.
@@ -130,12 +127,8 @@ async fn bad_upgrades_are_refused_over_http() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn silent_connections_are_reaped_and_pinging_ones_kept() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(
-        dir.path(),
-        &["--heartbeat-timeout", "600", "--heartbeat-interval", "200"],
-    )
-    .await?;
+    let node =
+        NodeProcess::fresh(&["--heartbeat-timeout", "600", "--heartbeat-interval", "200"]).await?;
     let mut silent = node.connect("silent").await?;
     silent.subscribe("t").await?;
     let mut lively = node.connect("lively").await?;

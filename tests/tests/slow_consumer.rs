@@ -13,18 +13,14 @@ const TRACKS: usize = 8;
 
 #[tokio::test]
 async fn a_stuck_reader_is_dropped_while_others_keep_up() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let node = NodeProcess::start(
-        dir.path(),
-        &[
-            "--outbound-queue",
-            "4",
-            "--slow-consumer-timeout",
-            "500",
-            "--max-messages-per-second",
-            "100000",
-        ],
-    )
+    let node = NodeProcess::fresh(&[
+        "--outbound-queue",
+        "4",
+        "--slow-consumer-timeout",
+        "500",
+        "--max-messages-per-second",
+        "100000",
+    ])
     .await?;
     let tracks: Vec<String> = (0..TRACKS).map(|t| format!("hot:{t}")).collect();
 

@@ -9,29 +9,27 @@
 //! local fan-out goes on.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::keys::channel;
 use super::link::RedisLink;
-use crate::fanout::{Fanout, Published};
 use crate::metrics::Metrics;
-use crate::protocol::{Action, RecentLike};
-use crate::registry::Registry;
+use crate::seams::bus::{Bus, BusHandler, Published};
+use crate::seams::{Health, Part};
+use crate::tasks::Tasks;
+use fanfare_protocol::{Action, RecentLike};
 
 const QUEUE: usize = 65_536;
 const PUBLISH_BATCH: usize = 512;
 
 /// Told of every global count seen on the bus (keeps degraded-mode counts fresh).
 pub type CountObserver = Arc<dyn Fn(&str, u64) + Send + Sync>;
-
-fn channel(track: &str) -> String {
-    format!("ff:t:{track}")
-}
 
 /// The wire form of one like between nodes (short keys: it is sent for every like).
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,61 +44,94 @@ struct Wire {
     a: Action,
 }
 
-/// Tells the bus that a track's local audience appeared or vanished.
-#[derive(Clone)]
-pub struct Interest {
-    tx: mpsc::Sender<Arc<str>>,
+pub struct RedisBus {
+    node: Arc<str>,
+    link: Arc<RedisLink>,
+    outgoing: mpsc::Sender<Wire>,
+    interest: mpsc::Sender<Arc<str>>,
+    /// Set when an interest change could not be queued: the subscriber then compares its
+    /// channels with the handler's tracks.
     overflowed: Arc<AtomicBool>,
+    handler: OnceLock<Arc<dyn BusHandler>>,
+    /// Receiving ends, taken by `start`.
+    queues: Mutex<Option<Queues>>,
+    observe: CountObserver,
+    metrics: Arc<Metrics>,
 }
 
-impl Interest {
-    pub fn changed(&self, track: &Arc<str>) {
-        if self.tx.try_send(track.clone()).is_err() {
-            self.overflowed.store(true, Ordering::Relaxed);
+struct Queues {
+    interest: mpsc::Receiver<Arc<str>>,
+    outgoing: mpsc::Receiver<Wire>,
+}
+
+impl RedisBus {
+    pub fn new(
+        node: Arc<str>,
+        link: Arc<RedisLink>,
+        observe: CountObserver,
+        metrics: Arc<Metrics>,
+    ) -> RedisBus {
+        let (interest, interest_rx) = mpsc::channel(QUEUE);
+        let (outgoing, outgoing_rx) = mpsc::channel(QUEUE);
+        RedisBus {
+            node,
+            link,
+            outgoing,
+            interest,
+            overflowed: Arc::new(AtomicBool::new(false)),
+            handler: OnceLock::new(),
+            queues: Mutex::new(Some(Queues {
+                interest: interest_rx,
+                outgoing: outgoing_rx,
+            })),
+            observe,
+            metrics,
         }
     }
 }
 
-pub struct RedisBus {
-    node: Arc<str>,
-    outgoing: mpsc::Sender<Wire>,
-    metrics: Arc<Metrics>,
-}
-
-/// Receiving side state, handed to the subscriber task.
-pub struct BusParts {
-    interest_rx: mpsc::Receiver<Arc<str>>,
-    overflowed: Arc<AtomicBool>,
-    outgoing_rx: mpsc::Receiver<Wire>,
-}
-
-impl RedisBus {
-    pub fn new(node: Arc<str>, metrics: Arc<Metrics>) -> (Arc<RedisBus>, Interest, BusParts) {
-        let (interest_tx, interest_rx) = mpsc::channel(QUEUE);
-        let (outgoing, outgoing_rx) = mpsc::channel(QUEUE);
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let bus = Arc::new(RedisBus {
-            node,
-            outgoing,
-            metrics,
-        });
-        let interest = Interest {
-            tx: interest_tx,
-            overflowed: overflowed.clone(),
-        };
-        (
-            bus,
-            interest,
-            BusParts {
-                interest_rx,
-                overflowed,
-                outgoing_rx,
-            },
-        )
+impl Part for RedisBus {
+    fn name(&self) -> &'static str {
+        "bus (redis pub/sub)"
     }
 
-    /// Hands a locally accepted like to the other nodes (never waits).
-    pub fn publish(&self, like: &Published) {
+    fn health(&self) -> Health {
+        if self.link.is_up() {
+            Health::Healthy
+        } else {
+            Health::Degraded("redis unreachable: local fan-out only".to_owned())
+        }
+    }
+}
+
+impl Bus for RedisBus {
+    /// Starts the publisher and the subscriber tasks.
+    fn start(&self, handler: Arc<dyn BusHandler>, tasks: &Tasks) {
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (Some(queues), Ok(())) = (queues, self.handler.set(handler.clone())) else {
+            tracing::error!("the bus was started twice; keeping the first start");
+            return;
+        };
+        tasks.spawn(publisher(
+            queues.outgoing,
+            self.link.clone(),
+            self.metrics.clone(),
+            tasks.shutdown().clone(),
+        ));
+        let subscriber = Subscriber {
+            node: self.node.clone(),
+            link: self.link.clone(),
+            handler,
+            observe: self.observe.clone(),
+            metrics: self.metrics.clone(),
+            interest_rx: queues.interest,
+            overflowed: self.overflowed.clone(),
+        };
+        tasks.spawn(subscriber.run(tasks.shutdown().clone()));
+    }
+
+    /// This node's listeners at once; the other nodes through the publisher (never waits).
+    fn publish(&self, like: Published) {
         let wire = Wire {
             n: self.node.to_string(),
             t: like.track.to_string(),
@@ -114,40 +145,15 @@ impl RedisBus {
         if self.outgoing.try_send(wire).is_err() {
             self.metrics.bus_event("dropped");
         }
+        if let Some(handler) = self.handler.get() {
+            handler.deliver(like);
+        }
     }
 
-    /// Starts the publisher and the subscriber tasks.
-    pub fn spawn(
-        self: &Arc<Self>,
-        parts: BusParts,
-        link: Arc<RedisLink>,
-        registry: Arc<Registry>,
-        fanout: Arc<Fanout>,
-        observe: CountObserver,
-        shutdown: CancellationToken,
-    ) {
-        let BusParts {
-            interest_rx,
-            overflowed,
-            outgoing_rx,
-        } = parts;
-        tokio::spawn(publisher(
-            outgoing_rx,
-            link.clone(),
-            self.metrics.clone(),
-            shutdown.clone(),
-        ));
-        let subscriber = Subscriber {
-            node: self.node.clone(),
-            link,
-            registry,
-            fanout,
-            observe,
-            metrics: self.metrics.clone(),
-            interest_rx,
-            overflowed,
-        };
-        tokio::spawn(subscriber.run(shutdown));
+    fn interest_changed(&self, track: &Arc<str>) {
+        if self.interest.try_send(track.clone()).is_err() {
+            self.overflowed.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -201,8 +207,7 @@ async fn publisher(
 struct Subscriber {
     node: Arc<str>,
     link: Arc<RedisLink>,
-    registry: Arc<Registry>,
-    fanout: Arc<Fanout>,
+    handler: Arc<dyn BusHandler>,
     observe: CountObserver,
     metrics: Arc<Metrics>,
     interest_rx: mpsc::Receiver<Arc<str>>,
@@ -243,7 +248,7 @@ impl Subscriber {
         let (mut sink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<Arc<str>> = HashSet::new();
         // Everything this node listens to now, then changes as they come.
-        for track in self.registry.tracks() {
+        for track in self.handler.tracks() {
             if sink.subscribe(channel(&track)).await.is_err() {
                 return false;
             }
@@ -253,7 +258,7 @@ impl Subscriber {
         loop {
             self.metrics.bus_channels.set(subscribed.len() as i64);
             if self.overflowed.swap(false, Ordering::Relaxed) {
-                let wanted: HashSet<Arc<str>> = self.registry.tracks().into_iter().collect();
+                let wanted: HashSet<Arc<str>> = self.handler.tracks().into_iter().collect();
                 for track in wanted.difference(&subscribed).cloned().collect::<Vec<_>>() {
                     let _ = sink.subscribe(channel(&track)).await;
                     subscribed.insert(track);
@@ -270,7 +275,7 @@ impl Subscriber {
                     return false;
                 }
                 Some(track) = self.interest_rx.recv() => {
-                    let wanted = self.registry.audience_size(&track) > 0;
+                    let wanted = self.handler.listens_to(&track);
                     let result = if wanted && !subscribed.contains(&track) {
                         subscribed.insert(track.clone());
                         sink.subscribe(channel(&track)).await
@@ -307,7 +312,7 @@ impl Subscriber {
         }
         self.metrics.bus_event("received");
         (self.observe)(&wire.t, wire.c);
-        self.fanout.publish(Published {
+        self.handler.deliver(Published {
             track: Arc::from(wire.t.as_str()),
             count: wire.c,
             version: wire.v,

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::keys;
 use super::link::RedisLink;
-use crate::plugins::counters::{Counters, MemoryCounters};
+use crate::seams::counters::{Counters, MemoryCounters};
+use crate::seams::{Health, Part};
 
 pub struct RedisCounters {
     link: Arc<RedisLink>,
@@ -22,11 +24,25 @@ impl RedisCounters {
     }
 }
 
+impl Part for RedisCounters {
+    fn name(&self) -> &'static str {
+        "plugin counters (redis)"
+    }
+
+    fn health(&self) -> Health {
+        if self.link.is_up() {
+            Health::Healthy
+        } else {
+            Health::Degraded("redis unreachable: rate limits hold per node".to_owned())
+        }
+    }
+}
+
 #[async_trait]
 impl Counters for RedisCounters {
     async fn add(&self, key: &str, delta: u64, ttl_ms: u64) -> u64 {
         if let Some(mut conn) = self.link.connection() {
-            let key = format!("ff:counter:{key}");
+            let key = keys::counter(key);
             let result: Result<(u64,), _> = redis::pipe()
                 .atomic()
                 .cmd("INCRBY")

@@ -17,13 +17,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Script;
-use tokio_util::sync::CancellationToken;
 
+use super::keys;
 use super::link::RedisLink;
-use crate::event_log::LikeEvent;
-use crate::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
-use crate::protocol::{Action, LikeRequest};
+use crate::seams::event_log::LikeEvent;
+use crate::seams::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
+use crate::seams::{Health, Part};
 use crate::store::StoredEvent;
+use crate::tasks::Tasks;
+use fanfare_protocol::{Action, LikeRequest};
 
 /// KEYS: pairs hash, count, keys list of this user, version, digest hash. ARGV: user, key,
 /// want (1/0), ts, event id. Returns {count, kind (0 applied, 1 duplicate, 2 resent), version,
@@ -61,22 +63,21 @@ redis.call('PEXPIRE', KEYS[3], 604800000)
 return {count, 0, version, ''}
 ";
 
-/// Marks the life of one Redis dataset; a new value means Redis lost what it had.
-const EPOCH_KEY: &str = "ff:epoch";
 /// After a failover, replay this much recent history (covers asynchronous replication lag).
 const FAILOVER_REPLAY: Duration = Duration::from_secs(60);
 const REPLAY_BATCH: usize = 500;
 /// How soon an owed replay is tried again while Redis is up.
 const RETRY_OWED: Duration = Duration::from_millis(250);
 
-fn keys(track: &str, user: &str) -> [String; 5] {
-    // One hash tag per track keeps a track's keys on one slot (Redis Cluster ready).
+/// The script's KEYS for one pair, in its order.
+fn script_keys(track: &str, user: &str) -> [String; 5] {
+    let track_keys = keys::TrackKeys::new(track);
     [
-        format!("ff:{{{track}}}:pairs"),
-        format!("ff:{{{track}}}:count"),
-        format!("ff:{{{track}}}:keys:{user}"),
-        format!("ff:{{{track}}}:version"),
-        format!("ff:{{{track}}}:digest"),
+        track_keys.pairs,
+        track_keys.count,
+        keys::user_keys(track, user),
+        track_keys.version,
+        track_keys.digest,
     ]
 }
 
@@ -214,7 +215,7 @@ impl FarmLedger {
                 "redis is down",
             )));
         };
-        let [pairs, count, keys, version, digest] = keys(track, user);
+        let [pairs, count, keys, version, digest] = script_keys(track, user);
         let want = if action == Action::Like { "1" } else { "0" };
         let result: Result<(u64, u8, u64, String), _> = self
             .script
@@ -296,14 +297,15 @@ impl FarmLedger {
     }
 
     /// Watches reconnects and replays what Redis is missing.
-    pub fn spawn_reconciler(self: &Arc<Self>, shutdown: CancellationToken) {
+    pub fn spawn_reconciler(self: &Arc<Self>, tasks: &Tasks) {
         let ledger = self.clone();
+        let shutdown = tasks.shutdown().clone();
         let mut generations = self.link.generations();
         // The link may have connected before this task subscribed: treat the current
         // connection as new too, or its epoch would never be recorded and a later loss of
         // Redis data would go unnoticed.
         generations.mark_changed();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut seen = Seen::default();
             loop {
                 // Wait for a (re)connect, or retry soon while a replay is still owed (a failed
@@ -342,14 +344,14 @@ impl FarmLedger {
         let mut conn = session.conn.clone();
         let fresh = uuid::Uuid::now_v7().to_string();
         let set: bool = redis::cmd("SET")
-            .arg(EPOCH_KEY)
+            .arg(keys::EPOCH)
             .arg(&fresh)
             .arg("NX")
             .query_async::<Option<String>>(&mut conn)
             .await?
             .is_some();
         let current: String = redis::cmd("GET")
-            .arg(EPOCH_KEY)
+            .arg(keys::EPOCH)
             .query_async(&mut conn)
             .await?;
         // What this reconnect needs replayed is remembered until a replay succeeds, so a
@@ -464,7 +466,7 @@ impl FarmLedger {
     ) -> anyhow::Result<u64> {
         let mut pipe = redis::pipe();
         for event in events {
-            let [pairs, count, keys, version, digest] = keys(&event.track, &event.user);
+            let [pairs, count, keys, version, digest] = script_keys(&event.track, &event.user);
             let want = if event.action == "like" { "1" } else { "0" };
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
@@ -491,6 +493,22 @@ impl FarmLedger {
             self.remember(&event.track, *count);
         }
         Ok(results.len() as u64)
+    }
+}
+
+impl Part for FarmLedger {
+    fn name(&self) -> &'static str {
+        "ledger (redis)"
+    }
+
+    fn health(&self) -> Health {
+        if self.link.is_up() {
+            Health::Healthy
+        } else {
+            Health::Degraded(
+                "redis unreachable: likes decided locally, counts reconcile on return".to_owned(),
+            )
+        }
     }
 }
 
@@ -550,7 +568,7 @@ impl Ledger for FarmLedger {
     async fn count(&self, track: &str) -> Result<u64, LedgerError> {
         if let Some(mut conn) = self.link.connection() {
             let result: Result<Option<u64>, _> = redis::cmd("GET")
-                .arg(&keys(track, "")[1])
+                .arg(keys::TrackKeys::new(track).count)
                 .query_async(&mut conn)
                 .await;
             match result {

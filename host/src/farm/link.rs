@@ -15,9 +15,9 @@ use redis::aio::MultiplexedConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::sync::{Mutex, Notify, watch};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(1000);
 const PING_EVERY: Duration = Duration::from_millis(500);
@@ -146,9 +146,10 @@ impl RedisLink {
     }
 
     /// Keeps the connection alive until shutdown.
-    pub fn spawn_maintainer(self: &Arc<Self>, shutdown: CancellationToken, metrics: Arc<Metrics>) {
+    pub fn spawn_maintainer(self: &Arc<Self>, tasks: &Tasks, metrics: Arc<Metrics>) {
         let link = self.clone();
-        tokio::spawn(async move {
+        let shutdown = tasks.shutdown().clone();
+        tasks.spawn(async move {
             let mut backoff = Duration::from_millis(50);
             loop {
                 if shutdown.is_cancelled() {

@@ -1,11 +1,13 @@
 //! Farm mode: many nodes share likes and live counts through Redis.
 //!
-//! `link` keeps one self-healing connection (direct or via Sentinel), `ledger` makes Redis
-//! the authority for the once-only rule and global counts (with a degraded fallback and
-//! reconciliation), `bus` carries likes between nodes over Pub/Sub, and `counters` backs
-//! plugin rate limits so they hold across nodes.
+//! `link` keeps one self-healing connection (direct or via Sentinel), `keys` owns the key
+//! schema, `ledger` makes Redis the authority for the once-only rule and global counts (with a
+//! degraded fallback and reconciliation), `bus` carries likes between nodes over Pub/Sub, and
+//! `counters` backs plugin rate limits so they hold across nodes. Each implements a seam
+//! (`crate::seams`); nothing outside the composition root names these types.
 
 pub mod bus;
 pub mod counters;
+pub mod keys;
 pub mod ledger;
 pub mod link;

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::counters::Counters;
-use super::manifest::SlotKind;
+use crate::seams::counters::Counters;
+use fanfare_protocol::manifest::SlotKind;
 
 pub mod validator {
     wasmtime::component::bindgen!({

@@ -18,7 +18,7 @@ use wasmtime::component::{Component, InstancePre};
 
 use super::bindings::{HostState, PluginContext, rate_limiter, shaper, types, validator};
 use super::engine::{EPOCH_TICK, PluginEngine, wasm_error};
-use super::manifest::{SlotKind, SlotSpec};
+use fanfare_protocol::manifest::{SlotKind, SlotSpec};
 
 /// Concurrent calls per plugin; more wait (within the call budget) for a free instance.
 const MAX_CONCURRENT: usize = 64;

@@ -6,10 +6,8 @@
 //! a canary, then swap atomically; a refused component leaves the old one serving.
 
 mod bindings;
-pub mod counters;
 mod engine;
 mod loaded;
-pub mod manifest;
 pub mod reload;
 
 use std::collections::HashMap;
@@ -22,12 +20,12 @@ use arc_swap::ArcSwapOption;
 use serde_json::{Value, json};
 
 use self::bindings::types;
-use self::counters::Counters;
 use self::engine::PluginEngine;
 use self::loaded::{Answer, Ask, CallFailure, LoadedPlugin};
-use self::manifest::{Policy, SlotKind};
 use crate::metrics::Metrics;
-use crate::protocol::{Action, ErrorCode, LikeRequest, RecentLike};
+use crate::seams::counters::Counters;
+use fanfare_protocol::manifest::{Policy, SlotKind};
+use fanfare_protocol::{Action, ErrorCode, LikeRequest, RecentLike};
 
 /// The answer of the rate-limit and validation slots for one like.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,17 +6,17 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::tasks::Tasks;
 use anyhow::{Context, anyhow, bail};
 use notify::{EventKind, RecursiveMode, Watcher};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 
 use super::bindings::{PluginContext, types};
 use super::engine::PluginEngine;
 use super::loaded::{Answer, Ask, LoadedPlugin};
-use super::manifest::{self, SlotKind, SlotSpec};
 use super::{Plugins, Refusal, index};
+use fanfare_protocol::manifest::{self, SlotKind, SlotSpec};
 
 /// The least time the canary call gets, whatever the slot's per-call budget.
 const CANARY_MIN_BUDGET: Duration = Duration::from_millis(250);
@@ -256,7 +256,7 @@ async fn canary(plugin: &LoadedPlugin) -> anyhow::Result<()> {
 }
 
 /// Reloads on SIGHUP and on file changes next to the manifest, until shutdown.
-pub fn spawn_triggers(plugins: Arc<Plugins>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub fn spawn_triggers(plugins: Arc<Plugins>, tasks: &Tasks) -> anyhow::Result<()> {
     let Some(manifest) = plugins.manifest().cloned() else {
         return Ok(());
     };
@@ -281,7 +281,8 @@ pub fn spawn_triggers(plugins: Arc<Plugins>, shutdown: CancellationToken) -> any
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch SIGHUP")?;
-    tokio::spawn(async move {
+    let shutdown = tasks.shutdown().clone();
+    tasks.spawn(async move {
         let _watcher = watcher;
         loop {
             let trigger = tokio::select! {

@@ -6,6 +6,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = fanfare_fuzz::manifest::parse(text, std::path::Path::new("/nonexistent"));
+        let _ = fanfare_protocol::manifest::parse(text, std::path::Path::new("/nonexistent"));
     }
 });

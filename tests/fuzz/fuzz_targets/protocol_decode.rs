@@ -7,5 +7,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let _ = fanfare_fuzz::protocol::decode(&text);
+    let _ = fanfare_protocol::decode(&text);
 });

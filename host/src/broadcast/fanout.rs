@@ -1,0 +1,240 @@
+//! Per-track broadcast: likes that arrive within one window are summed into one update,
+//! serialized once, and the same bytes are queued on every local listener's outbox.
+//!
+//! The window adapts to the audience: a track with a handful of listeners flushes after a
+//! couple of milliseconds, a track with thousands waits up to `--broadcast-window`, which
+//! trades a little latency for far fewer frames. Delivery never awaits a socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::broadcast::outbox::{ConnId, Push};
+use crate::broadcast::registry::Registry;
+use crate::broadcast::sharded::ShardedMap;
+use crate::metrics::Metrics;
+use crate::plugins::Plugins;
+use crate::seams::bus::{BusHandler, Published};
+use crate::tasks::Tasks;
+use fanfare_protocol::{LikesFrame, RecentLike};
+
+/// Likes shown per update in `recent`.
+pub const RECENT_LIMIT: usize = 10;
+/// Audience at which the window reaches its configured maximum.
+const FULL_WINDOW_AUDIENCE: u64 = 5_000;
+/// Shortest window for any audience (unless batching is switched off with a window of 0).
+const MIN_WINDOW: Duration = Duration::from_millis(2);
+
+struct Pending {
+    count: u64,
+    version: u64,
+    delta: i64,
+    recent: Vec<RecentLike>,
+    origin: Origin,
+    since: Instant,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    One(ConnId),
+    Many,
+}
+
+pub struct Fanout {
+    pending: ShardedMap<Pending>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    plugins: Arc<Plugins>,
+    max_window: Duration,
+    tasks: Tasks,
+}
+
+impl Fanout {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        plugins: Arc<Plugins>,
+        max_window: Duration,
+        tasks: Tasks,
+    ) -> Fanout {
+        Fanout {
+            pending: ShardedMap::default(),
+            registry,
+            metrics,
+            plugins,
+            max_window,
+            tasks,
+        }
+    }
+
+    /// How long likes on a track with this many listeners are summed before delivery.
+    pub fn window_for(&self, audience: usize) -> Duration {
+        if self.max_window.is_zero() {
+            return Duration::ZERO;
+        }
+        let share = (audience as u64).min(FULL_WINDOW_AUDIENCE);
+        let scaled = self
+            .max_window
+            .mul_f64(share as f64 / FULL_WINDOW_AUDIENCE as f64);
+        scaled.max(MIN_WINDOW.min(self.max_window))
+    }
+
+    /// Folds a like into its track's open window, opening one (and its timer) if needed.
+    pub fn publish(self: &Arc<Self>, like: Published) {
+        let audience = self.registry.audience_size(&like.track);
+        if audience == 0 {
+            return;
+        }
+        let track = like.track.clone();
+        let opened = {
+            let mut shard = self.pending.lock(&track);
+            match shard.get_mut(&track) {
+                Some(pending) => {
+                    pending.fold(like);
+                    false
+                }
+                None => {
+                    shard.insert(track.clone(), Pending::open(like));
+                    true
+                }
+            }
+        };
+        if opened {
+            let window = self.window_for(audience);
+            let fanout = self.clone();
+            self.tasks.spawn(async move {
+                if !window.is_zero() {
+                    tokio::time::sleep(window).await;
+                }
+                fanout.flush(&track).await;
+            });
+        }
+    }
+
+    /// Closes the track's window: shape once, serialize once, queue everywhere.
+    async fn flush(&self, track: &Arc<str>) {
+        let Some(pending) = self.pending.lock(track).remove(track) else {
+            return;
+        };
+        // Shape once (plugin, or the built-in frame), serialize once.
+        let shaped = self
+            .plugins
+            .shape(track, pending.count, pending.delta, &pending.recent)
+            .await;
+        let text = match shaped {
+            Some(text) => text,
+            None => {
+                let frame = LikesFrame {
+                    kind: "likes",
+                    track,
+                    count: pending.count,
+                    delta: pending.delta,
+                    recent: &pending.recent,
+                };
+                match serde_json::to_string(&frame) {
+                    Ok(text) => text,
+                    Err(err) => {
+                        tracing::error!(error = %err, %track, "cannot serialize update");
+                        return;
+                    }
+                }
+            }
+        };
+        let bytes = Utf8Bytes::from(text);
+        let mut listeners = Vec::new();
+        self.registry.listeners(track, &mut listeners);
+        let skip = match pending.origin {
+            Origin::One(conn) => Some(conn),
+            Origin::Many => None,
+        };
+        let mut delivered = 0u64;
+        for outbox in listeners.iter().filter(|o| Some(o.conn) != skip) {
+            match outbox.push(track, &bytes) {
+                Push::Queued => delivered += 1,
+                Push::Conflated => {
+                    self.metrics.outbound_conflated.inc();
+                }
+                Push::Overflowed => {}
+            }
+        }
+        self.metrics.broadcast_updates.inc();
+        self.metrics.frames_delivered.inc_by(delivered);
+        self.metrics
+            .broadcast_lag
+            .observe(pending.since.elapsed().as_secs_f64());
+    }
+}
+
+/// The bus delivers every like (this node's and, in a farm, the others') here.
+impl BusHandler for Arc<Fanout> {
+    fn deliver(&self, like: Published) {
+        self.publish(like);
+    }
+
+    fn tracks(&self) -> Vec<Arc<str>> {
+        self.registry.tracks()
+    }
+
+    fn listens_to(&self, track: &str) -> bool {
+        self.registry.audience_size(track) > 0
+    }
+}
+
+impl Pending {
+    fn open(like: Published) -> Pending {
+        Pending {
+            count: like.count,
+            version: like.version,
+            delta: like.delta,
+            origin: Origin::One(like.origin),
+            recent: vec![like.like],
+            since: Instant::now(),
+        }
+    }
+
+    fn fold(&mut self, like: Published) {
+        if like.version >= self.version {
+            self.count = like.count;
+            self.version = like.version;
+        }
+        self.delta += like.delta;
+        if self.origin != Origin::One(like.origin) {
+            self.origin = Origin::Many;
+        }
+        if self.recent.len() == RECENT_LIMIT {
+            self.recent.remove(0);
+        }
+        self.recent.push(like.like);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_grows_with_audience_within_bounds() {
+        let metrics = Arc::new(Metrics::new());
+        let bus: Arc<dyn crate::seams::bus::Bus> = Arc::new(crate::seams::bus::LocalBus::default());
+        let registry = Arc::new(Registry::new(metrics.clone(), bus));
+        let counters = Arc::new(crate::seams::counters::MemoryCounters::default());
+        let plugins = Arc::new(Plugins::new(
+            None,
+            "unused".into(),
+            counters,
+            metrics.clone(),
+        ));
+        let fanout = Fanout::new(
+            registry,
+            metrics,
+            plugins,
+            Duration::from_millis(50),
+            Tasks::new(),
+        );
+        assert_eq!(fanout.window_for(1), Duration::from_millis(2));
+        assert_eq!(fanout.window_for(2_500), Duration::from_millis(25));
+        assert_eq!(fanout.window_for(1_000_000), Duration::from_millis(50));
+    }
+}

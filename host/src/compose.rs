@@ -1,0 +1,158 @@
+//! The composition root: the one place that picks an implementation for every seam and wires
+//! a node together. `embedded` and `farm` build the same [`Parts`]; [`node`] adds what every
+//! node has (plugins, registry, fan-out) and registers the fan-out on the bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::broadcast::fanout::Fanout;
+use crate::broadcast::registry::Registry;
+use crate::config::Config;
+use crate::edge::auth::Auth;
+use crate::edge::limits::ConnectionGate;
+use crate::farm::bus::RedisBus;
+use crate::farm::counters::RedisCounters;
+use crate::farm::ledger::FarmLedger;
+use crate::farm::link::RedisLink;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::plugins::Plugins;
+use crate::seams::Parts;
+use crate::seams::bus::{Bus, LocalBus};
+use crate::seams::counters::{Counters, MemoryCounters};
+use crate::seams::event_log::{EventLog, KafkaEventLog, SqliteEventLog};
+use crate::seams::history::{History, SqliteHistory};
+use crate::seams::ledger::{EmbeddedLedger, Ledger};
+use crate::tasks::Tasks;
+use crate::worker::archive::MongoArchive;
+
+/// How long a starting node waits for Redis before serving degraded.
+const STARTUP_REDIS_WAIT: Duration = Duration::from_secs(3);
+
+/// What the builders share.
+pub struct Context<'a> {
+    pub config: &'a Config,
+    pub id: Arc<str>,
+    pub metrics: Arc<Metrics>,
+    pub tasks: &'a Tasks,
+}
+
+/// A node alone: SQLite decides and stores, likes go straight to this node's listeners.
+pub async fn embedded(cx: &Context<'_>) -> anyhow::Result<Parts> {
+    let (event_log, durable_seq) = event_log(cx)?;
+    let ledger = EmbeddedLedger::open(&cx.config.data_dir, cx.id.clone(), durable_seq)?;
+    Ok(Parts {
+        ledger: Arc::new(ledger),
+        event_log,
+        bus: Arc::new(LocalBus::default()),
+        counters: Arc::new(MemoryCounters::default()),
+        history: history(cx.config).await?,
+    })
+}
+
+/// A node of a farm: Redis decides (with the embedded ledger as its fallback) and carries likes
+/// between nodes; plugin counters are shared.
+pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
+    let (event_log, durable_seq) = event_log(cx)?;
+    let local = EmbeddedLedger::open(&cx.config.data_dir, cx.id.clone(), durable_seq)?;
+    let link = RedisLink::new(redis_url)?;
+    link.spawn_maintainer(cx.tasks, cx.metrics.clone());
+    let ledger = FarmLedger::new(link.clone(), local, cx.config.data_dir.clone())?;
+    ledger.spawn_reconciler(cx.tasks);
+    let observer = ledger.clone();
+    let bus = RedisBus::new(
+        cx.id.clone(),
+        link.clone(),
+        Arc::new(move |track: &str, count: u64| observer.observe(track, count)),
+        cx.metrics.clone(),
+    );
+    link.wait_connected(STARTUP_REDIS_WAIT).await;
+    Ok(Parts {
+        ledger,
+        event_log,
+        bus: Arc::new(bus),
+        counters: Arc::new(RedisCounters::new(link)),
+        history: history(cx.config).await?,
+    })
+}
+
+/// Kafka (with its local spill) when configured, else the embedded SQLite log; with the
+/// watermark the ledger uses to know which events are durable.
+fn event_log(
+    cx: &Context<'_>,
+) -> anyhow::Result<(Arc<dyn EventLog>, Arc<std::sync::atomic::AtomicU64>)> {
+    Ok(match cx.config.kafka_settings() {
+        Some(kafka) => {
+            let log = KafkaEventLog::start(&cx.config.data_dir, kafka, cx.metrics.clone())?;
+            let durable = log.durable_seq();
+            (Arc::new(log), durable)
+        }
+        None => {
+            let log = SqliteEventLog::start(&cx.config.data_dir, None)?;
+            let durable = log.durable_seq();
+            (Arc::new(log), durable)
+        }
+    })
+}
+
+/// History from the workers' MongoDB when configured, else from this node's own events.
+async fn history(config: &Config) -> anyhow::Result<Arc<dyn History>> {
+    Ok(match &config.shared.mongo {
+        Some(url) => Arc::new(MongoArchive::connect(url, &config.shared.mongo_database).await?),
+        None => Arc::new(SqliteHistory::new(config.data_dir.clone())),
+    })
+}
+
+/// Builds a node from its configuration (farm mode with `--redis`).
+pub async fn node(config: Config) -> anyhow::Result<Arc<Node>> {
+    let id: Arc<str> = match &config.node_id {
+        Some(id) => Arc::from(id.as_str()),
+        None => Arc::from(format!("node-{:08x}", rand::random::<u32>())),
+    };
+    let tasks = Tasks::new();
+    let metrics = Arc::new(Metrics::new());
+    let cx = Context {
+        config: &config,
+        id: id.clone(),
+        metrics: metrics.clone(),
+        tasks: &tasks,
+    };
+    let parts = match &config.shared.redis {
+        Some(url) => farm(&cx, url).await?,
+        None => embedded(&cx).await?,
+    };
+    assemble(config, id, parts, metrics, tasks).await
+}
+
+/// What every node has around its parts: plugins (over the parts' counters), the registry
+/// (telling the bus about interest), the fan-out (registered on the bus), auth and limits.
+/// Tests call it with parts of their own.
+pub async fn assemble(
+    config: Config,
+    id: Arc<str>,
+    parts: Parts,
+    metrics: Arc<Metrics>,
+    tasks: Tasks,
+) -> anyhow::Result<Arc<Node>> {
+    let auth = Auth::from_config(&config)?;
+    let gate = ConnectionGate::new(config.max_connections, config.max_connections_per_ip);
+    let plugins = Arc::new(Plugins::new(
+        config.plugins.clone(),
+        config.data_dir.join("plugin-cache"),
+        parts.counters.clone(),
+        metrics.clone(),
+    ));
+    plugins.load_initial().await?;
+    let registry = Arc::new(Registry::new(metrics.clone(), parts.bus.clone()));
+    let fanout = Arc::new(Fanout::new(
+        registry.clone(),
+        metrics.clone(),
+        plugins.clone(),
+        config.broadcast_window(),
+        tasks.clone(),
+    ));
+    parts.bus.start(Arc::new(fanout.clone()), &tasks);
+    Ok(Arc::new(Node::new(
+        config, id, parts, registry, fanout, plugins, metrics, auth, gate, tasks,
+    )))
+}

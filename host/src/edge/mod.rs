@@ -1,0 +1,10 @@
+//! The node's edge: the listener and HTTP routes (`server`), one WebSocket connection
+//! (`session`), who a connection is (`auth`), wss/https (`tls`) and connection and message
+//! limits (`limits`). The edge reaches the rest only through [`crate::node::Node`] and the
+//! seams' traits; it never names farm, pipeline or worker code.
+
+pub mod auth;
+pub mod limits;
+pub mod server;
+pub mod session;
+pub mod tls;

@@ -1,0 +1,452 @@
+//! The listener: HTTP routes and the WebSocket upgrade on one port, and the shutdown order.
+//!
+//! hyper parses HTTP; `/v1/ws` answers 101 itself and hands the upgraded stream to a session
+//! task running tokio-tungstenite. Everything else is a small JSON or text response.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+
+use crate::edge::limits::Refusal;
+use crate::edge::session;
+use crate::edge::tls::Tls;
+use crate::node::Node;
+use fanfare_protocol as protocol;
+use tracing::Instrument;
+
+const INDEX_HTML: &str = include_str!("../../static/index.html");
+const CLIENT_JS: &str = include_str!("../../static/client.js");
+
+type Body = Full<Bytes>;
+
+/// Accepts connections until shutdown, then stops accepting and lets HTTP requests finish.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<Tls>>) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = node.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        match &tls {
+            None => {
+                connections.spawn(serve_http(node, peer, stream));
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                connections.spawn(async move {
+                    // The TLS handshake gets the same deadline as the HTTP headers.
+                    match tokio::time::timeout(
+                        node.config.handshake_timeout(),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => serve_http(node, peer, stream).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// One HTTP/1.1 connection (plain or TLS); upgrades hand the stream to a session.
+async fn serve_http<S>(node: Arc<Node>, peer: SocketAddr, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(|req| route(node.clone(), peer, req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.config.handshake_timeout())
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "http connection ended");
+            }
+        }
+        _ = node.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Every request runs in a span with its own id, so its log lines can be found together.
+async fn route(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span =
+        tracing::debug_span!("request", id, %peer, method = %req.method(), path = req.uri().path());
+    route_inner(node, peer, req).instrument(span).await
+}
+
+async fn route_inner(
+    node: Arc<Node>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if path.starts_with("/admin/") {
+        return Ok(admin(&node, peer, &req, &path).await);
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported here\n",
+        ));
+    }
+    let response = match path.as_str() {
+        "/v1/ws" => upgrade(node, peer, req),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if node.is_ready() => match node.degraded() {
+            None => text(StatusCode::OK, "ready\n"),
+            // Still serving (an L4 balancer should keep sending traffic), but say what is off.
+            Some(reason) => json(
+                StatusCode::OK,
+                serde_json::json!({ "status": "degraded", "reason": reason }),
+            ),
+        },
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/metrics" if node.config.shared.metrics_listen.is_none() => metrics_response(&node),
+        "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
+        "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
+        _ => match path.strip_prefix("/v1/tracks/") {
+            Some(rest) => match rest.strip_suffix("/history") {
+                Some(track) => track_history(&node, track, req.uri().query()).await,
+                None => track_count(&node, rest).await,
+            },
+            None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
+        },
+    };
+    Ok(response)
+}
+
+/// Operator endpoints. Until token auth exists they answer loopback clients only.
+async fn admin(
+    node: &Node,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    path: &str,
+) -> Response<Body> {
+    let method = req.method();
+    match &node.config.admin_token {
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given.is_none_or(|given| !constant_time_eq(given.as_bytes(), token.as_bytes())) {
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "admin token required",
+                );
+            }
+        }
+        None if !peer.ip().is_loopback() => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "unauthorized",
+                "admin endpoints answer loopback clients only (no --admin-token set)",
+            );
+        }
+        None => {}
+    }
+    match (method, path) {
+        (&Method::GET, "/admin/plugins") => json(StatusCode::OK, node.plugins.status()),
+        (&Method::POST, "/admin/plugins/reload") => {
+            let report = node.plugins.reload().await;
+            let status = if report.get("error").is_some() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::OK
+            };
+            json(status, report)
+        }
+        (_, "/admin/plugins" | "/admin/plugins/reload") => json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "bad_request",
+            "wrong method for this endpoint",
+        ),
+        _ => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
+    }
+}
+
+async fn track_count(node: &Node, track: &str) -> Response<Body> {
+    if !protocol::is_valid_track(track) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "track ids match [A-Za-z0-9_.:-]{1,128}",
+        );
+    }
+    match node.ledger.count(track).await {
+        Ok(count) => json(
+            StatusCode::OK,
+            serde_json::json!({ "track": track, "count": count }),
+        ),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot read count");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "cannot read the count",
+            )
+        }
+    }
+}
+
+/// `GET /v1/tracks/{track}/history?bucket=minute|hour|day&from=…&to=…`
+async fn track_history(node: &Node, track: &str, query: Option<&str>) -> Response<Body> {
+    if !protocol::is_valid_track(track) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "track ids match [A-Za-z0-9_.:-]{1,128}",
+        );
+    }
+    let params: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let get = |name: &str| params.get(name).map(String::as_str);
+    let query =
+        match crate::seams::history::Query::new(track, get("bucket"), get("from"), get("to")) {
+            Ok(query) => query,
+            Err(message) => return json_error(StatusCode::BAD_REQUEST, "bad_request", &message),
+        };
+    match node.history.buckets(&query).await {
+        Ok(rows) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "track": track,
+                "bucket": query.bucket.name(),
+                "from": query.start_ms,
+                "to": query.end_ms,
+                "buckets": rows,
+            }),
+        ),
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "cannot read history");
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "history is unavailable right now",
+            )
+        }
+    }
+}
+
+/// Answers the WebSocket handshake and spawns the session on the upgraded stream.
+fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    if !node.is_ready() {
+        node.metrics.upgrade_refused("draining");
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "node is shutting down",
+        );
+    }
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let (Some(key), true, true, true) = (
+        key,
+        version_ok,
+        has_token(header::CONNECTION, "upgrade"),
+        has_token(header::UPGRADE, "websocket"),
+    ) else {
+        let mut response = json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_request",
+            "this endpoint needs a WebSocket (version 13) upgrade",
+        );
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    };
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
+        && !node.config.allowed_origins.is_empty()
+        && !node
+            .config
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == origin)
+    {
+        node.metrics.upgrade_refused("origin");
+        return json_error(StatusCode::FORBIDDEN, "unauthorized", "origin not allowed");
+    }
+    let identity = match node.auth.authenticate(headers, req.uri().query()) {
+        Ok(identity) => identity,
+        Err(reason) => {
+            node.metrics.upgrade_refused("unauthorized");
+            return json_error(StatusCode::UNAUTHORIZED, "unauthorized", &reason);
+        }
+    };
+    let user = match identity.user {
+        None => format!("anon-{:012x}", rand::random::<u64>() >> 16),
+        Some(user) if protocol::is_valid_user(&user) => user,
+        Some(_) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "user ids match [A-Za-z0-9_.-]{1,64}",
+            );
+        }
+    };
+    let admission = match node.gate.admit(peer.ip()) {
+        Ok(admission) => admission,
+        Err(Refusal::NodeFull) => {
+            node.metrics.upgrade_refused("node_full");
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "this node is full; try another",
+            );
+        }
+        Err(Refusal::IpFull) => {
+            node.metrics.upgrade_refused("ip_full");
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many connections from your address",
+            );
+        }
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1 << 20)
+        .max_message_size(Some(node.config.max_frame_bytes))
+        .max_frame_size(Some(node.config.max_frame_bytes));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let session_node = node.clone();
+    node.sessions.spawn(async move {
+        let _admission = admission;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                session::run(session_node, ws, Arc::from(user)).await;
+            }
+            Err(err) => tracing::debug!(error = %err, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Some(protocol) = identity.protocol {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol),
+        );
+    }
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+fn metrics_response(node: &Node) -> Response<Body> {
+    crate::metrics::http::response(node.metrics.render())
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Body::from(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        serde_json::json!({ "error": code, "message": message }),
+    )
+}

@@ -1,0 +1,396 @@
+//! One WebSocket connection: its read loop, its writes, its heartbeat and its subscriptions.
+//!
+//! A single task owns the socket. It reads frames, runs up to `--max-inflight` likes
+//! concurrently (acks go out as each becomes durable), drains its outbox of broadcast updates,
+//! and closes the connection when the client goes silent, floods garbage, or stops reading.
+
+use std::collections::HashSet;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tracing::Instrument;
+
+use crate::broadcast::outbox::Outbox;
+use crate::edge::limits::MessageBucket;
+use crate::like::{self, Reply};
+use crate::node::Node;
+use fanfare_protocol::{self as protocol, ClientFrame, ErrorCode, FrameError, ServerFrame};
+
+/// Bad frames tolerated per [`GARBAGE_PERIOD`] before the connection is closed with 1008.
+const GARBAGE_LIMIT: u32 = 20;
+const GARBAGE_PERIOD: Duration = Duration::from_secs(10);
+/// How long a closing handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a session ended; decides the close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    ClientClosed,
+    /// Drained on shutdown; the client is told to reconnect after this many milliseconds.
+    Shutdown(u64),
+    HeartbeatTimeout,
+    SlowConsumer,
+    TooLarge,
+    Garbage,
+    Broken,
+}
+
+impl End {
+    fn close_frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            End::ClientClosed | End::Broken => return None,
+            End::Shutdown(after_ms) => {
+                let reason = format!("node draining; reconnect_after_ms={after_ms}");
+                return Some(CloseFrame {
+                    code: CloseCode::Away,
+                    reason: reason.into(),
+                });
+            }
+            End::HeartbeatTimeout => (CloseCode::Normal, "heartbeat timeout"),
+            End::SlowConsumer => (CloseCode::Again, "slow consumer"),
+            End::TooLarge => (CloseCode::Size, "frame too large"),
+            End::Garbage => (CloseCode::Policy, "too many bad frames"),
+        };
+        Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })
+    }
+}
+
+struct Session<S> {
+    node: Arc<Node>,
+    ws: WebSocketStream<S>,
+    user: Arc<str>,
+    outbox: Arc<Outbox>,
+    tracks: HashSet<Arc<str>>,
+    inflight: FuturesUnordered<BoxFuture<'static, Reply>>,
+    bad_frames: u32,
+    bad_since: Instant,
+    inbound: MessageBucket,
+}
+
+/// Serves one upgraded connection until it ends.
+pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, user: Arc<str>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let conn = node.next_conn_id();
+    let node_rate = node.config.max_messages_per_second;
+    let soft = node.config.outbound_queue;
+    let outbox = Arc::new(Outbox::new(
+        conn,
+        soft,
+        soft + node.config.max_subscriptions,
+    ));
+    node.metrics.connections_opened.inc();
+    node.metrics.connections_active.inc();
+    let mut session = Session {
+        node,
+        ws,
+        user,
+        outbox,
+        tracks: HashSet::new(),
+        inflight: FuturesUnordered::new(),
+        bad_frames: 0,
+        bad_since: Instant::now(),
+        inbound: MessageBucket::new(node_rate),
+    };
+    // Every log line of this connection carries its id and user (fields in JSON logs).
+    let span = tracing::info_span!("conn", id = conn, user = %session.user);
+    async {
+        let end = session.serve().await;
+        tracing::debug!(?end, "session ended");
+        session.finish(end).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn serve(&mut self) -> End {
+        let welcome = ServerFrame::Welcome {
+            user: &self.user,
+            heartbeat_ms: self.node.config.heartbeat_interval,
+        };
+        if let Err(end) = self.send(welcome.to_json()).await {
+            return end;
+        }
+        let timeout = self.node.config.heartbeat_timeout();
+        let mut heartbeat = pin!(tokio::time::sleep(timeout));
+        let shutdown = self.node.shutdown.clone();
+        let max_inflight = self.node.config.max_inflight;
+        let mut frames = Vec::new();
+        // On shutdown each connection keeps being served until its own random moment within
+        // the drain period, so closes (and reconnects) spread out instead of stampeding.
+        let mut drain_at: Option<Instant> = None;
+        let mut drain = pin!(tokio::time::sleep(Duration::ZERO));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if drain_at.is_none() => {
+                    let period = self.node.config.drain_period();
+                    let at = Instant::now() + period.mul_f64(rand::random::<f64>());
+                    drain_at = Some(at);
+                    drain.as_mut().reset(at);
+                }
+                _ = &mut drain, if drain_at.is_some() => {
+                    let spread = self.node.config.drain_period().max(Duration::from_secs(1));
+                    return End::Shutdown(spread.mul_f64(rand::random::<f64>()).as_millis() as u64);
+                }
+                Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if let Err(end) = self.send_reply(reply).await {
+                        return end;
+                    }
+                }
+                _ = self.outbox.wait() => {
+                    if !self.outbox.take(&mut frames) {
+                        self.node.metrics.slow_consumer_disconnects.inc();
+                        return End::SlowConsumer;
+                    }
+                    if let Err(end) = self.send_all(&mut frames).await {
+                        return end;
+                    }
+                }
+                message = self.ws.next(), if self.inflight.len() < max_inflight => {
+                    heartbeat.as_mut().reset(Instant::now() + timeout);
+                    let result = match message {
+                        None => Err(End::ClientClosed),
+                        Some(Err(err)) => Err(read_error(err)),
+                        Some(Ok(message)) => self.on_message(message).await,
+                    };
+                    if let Err(end) = result {
+                        return end;
+                    }
+                }
+                _ = &mut heartbeat => {
+                    self.node.metrics.heartbeat_reaps.inc();
+                    return End::HeartbeatTimeout;
+                }
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), End> {
+        if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.inbound.take() {
+            self.node.metrics.messages_rate_limited.inc();
+            let limit = self.node.config.max_messages_per_second;
+            let err = FrameError {
+                code: ErrorCode::RateLimited,
+                message: format!("more than {limit} messages per second; this one was dropped"),
+                key: None,
+            };
+            return self.on_bad_frame(err).await;
+        }
+        match message {
+            Message::Text(text) => match protocol::decode(&text) {
+                Ok(frame) => self.on_frame(frame).await,
+                Err(err) => self.on_bad_frame(err).await,
+            },
+            Message::Binary(_) => {
+                let err = FrameError {
+                    code: ErrorCode::BadRequest,
+                    message: "binary frames are not supported; send JSON text frames".into(),
+                    key: None,
+                };
+                self.on_bad_frame(err).await
+            }
+            // WebSocket pings are answered by tungstenite; like pongs they only prove liveness.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            Message::Close(_) => Err(End::ClientClosed),
+        }
+    }
+
+    async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
+        match frame {
+            ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
+            ClientFrame::Like(request) => {
+                let work = like::handle(
+                    self.node.clone(),
+                    self.user.clone(),
+                    self.outbox.conn,
+                    request,
+                );
+                self.inflight.push(Box::pin(work));
+                Ok(())
+            }
+            ClientFrame::Subscribe { track } => self.subscribe(track).await,
+            ClientFrame::Unsubscribe { track } => {
+                if let Some(name) = self.tracks.take(track.as_str()) {
+                    self.node.registry.unsubscribe(&name, self.outbox.conn);
+                }
+                self.send(ServerFrame::Unsubscribed { track: &track }.to_json())
+                    .await
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, track: String) -> Result<(), End> {
+        let limit = self.node.config.max_subscriptions;
+        if !self.tracks.contains(track.as_str()) && self.tracks.len() >= limit {
+            let message = format!("subscription limit of {limit} tracks per connection reached");
+            return self.send_error(ErrorCode::Overloaded, &message, None).await;
+        }
+        // Register first, then read the count: no update can fall between the two.
+        let (name, _) = self.node.registry.subscribe(&track, &self.outbox);
+        self.tracks.insert(name);
+        match self.node.ledger.count(&track).await {
+            Ok(count) => {
+                self.send(
+                    ServerFrame::Subscribed {
+                        track: &track,
+                        count,
+                    }
+                    .to_json(),
+                )
+                .await
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read track count");
+                self.send_error(ErrorCode::Internal, "cannot read the track count", None)
+                    .await
+            }
+        }
+    }
+
+    async fn on_bad_frame(&mut self, err: FrameError) -> Result<(), End> {
+        if self.bad_since.elapsed() > GARBAGE_PERIOD {
+            self.bad_frames = 0;
+            self.bad_since = Instant::now();
+        }
+        self.bad_frames += 1;
+        self.send_error(err.code, &err.message, err.key.as_deref())
+            .await?;
+        if self.bad_frames > GARBAGE_LIMIT {
+            self.node.metrics.garbage_disconnects.inc();
+            return Err(End::Garbage);
+        }
+        Ok(())
+    }
+
+    async fn send_reply(&mut self, reply: Reply) -> Result<(), End> {
+        let request = &reply.request;
+        match reply.result {
+            Ok(ack) => {
+                let frame = ServerFrame::Ack {
+                    id: &request.key,
+                    track: &request.track,
+                    count: ack.count,
+                    duplicate: ack.duplicate,
+                };
+                self.send(frame.to_json()).await
+            }
+            Err(refusal) => {
+                self.node.metrics.protocol_error(refusal.code.as_str());
+                let frame = ServerFrame::Error {
+                    code: refusal.code,
+                    message: &refusal.message,
+                    id: Some(&request.key),
+                    retry_after_ms: refusal.retry_after_ms,
+                };
+                self.send(frame.to_json()).await
+            }
+        }
+    }
+
+    async fn send_error(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        id: Option<&str>,
+    ) -> Result<(), End> {
+        self.node.metrics.protocol_error(code.as_str());
+        let frame = ServerFrame::Error {
+            code,
+            message,
+            id,
+            retry_after_ms: None,
+        };
+        self.send(frame.to_json()).await
+    }
+
+    async fn send(&mut self, text: String) -> Result<(), End> {
+        self.send_all(&mut vec![Utf8Bytes::from(text)]).await
+    }
+
+    /// Writes frames with one flush; a write that does not finish within the slow-consumer
+    /// timeout ends the session.
+    async fn send_all(&mut self, frames: &mut Vec<Utf8Bytes>) -> Result<(), End> {
+        let ws = &mut self.ws;
+        let write = async move {
+            for frame in frames.drain(..) {
+                ws.feed(Message::Text(frame)).await?;
+            }
+            ws.flush().await
+        };
+        let timeout = self.node.config.slow_consumer_timeout();
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Broken),
+            Err(_) => {
+                self.node.metrics.slow_consumer_disconnects.inc();
+                Err(End::SlowConsumer)
+            }
+        }
+    }
+
+    /// Leaves the registry, lets in-flight likes finish (their acks still go out when the
+    /// socket allows), then closes with the code that says why.
+    async fn finish(&mut self, end: End) {
+        for track in self.tracks.drain() {
+            self.node.registry.unsubscribe(&track, self.outbox.conn);
+        }
+        let deadline = Instant::now() + self.node.config.shutdown_timeout();
+        let socket_usable = !matches!(end, End::Broken | End::SlowConsumer | End::ClientClosed);
+        // Draining: no more reading; what was accepted finishes and is acked below.
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.inflight.next()).await {
+            if socket_usable {
+                let _ = self.send_reply(reply).await;
+            }
+        }
+        if end == End::TooLarge {
+            let message = format!(
+                "frames are limited to {} bytes",
+                self.node.config.max_frame_bytes
+            );
+            let _ = self.send_error(ErrorCode::TooLarge, &message, None).await;
+        }
+        if let Some(frame) = end.close_frame() {
+            let ws = &mut self.ws;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async move {
+                if ws.close(Some(frame)).await.is_ok() && socket_usable {
+                    // Finish the closing handshake: read and drop what the client still sends
+                    // until its Close. A socket closed with unread data is reset by the kernel,
+                    // and the reset can cost the client the acks and the close frame already
+                    // on their way (seen under shutdown with pipelined likes).
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            })
+            .await;
+        }
+        self.node.metrics.connections_active.dec();
+    }
+}
+
+fn read_error(err: WsError) -> End {
+    match err {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => End::TooLarge,
+        WsError::Capacity(_) => End::TooLarge,
+        WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed,
+        _ => End::Broken,
+    }
+}

@@ -1,0 +1,115 @@
+//! TLS for wss:// and https:// on the node's one port (rustls), with certificate reload on
+//! SIGHUP or when the certificate files change: new connections get the new certificate,
+//! existing ones keep theirs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::tasks::Tasks;
+use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
+use notify::{EventKind, RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+pub struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    config: ArcSwap<ServerConfig>,
+}
+
+impl Tls {
+    pub fn load(cert: &Path, key: &Path) -> anyhow::Result<Arc<Tls>> {
+        let config = build(cert, key)?;
+        Ok(Arc::new(Tls {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            config: ArcSwap::from_pointee(config),
+        }))
+    }
+
+    /// An acceptor with the current certificate.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.config.load_full())
+    }
+
+    /// Re-reads the files; a broken pair is refused and the current certificate stays.
+    pub fn reload(&self) {
+        match build(&self.cert, &self.key) {
+            Ok(config) => {
+                self.config.store(Arc::new(config));
+                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+            }
+            Err(err) => tracing::error!(
+                error = format!("{err:#}"),
+                "TLS reload refused; keeping the current certificate"
+            ),
+        }
+    }
+
+    /// Reloads on SIGHUP and on changes next to the certificate files, until shutdown.
+    pub fn spawn_watch(self: &Arc<Self>, tasks: &Tasks) -> anyhow::Result<()> {
+        let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event
+                    && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_))
+                {
+                    let _ = changed.try_send(());
+                }
+            })
+            .context("cannot watch the certificate files")?;
+        for file in [&self.cert, &self.key] {
+            let dir = file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            watcher
+                .watch(dir, RecursiveMode::NonRecursive)
+                .with_context(|| format!("cannot watch {}", dir.display()))?;
+        }
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let tls = self.clone();
+        let shutdown = tasks.shutdown().clone();
+        tasks.spawn(async move {
+            let _watcher = watcher;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = hangup.recv() => {}
+                    Some(()) = changes.recv() => {
+                        // Certificate and key are usually written one after the other.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        while changes.try_recv().is_ok() {}
+                    }
+                }
+                tls.reload();
+            }
+        });
+        Ok(())
+    }
+}
+
+fn build(cert: &Path, key: &Path) -> anyhow::Result<ServerConfig> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read --tls-cert {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("invalid certificate PEM in {}", cert.display()))?;
+    if certs.is_empty() {
+        bail!("no certificate in {}", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("cannot read a private key from --tls-key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("certificate and key do not match")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}

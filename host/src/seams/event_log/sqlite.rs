@@ -1,0 +1,286 @@
+//! Group commit into the embedded SQLite store on a dedicated thread.
+//!
+//! Appends queue on a bounded channel; the writer takes everything waiting (up to a batch
+//! limit), writes it in one transaction, commits once (one fsync) and then answers every
+//! waiter. Under load batches grow by themselves, so throughput rises without raising latency.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{EventLog, EventLogError, LikeEvent};
+use crate::seams::{Health, Part};
+use fanfare_protocol::Action;
+
+const MAX_BATCH: usize = 4096;
+const QUEUE_CAPACITY: usize = 16_384;
+
+enum Request {
+    Append(LikeEvent, oneshot::Sender<Result<(), EventLogError>>),
+    Barrier(oneshot::Sender<Result<(), EventLogError>>),
+    Close(oneshot::Sender<Result<(), EventLogError>>),
+}
+
+/// Where the writer hands committed events when Kafka is configured: each event also gets a
+/// row in the `kafka_outbox` table (the spill) in the same transaction, and after the commit
+/// goes to the shipper in commit order.
+pub struct Forward {
+    pub committed: mpsc::UnboundedSender<Committed>,
+    /// Highest outbox position committed so far.
+    pub committed_pos: Arc<AtomicU64>,
+}
+
+/// An event the writer committed, with its outbox position.
+pub struct Committed {
+    pub pos: u64,
+    pub event: LikeEvent,
+}
+
+pub struct SqliteEventLog {
+    requests: mpsc::Sender<Request>,
+    durable_seq: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl SqliteEventLog {
+    /// Starts the writer thread on its own connection to the store.
+    pub fn start(data_dir: &Path, forward: Option<Forward>) -> anyhow::Result<SqliteEventLog> {
+        let conn = crate::store::open(data_dir)?;
+        let durable_seq = Arc::new(AtomicU64::new(crate::store::last_seq(&conn)?));
+        let (requests, inbox) = mpsc::channel(QUEUE_CAPACITY);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            conn,
+            durable_seq: durable_seq.clone(),
+            healthy: healthy.clone(),
+            forward,
+        };
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer.run(inbox))
+            .context("cannot start the SQLite writer thread")?;
+        Ok(SqliteEventLog {
+            requests,
+            durable_seq,
+            healthy,
+        })
+    }
+
+    /// Highest sequence number known to be committed; the ledger uses it to evict safely.
+    pub fn durable_seq(&self) -> Arc<AtomicU64> {
+        self.durable_seq.clone()
+    }
+
+    async fn request(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), EventLogError>>) -> Request,
+    ) -> Result<(), EventLogError> {
+        let (done, wait) = oneshot::channel();
+        // A full queue pushes back on the connections (their in-flight limit) instead of failing.
+        if self.requests.send(make(done)).await.is_err() {
+            return Err(EventLogError::Closed);
+        }
+        wait.await.map_err(|_| EventLogError::Closed)?
+    }
+}
+
+#[async_trait]
+impl EventLog for SqliteEventLog {
+    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
+        self.request(|done| Request::Append(event, done)).await
+    }
+
+    async fn barrier(&self) -> Result<(), EventLogError> {
+        self.request(Request::Barrier).await
+    }
+}
+
+#[async_trait]
+impl Part for SqliteEventLog {
+    fn name(&self) -> &'static str {
+        "event log (sqlite)"
+    }
+
+    fn health(&self) -> Health {
+        if self.healthy.load(Ordering::Relaxed) {
+            Health::Healthy
+        } else {
+            Health::Unavailable("the store cannot write (retrying)".to_owned())
+        }
+    }
+
+    async fn close(&self) -> anyhow::Result<()> {
+        match self.request(Request::Close).await {
+            Err(EventLogError::Closed) => Ok(()), // already closed
+            other => Ok(other?),
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    durable_seq: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    forward: Option<Forward>,
+}
+
+impl Writer {
+    fn run(mut self, mut inbox: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = inbox.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match inbox.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.commit_until_done(&batch);
+            let closing = batch.iter().any(|r| matches!(r, Request::Close(_)));
+            for request in batch.drain(..) {
+                let _ = request.into_reply().send(Ok(()));
+            }
+            if closing {
+                inbox.close();
+                // Anything that raced in after Close is refused, never silently dropped.
+                while let Ok(late) = inbox.try_recv() {
+                    let _ = late.into_reply().send(Err(EventLogError::Closed));
+                }
+                tracing::info!("event log flushed and closed");
+                return;
+            }
+        }
+    }
+
+    /// Retries a failing commit (disk full, I/O error) instead of failing acks: nothing is
+    /// acked that is not stored, and nothing accepted is dropped. The node reports not ready
+    /// meanwhile.
+    fn commit_until_done(&mut self, batch: &[Request]) {
+        let mut backoff = Duration::from_millis(10);
+        let spill = self.forward.is_some();
+        let outboxed = loop {
+            match commit(&mut self.conn, batch, spill) {
+                Ok(outboxed) => break outboxed,
+                Err(err) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %err, retry_in = ?backoff, "SQLite commit failed");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        self.healthy.store(true, Ordering::Relaxed);
+        if let Some(forward) = &self.forward {
+            for (pos, index) in outboxed {
+                if let Request::Append(event, _) = &batch[index] {
+                    forward.committed_pos.fetch_max(pos, Ordering::Release);
+                    let _ = forward.committed.send(Committed {
+                        pos,
+                        event: event.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(max) = batch.iter().filter_map(appended_seq).max() {
+            self.durable_seq.fetch_max(max, Ordering::Release);
+        }
+    }
+}
+
+impl Request {
+    fn into_reply(self) -> oneshot::Sender<Result<(), EventLogError>> {
+        match self {
+            Request::Append(_, done) | Request::Barrier(done) | Request::Close(done) => done,
+        }
+    }
+}
+
+fn appended_seq(request: &Request) -> Option<u64> {
+    match request {
+        Request::Append(event, _) => Some(event.seq),
+        _ => None,
+    }
+}
+
+/// Commits the batch's events; with `spill`, also queues each new one in the outbox and
+/// returns (outbox position, batch index) pairs in commit order.
+fn commit(
+    conn: &mut Connection,
+    batch: &[Request],
+    spill: bool,
+) -> Result<Vec<(u64, usize)>, String> {
+    let mut outboxed = Vec::new();
+    if !batch.iter().any(|r| matches!(r, Request::Append(..))) {
+        return Ok(outboxed);
+    }
+    let tx = conn.transaction().map_err(|e| e.to_string())?;
+    {
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO like_events (seq, event_id, user, track, action, key, accepted_at_ms, node)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(|e| e.to_string())?;
+        let mut count = tx
+            .prepare_cached(
+                "INSERT INTO track_counts (track, count) VALUES (?1, MAX(?2, 0))
+                 ON CONFLICT (track) DO UPDATE SET count = MAX(count + ?2, 0)",
+            )
+            .map_err(|e| e.to_string())?;
+        let mut outbox = tx
+            .prepare_cached("INSERT INTO kafka_outbox (seq, version) VALUES (?1, ?2)")
+            .map_err(|e| e.to_string())?;
+        let mut existing = tx
+            .prepare_cached("SELECT seq FROM like_events WHERE event_id = ?1")
+            .map_err(|e| e.to_string())?;
+        for (index, request) in batch.iter().enumerate() {
+            let Request::Append(event, _) = request else {
+                continue;
+            };
+            let inserted = insert
+                .execute(params![
+                    event.seq as i64,
+                    event.event_id,
+                    &*event.user,
+                    &*event.track,
+                    event.action.as_str(),
+                    event.key,
+                    event.accepted_at_ms,
+                    &*event.node,
+                ])
+                .map_err(|e| e.to_string())?;
+            if inserted == 1 {
+                let delta: i64 = match event.action {
+                    Action::Like => 1,
+                    Action::Unlike => -1,
+                };
+                count
+                    .execute(params![&*event.track, delta])
+                    .map_err(|e| e.to_string())?;
+            }
+            // Shipped even when the row existed (a restored re-send): Kafka's consumers keep
+            // one copy per event id, and the appender is waiting for Kafka's confirmation.
+            if spill {
+                let stored_seq: i64 = if inserted == 1 {
+                    event.seq as i64
+                } else {
+                    existing
+                        .query_row(params![event.event_id], |row| row.get(0))
+                        .map_err(|e| e.to_string())?
+                };
+                let pos = outbox
+                    .insert(params![stored_seq, event.version as i64])
+                    .map_err(|e| e.to_string())?;
+                outboxed.push((pos.max(0) as u64, index));
+            }
+        }
+    }
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok(outboxed)
+}

@@ -1,0 +1,459 @@
+//! `fanfare worker`: the persistence worker. Consumes like events from Kafka in a consumer
+//! group, writes them to MongoDB in batches, and commits offsets only after MongoDB
+//! acknowledged the batch. Run more of them to scale; a crash means a replay, and replays
+//! change nothing (see `archive`).
+//!
+//! Its own module: `archive` (MongoDB) and `consumer_watch` (assignment, stalls, lag) are the
+//! worker's; nodes use `archive` only as a history source, through the composition root.
+
+pub mod archive;
+pub mod consumer_watch;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SharedArgs;
+use crate::tasks::Tasks;
+
+use crate::farm::keys::TrackKeys;
+use crate::farm::link::RedisLink;
+use crate::seams::event_log::EventRecord;
+use crate::worker::archive::{MongoArchive, TrackTotals};
+use crate::worker::consumer_watch::{WatchContext, spawn_lag_sampler};
+
+/// Fanfare persistence worker: Kafka → MongoDB, exactly once in effect.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "fanfare worker", version, about, long_about = None)]
+pub struct WorkerConfig {
+    /// Kafka brokers, `host:port[,host:port…]`.
+    #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
+    pub kafka: String,
+
+    /// Topic the nodes write like events to.
+    #[arg(
+        long,
+        env = "FANFARE_KAFKA_TOPIC",
+        default_value = "fanfare.likes",
+        value_name = "NAME"
+    )]
+    pub kafka_topic: String,
+
+    /// Consumer group; every worker of one deployment uses the same.
+    #[arg(
+        long,
+        env = "FANFARE_WORKER_GROUP",
+        default_value = "fanfare-workers",
+        value_name = "NAME"
+    )]
+    pub group: String,
+
+    /// How long the group waits for a silent worker before giving its partitions to others.
+    #[arg(
+        long,
+        env = "FANFARE_WORKER_SESSION_TIMEOUT",
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
+    pub session_timeout: u64,
+
+    /// Redis, MongoDB, metrics address and log filter, as for the node.
+    #[command(flatten)]
+    pub shared: SharedArgs,
+
+    /// Most events per MongoDB batch.
+    #[arg(
+        long,
+        env = "FANFARE_BATCH_MAX",
+        default_value_t = 5_000,
+        value_name = "N"
+    )]
+    pub batch_max: usize,
+
+    /// Longest a batch waits to fill after its first event.
+    #[arg(
+        long,
+        env = "FANFARE_BATCH_WAIT",
+        default_value_t = 100,
+        value_name = "MS"
+    )]
+    pub batch_wait: u64,
+}
+
+impl WorkerConfig {
+    pub fn validated(self) -> anyhow::Result<WorkerConfig> {
+        if self.shared.mongo.is_none() {
+            anyhow::bail!("fanfare worker needs --mongo (the MongoDB to store likes in)");
+        }
+        if self.batch_max == 0 || self.batch_wait == 0 || self.session_timeout < 1000 {
+            anyhow::bail!(
+                "--batch-max and --batch-wait must be positive, --session-timeout at least 1000 ms"
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// The worker's Prometheus metrics.
+struct WorkerMetrics {
+    registry: Registry,
+    batches: Counter,
+    events_inserted: Counter,
+    events_duplicate: Counter,
+    events_malformed: Counter,
+    mongo_failures: Counter,
+    redis_corrections: Counter,
+    /// Sum over assigned partitions of (high watermark − committed offset), from librdkafka
+    /// statistics (refreshed every second).
+    consumer_lag: Gauge<i64, AtomicI64>,
+}
+
+impl WorkerMetrics {
+    fn new() -> WorkerMetrics {
+        let mut registry = Registry::default();
+        let m = WorkerMetrics {
+            registry: Registry::default(),
+            batches: Counter::default(),
+            events_inserted: Counter::default(),
+            events_duplicate: Counter::default(),
+            events_malformed: Counter::default(),
+            mongo_failures: Counter::default(),
+            redis_corrections: Counter::default(),
+            consumer_lag: Gauge::default(),
+        };
+        let counters = [
+            (
+                "fanfare_worker_batches",
+                "Batches written to MongoDB and committed",
+                &m.batches,
+            ),
+            (
+                "fanfare_worker_events_inserted",
+                "Like events newly stored",
+                &m.events_inserted,
+            ),
+            (
+                "fanfare_worker_events_duplicate",
+                "Like events that were already stored (replays)",
+                &m.events_duplicate,
+            ),
+            (
+                "fanfare_worker_events_malformed",
+                "Messages on the topic that are not like events (skipped)",
+                &m.events_malformed,
+            ),
+            (
+                "fanfare_worker_mongo_failures",
+                "Failed MongoDB batch attempts (retried)",
+                &m.mongo_failures,
+            ),
+            (
+                "fanfare_worker_redis_corrections",
+                "Live Redis counts corrected to the stored count",
+                &m.redis_corrections,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "fanfare_worker_consumer_lag",
+            "Events on the topic not yet committed by this worker's partitions",
+            m.consumer_lag.clone(),
+        );
+        WorkerMetrics { registry, ..m }
+    }
+
+    fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %err, "cannot encode metrics");
+        }
+        text
+    }
+}
+
+/// A guard against a MongoDB call that never returns (a server frozen mid-answer), not a
+/// latency bound: a big batch on a slow server can take tens of seconds, and abandoning it
+/// only makes the retry slower (it meets its own half-written events and recounts).
+const STORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for one write-back round (a read of stored totals and a script per track);
+/// the write-back is optional, so it is skipped rather than waited on.
+const WRITE_BACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs until `shutdown`; what is not committed is consumed again by the next worker.
+pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
+    let shutdown = tasks.shutdown();
+    let metrics = Arc::new(WorkerMetrics::new());
+    if let Some(addr) = config.shared.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let render = metrics.clone();
+        crate::metrics::http::spawn(Arc::new(move || render.render()), listener, tasks);
+    }
+    let mongo = config
+        .shared
+        .mongo
+        .as_deref()
+        .context("fanfare worker needs --mongo")?;
+    let archive = MongoArchive::connect(mongo, &config.shared.mongo_database).await?;
+    let redis = match &config.shared.redis {
+        Some(url) => {
+            let link = RedisLink::new(url)?;
+            link.spawn_maintainer(tasks, Arc::new(crate::metrics::Metrics::new()));
+            Some(link)
+        }
+        None => None,
+    };
+    if let Err(err) =
+        crate::seams::event_log::kafka::ensure_topic(&config.kafka, &config.kafka_topic).await
+    {
+        tracing::warn!(error = %format!("{err:#}"), "cannot create the topic yet (nodes create it too)");
+    }
+    let consumer: StreamConsumer<WatchContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka)
+        .set("group.id", &config.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout.to_string())
+        .set("statistics.interval.ms", "1000")
+        .create_with_context(WatchContext::default())
+        .context("cannot create the Kafka consumer")?;
+    let consumer = Arc::new(consumer);
+    consumer
+        .subscribe(&[&config.kafka_topic])
+        .context("cannot subscribe to the like topic")?;
+    spawn_lag_sampler(consumer.clone(), metrics.consumer_lag.clone(), tasks);
+    tracing::info!(topic = %config.kafka_topic, group = %config.group, "fanfare worker consuming");
+    println!("fanfare worker consuming {}", config.kafka_topic);
+
+    let batch_wait = Duration::from_millis(config.batch_wait);
+    let mut indexed = false;
+    loop {
+        let Some(batch) =
+            next_batch(&consumer, config.batch_max, batch_wait, shutdown, &metrics).await
+        else {
+            break;
+        };
+        let Some(stored) =
+            store_until_done(&archive, &mut indexed, &batch.events, &metrics, shutdown).await
+        else {
+            break; // shutting down mid-retry: nothing committed, the batch is replayed later
+        };
+        if let Some(link) = &redis {
+            let corrected = tokio::time::timeout(WRITE_BACK_TIMEOUT, async {
+                match archive.totals(&stored.tracks).await {
+                    Ok(totals) => write_back(link, &totals, &metrics).await,
+                    Err(err) => {
+                        tracing::warn!(error = %format!("{err:#}"), "cannot read stored totals")
+                    }
+                }
+            });
+            if corrected.await.is_err() {
+                tracing::warn!("count write-back skipped: no answer in time");
+            }
+        }
+        // Counted once the batch is fully handled (stored and written back).
+        metrics.batches.inc();
+        metrics.events_inserted.inc_by(stored.inserted as u64);
+        metrics.events_duplicate.inc_by(stored.duplicates as u64);
+        // Asynchronous: a broker that does not answer must not block the worker; a commit
+        // that is lost only means a replay, and replays change nothing.
+        if let Err(err) = consumer.commit(&batch.offsets, CommitMode::Async) {
+            // Harmless: the next commit covers it, or the batch is replayed (idempotent).
+            tracing::warn!(error = %err, "cannot commit offsets");
+        }
+        tracing::debug!(
+            inserted = stored.inserted,
+            duplicates = stored.duplicates,
+            "batch stored"
+        );
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+struct Batch {
+    events: Vec<EventRecord>,
+    offsets: TopicPartitionList,
+}
+
+/// Waits for one event, then takes more until the batch is full or `wait` has passed.
+async fn next_batch(
+    consumer: &StreamConsumer<WatchContext>,
+    max: usize,
+    wait: Duration,
+    shutdown: &CancellationToken,
+    metrics: &WorkerMetrics,
+) -> Option<Batch> {
+    let mut events = Vec::new();
+    let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
+    let mut deadline = None;
+    while events.len() < max {
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = sleep => break,
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(error = %err, "Kafka consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+        next_offsets.insert(
+            (message.topic().to_owned(), message.partition()),
+            message.offset() + 1,
+        );
+        match message.payload().map(serde_json::from_slice::<EventRecord>) {
+            Some(Ok(event)) if fanfare_protocol::Action::parse(&event.action).is_some() => {
+                events.push(event)
+            }
+            other => {
+                metrics.events_malformed.inc();
+                tracing::warn!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    error = ?other.and_then(Result::err).map(|e| e.to_string()),
+                    "skipping a message that is not a like event"
+                );
+            }
+        }
+    }
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), next) in next_offsets {
+        if let Err(err) = offsets.add_partition_offset(&topic, partition, Offset::Offset(next)) {
+            tracing::warn!(error = %err, "cannot record an offset");
+        }
+    }
+    Some(Batch { events, offsets })
+}
+
+/// Creates the indexes before the first batch is stored (the unique key index is what keeps
+/// one event per client key); while MongoDB is unreachable this fails like the batch would,
+/// and is retried with it. An index MongoDB refuses is logged and the worker goes on.
+async fn ensure_indexes(archive: &MongoArchive, indexed: &mut bool) -> anyhow::Result<()> {
+    if *indexed {
+        return Ok(());
+    }
+    match archive.ensure_indexes().await {
+        Ok(()) => {}
+        Err(err)
+            if matches!(
+                *err.kind,
+                mongodb::error::ErrorKind::Io(_)
+                    | mongodb::error::ErrorKind::ServerSelection { .. }
+            ) =>
+        {
+            return Err(anyhow::Error::new(err).context("cannot create the MongoDB indexes"));
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "MongoDB refused an index (continuing without it)")
+        }
+    }
+    *indexed = true;
+    Ok(())
+}
+
+/// Retries with backoff until MongoDB acknowledges the batch; `None` on shutdown.
+async fn store_until_done(
+    archive: &MongoArchive,
+    indexed: &mut bool,
+    events: &[EventRecord],
+    metrics: &WorkerMetrics,
+    shutdown: &CancellationToken,
+) -> Option<crate::worker::archive::Stored> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = tokio::time::timeout(STORE_TIMEOUT, async {
+            ensure_indexes(archive, indexed).await?;
+            archive.store(events).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "no answer from MongoDB within {STORE_TIMEOUT:?}"
+            ))
+        });
+        match attempt {
+            Ok(stored) => return Some(stored),
+            Err(err) => {
+                metrics.mongo_failures.inc();
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, events = events.len(), "MongoDB batch failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Sets a track's live count to the stored one when Redis has applied exactly the events
+/// MongoDB holds — the same number (version = stored events) and the same set (equal sums of
+/// `event_digest`; a Redis that lost its data starts both from zero, so a count rebuilt by a
+/// partial replay never matches a lagging MongoDB by chance) — but its count differs: the
+/// stored count is then authoritative. Anything in flight makes them differ, and the live
+/// count is left alone.
+const WRITE_BACK: &str = r"
+local version = tonumber(redis.call('GET', KEYS[2]) or '0')
+if version ~= tonumber(ARGV[1]) then return 0 end
+if (redis.call('HGET', KEYS[3], 'a') or '0') ~= ARGV[3] then return 0 end
+if (redis.call('HGET', KEYS[3], 'b') or '0') ~= ARGV[4] then return 0 end
+if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+";
+
+async fn write_back(link: &RedisLink, totals: &[TrackTotals], metrics: &WorkerMetrics) {
+    let Some(mut conn) = link.connection() else {
+        return;
+    };
+    let script = redis::Script::new(WRITE_BACK);
+    for total in totals {
+        let keys = TrackKeys::new(&total.track);
+        let result: Result<i64, _> = script
+            .key(keys.count)
+            .key(keys.version)
+            .key(keys.digest)
+            .arg(total.events)
+            .arg(total.count.max(0))
+            .arg(total.digest[0])
+            .arg(total.digest[1])
+            .invoke_async(&mut conn)
+            .await;
+        match result {
+            Ok(1) => {
+                metrics.redis_corrections.inc();
+                tracing::info!(track = %total.track, count = total.count, "live count corrected from MongoDB");
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(error = %err, "count write-back skipped");
+                return;
+            }
+        }
+    }
+}
