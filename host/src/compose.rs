@@ -18,11 +18,11 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::plugins::Plugins;
 use crate::seams::Parts;
-use crate::seams::bus::{Bus, LocalBus};
-use crate::seams::counters::{Counters, MemoryCounters};
+use crate::seams::bus::LocalBus;
+use crate::seams::counters::MemoryCounters;
 use crate::seams::event_log::{EventLog, KafkaEventLog, SqliteEventLog};
 use crate::seams::history::{History, SqliteHistory};
-use crate::seams::ledger::{EmbeddedLedger, Ledger};
+use crate::seams::ledger::EmbeddedLedger;
 use crate::tasks::Tasks;
 use crate::worker::archive::MongoArchive;
 
