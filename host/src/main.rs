@@ -55,7 +55,8 @@ fn main() -> ExitCode {
 
 fn worker_main() -> ExitCode {
     use clap::Parser;
-    let args = std::env::args_os().skip(1);
+    // `fanfare worker …` → parse `…` under the name `fanfare worker` (usage lines say so).
+    let args = std::iter::once("fanfare worker".into()).chain(std::env::args_os().skip(2));
     let config = match worker::WorkerConfig::try_parse_from(args)
         .map_err(anyhow::Error::from)
         .and_then(worker::WorkerConfig::validated)

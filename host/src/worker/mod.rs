@@ -35,7 +35,12 @@ use crate::worker::consumer_watch::{WatchContext, spawn_lag_sampler};
 
 /// Fanfare persistence worker: Kafka → MongoDB, exactly once in effect.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fanfare worker", version, about, long_about = None)]
+#[command(
+    name = "fanfare worker",
+    version,
+    about = "Fanfare persistence worker: Kafka → MongoDB, exactly once in effect",
+    long_about = None
+)]
 pub struct WorkerConfig {
     /// Kafka brokers, `host:port[,host:port…]`.
     #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
