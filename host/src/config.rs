@@ -50,23 +50,9 @@ pub struct Config {
     #[arg(long, env = "FANFARE_PLUGINS", value_name = "FILE")]
     pub plugins: Option<PathBuf>,
 
-    /// Redis, MongoDB, metrics address and log filter: defined once, shared with the worker.
+    /// Kafka, Redis, MongoDB, metrics address and log filter: defined once, shared with the worker.
     #[command(flatten)]
     pub shared: SharedArgs,
-
-    /// Durable pipeline: Kafka brokers (`host:port[,host:port…]`). Every accepted like goes to
-    /// the topic before its ack; persistence workers (`fanfare worker`) write MongoDB.
-    #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
-    pub kafka: Option<String>,
-
-    /// Kafka topic of like events.
-    #[arg(
-        long,
-        env = "FANFARE_KAFKA_TOPIC",
-        default_value = "fanfare.likes",
-        value_name = "NAME"
-    )]
-    pub kafka_topic: String,
 
     /// How long an ack waits for Kafka before it is given from the local spill.
     #[arg(
@@ -293,6 +279,21 @@ pub struct Config {
 /// flattened into both.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SharedArgs {
+    /// Kafka brokers (`host:port[,host:port…]`). A node with it sends every accepted like to the
+    /// topic before its ack (the durable pipeline); a worker consumes the topic (required by
+    /// `fanfare worker`).
+    #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
+    pub kafka: Option<String>,
+
+    /// Kafka topic of like events.
+    #[arg(
+        long,
+        env = "FANFARE_KAFKA_TOPIC",
+        default_value = "fanfare.likes",
+        value_name = "NAME"
+    )]
+    pub kafka_topic: String,
+
     /// Redis shared by the farm, `redis://host:port` or
     /// `redis+sentinel://host:port[,host:port…]/master-name`. A node with it is in farm mode
     /// (without it, alone); a worker with it writes stored counts back where live counts drifted.
@@ -410,7 +411,9 @@ impl Config {
                 "--outbound-queue must be at least 4, --max-inflight and --max-subscriptions at least 1"
             );
         }
-        if self.kafka_topic.is_empty() || self.kafka_ack_timeout == 0 || self.spill_max_events == 0
+        if self.shared.kafka_topic.is_empty()
+            || self.kafka_ack_timeout == 0
+            || self.spill_max_events == 0
         {
             bail!(
                 "--kafka-topic must not be empty; --kafka-ack-timeout and --spill-max-events must be positive"
@@ -449,11 +452,12 @@ impl Config {
     }
 
     pub fn kafka_settings(&self) -> Option<crate::seams::event_log::KafkaSettings> {
-        self.kafka
+        self.shared
+            .kafka
             .as_ref()
             .map(|brokers| crate::seams::event_log::KafkaSettings {
                 brokers: brokers.clone(),
-                topic: self.kafka_topic.clone(),
+                topic: self.shared.kafka_topic.clone(),
                 ack_timeout: Duration::from_millis(self.kafka_ack_timeout),
                 spill_max_events: self.spill_max_events,
                 idempotence: self.kafka_idempotence,

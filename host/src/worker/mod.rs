@@ -42,19 +42,6 @@ use crate::worker::consumer_watch::{WatchContext, spawn_lag_sampler};
     long_about = None
 )]
 pub struct WorkerConfig {
-    /// Kafka brokers, `host:port[,host:port…]`.
-    #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
-    pub kafka: String,
-
-    /// Topic the nodes write like events to.
-    #[arg(
-        long,
-        env = "FANFARE_KAFKA_TOPIC",
-        default_value = "fanfare.likes",
-        value_name = "NAME"
-    )]
-    pub kafka_topic: String,
-
     /// Consumer group; every worker of one deployment uses the same.
     #[arg(
         long,
@@ -73,7 +60,7 @@ pub struct WorkerConfig {
     )]
     pub session_timeout: u64,
 
-    /// Redis, MongoDB, metrics address and log filter, as for the node.
+    /// Kafka, Redis, MongoDB, metrics address and log filter, as for the node.
     #[command(flatten)]
     pub shared: SharedArgs,
 
@@ -98,6 +85,9 @@ pub struct WorkerConfig {
 
 impl WorkerConfig {
     pub fn validated(self) -> anyhow::Result<WorkerConfig> {
+        if self.shared.kafka.is_none() {
+            anyhow::bail!("fanfare worker needs --kafka (the brokers to consume likes from)");
+        }
         if self.shared.mongo.is_none() {
             anyhow::bail!("fanfare worker needs --mongo (the MongoDB to store likes in)");
         }
@@ -208,6 +198,12 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         let render = metrics.clone();
         crate::metrics::http::spawn(Arc::new(move || render.render()), listener, tasks);
     }
+    let kafka = config
+        .shared
+        .kafka
+        .as_deref()
+        .context("fanfare worker needs --kafka")?;
+    let topic = config.shared.kafka_topic.as_str();
     let mongo = config
         .shared
         .mongo
@@ -222,13 +218,11 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if let Err(err) =
-        crate::seams::event_log::kafka::ensure_topic(&config.kafka, &config.kafka_topic).await
-    {
+    if let Err(err) = crate::seams::event_log::kafka::ensure_topic(kafka, topic).await {
         tracing::warn!(error = %format!("{err:#}"), "cannot create the topic yet (nodes create it too)");
     }
     let consumer: StreamConsumer<WatchContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka)
+        .set("bootstrap.servers", kafka)
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -238,11 +232,11 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         .context("cannot create the Kafka consumer")?;
     let consumer = Arc::new(consumer);
     consumer
-        .subscribe(&[&config.kafka_topic])
+        .subscribe(&[topic])
         .context("cannot subscribe to the like topic")?;
     spawn_lag_sampler(consumer.clone(), metrics.consumer_lag.clone(), tasks);
-    tracing::info!(topic = %config.kafka_topic, group = %config.group, "fanfare worker consuming");
-    println!("fanfare worker consuming {}", config.kafka_topic);
+    tracing::info!(%topic, group = %config.group, "fanfare worker consuming");
+    println!("fanfare worker consuming {topic}");
 
     let batch_wait = Duration::from_millis(config.batch_wait);
     let mut indexed = false;
