@@ -8,8 +8,6 @@ use std::time::Duration;
 use crate::broadcast::fanout::Fanout;
 use crate::broadcast::registry::Registry;
 use crate::config::Config;
-use crate::edge::auth::Auth;
-use crate::edge::limits::ConnectionGate;
 use crate::farm::bus::RedisBus;
 use crate::farm::counters::RedisCounters;
 use crate::farm::ledger::FarmLedger;
@@ -125,7 +123,7 @@ pub async fn node(config: Config) -> anyhow::Result<Arc<Node>> {
 }
 
 /// What every node has around its parts: plugins (over the parts' counters), the registry
-/// (telling the bus about interest), the fan-out (registered on the bus), auth and limits.
+/// (telling the bus about interest) and the fan-out (registered on the bus).
 /// Tests call it with parts of their own.
 pub async fn assemble(
     config: Config,
@@ -134,8 +132,6 @@ pub async fn assemble(
     metrics: Arc<Metrics>,
     tasks: Tasks,
 ) -> anyhow::Result<Arc<Node>> {
-    let auth = Auth::from_config(&config)?;
-    let gate = ConnectionGate::new(config.max_connections, config.max_connections_per_ip);
     let plugins = Arc::new(Plugins::new(
         config.plugins.clone(),
         config.data_dir.join("plugin-cache"),
@@ -153,6 +149,6 @@ pub async fn assemble(
     ));
     parts.bus.start(Arc::new(fanout.clone()), &tasks);
     Ok(Arc::new(Node::new(
-        config, id, parts, registry, fanout, plugins, metrics, auth, gate, tasks,
+        config, id, parts, registry, fanout, plugins, metrics, tasks,
     )))
 }

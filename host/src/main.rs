@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use fanfare::config::{Config, LogFormat};
-use fanfare::edge::{server, tls::Tls};
+use fanfare::edge::server::{self, Edge};
 use fanfare::node::Node;
 use fanfare::tasks::Tasks;
 use fanfare::{compose, plugins, worker};
@@ -120,10 +120,7 @@ fn init_tracing(log: &str, format: LogFormat) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(Tls::load(cert, key)?),
-        _ => None,
-    };
+    let edge = Edge::new(&config)?;
     let node = compose::node(config).await?;
     let listener = TcpListener::bind(listen)
         .await
@@ -131,7 +128,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(node = %node.id, listen = %local, data_dir = %node.config.data_dir.display(), "fanfare node serving");
     // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let scheme = if edge.tls.is_some() { "https" } else { "http" };
     println!("fanfare listening on {scheme}://{local}");
     if let Some(addr) = node.config.shared.metrics_listen {
         let metrics_listener = TcpListener::bind(addr)
@@ -147,10 +144,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     node.tasks.spawn(cancel_on_signal(node.tasks.clone()));
     plugins::reload::spawn_triggers(node.plugins.clone(), &node.tasks)?;
-    if let Some(tls) = &tls {
+    if let Some(tls) = &edge.tls {
         tls.spawn_watch(&node.tasks)?;
     }
-    server::serve(node.clone(), listener, tls).await;
+    server::serve(node.clone(), edge, listener).await;
     shutdown(node).await
 }
 

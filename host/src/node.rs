@@ -1,5 +1,5 @@
 //! Everything one node shares between its connections: the seams' parts, broadcast, plugins,
-//! limits, and the one shutdown signal. Built by the composition root (`compose::node`).
+//! metrics, and the one shutdown signal. Built by the composition root (`compose::node`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +11,6 @@ use crate::broadcast::fanout::Fanout;
 use crate::broadcast::outbox::ConnId;
 use crate::broadcast::registry::Registry;
 use crate::config::Config;
-use crate::edge::auth::Auth;
-use crate::edge::limits::ConnectionGate;
 use crate::metrics::Metrics;
 use crate::plugins::Plugins;
 use crate::seams::bus::Bus;
@@ -35,8 +33,6 @@ pub struct Node {
     pub fanout: Arc<Fanout>,
     pub plugins: Arc<Plugins>,
     pub metrics: Arc<Metrics>,
-    pub auth: Auth,
-    pub gate: Arc<ConnectionGate>,
     /// The one shutdown signal every loop listens to (the same as `tasks.shutdown()`).
     pub shutdown: CancellationToken,
     /// Every background task; shutdown waits for them last.
@@ -58,8 +54,6 @@ impl Node {
         fanout: Arc<Fanout>,
         plugins: Arc<Plugins>,
         metrics: Arc<Metrics>,
-        auth: Auth,
-        gate: Arc<ConnectionGate>,
         tasks: Tasks,
     ) -> Node {
         let all = parts.all();
@@ -81,8 +75,6 @@ impl Node {
             fanout,
             plugins,
             metrics,
-            auth,
-            gate,
             shutdown: tasks.shutdown().clone(),
             tasks,
             sessions: TaskTracker::new(),

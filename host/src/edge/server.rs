@@ -22,7 +22,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
-use crate::edge::limits::Refusal;
+use crate::config::Config;
+use crate::edge::auth::Auth;
+use crate::edge::limits::{ConnectionGate, Refusal};
 use crate::edge::session;
 use crate::edge::tls::Tls;
 use crate::node::Node;
@@ -34,8 +36,31 @@ const CLIENT_JS: &str = include_str!("../../static/client.js");
 
 type Body = Full<Bytes>;
 
+/// The listener's own state, apart from what the node shares: how connections are secured
+/// (TLS) and who may open one (identity, connection limits).
+pub struct Edge {
+    pub tls: Option<Arc<Tls>>,
+    pub auth: Auth,
+    pub gate: Arc<ConnectionGate>,
+}
+
+impl Edge {
+    /// Reads certificates and keys now, so a bad one stops the node before it listens.
+    pub fn new(config: &Config) -> anyhow::Result<Arc<Edge>> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Tls::load(cert, key)?),
+            _ => None,
+        };
+        Ok(Arc::new(Edge {
+            tls,
+            auth: Auth::from_config(config)?,
+            gate: ConnectionGate::new(config.max_connections, config.max_connections_per_ip),
+        }))
+    }
+}
+
 /// Accepts connections until shutdown, then stops accepting and lets HTTP requests finish.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<Tls>>) {
+pub async fn serve(node: Arc<Node>, edge: Arc<Edge>, listener: TcpListener) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -53,9 +78,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<Tls>>
         };
         let _ = stream.set_nodelay(true);
         let node = node.clone();
-        match &tls {
+        let edge_ = edge.clone();
+        match &edge.tls {
             None => {
-                connections.spawn(serve_http(node, peer, stream));
+                connections.spawn(serve_http(node, edge_, peer, stream));
             }
             Some(tls) => {
                 let acceptor = tls.acceptor();
@@ -67,7 +93,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<Tls>>
                     )
                     .await
                     {
-                        Ok(Ok(stream)) => serve_http(node, peer, stream).await,
+                        Ok(Ok(stream)) => serve_http(node, edge_, peer, stream).await,
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed")
                         }
@@ -83,11 +109,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, tls: Option<Arc<Tls>>
 }
 
 /// One HTTP/1.1 connection (plain or TLS); upgrades hand the stream to a session.
-async fn serve_http<S>(node: Arc<Node>, peer: SocketAddr, stream: S)
+async fn serve_http<S>(node: Arc<Node>, edge: Arc<Edge>, peer: SocketAddr, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(|req| route(node.clone(), peer, req));
+    let service = service_fn(|req| route(node.clone(), edge.clone(), peer, req));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(node.config.handshake_timeout())
@@ -112,17 +138,19 @@ static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 /// Every request runs in a span with its own id, so its log lines can be found together.
 async fn route(
     node: Arc<Node>,
+    edge: Arc<Edge>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let span =
         tracing::debug_span!("request", id, %peer, method = %req.method(), path = req.uri().path());
-    route_inner(node, peer, req).instrument(span).await
+    route_inner(node, edge, peer, req).instrument(span).await
 }
 
 async fn route_inner(
     node: Arc<Node>,
+    edge: Arc<Edge>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -137,7 +165,7 @@ async fn route_inner(
         ));
     }
     let response = match path.as_str() {
-        "/v1/ws" => upgrade(node, peer, req),
+        "/v1/ws" => upgrade(node, &edge, peer, req),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if node.is_ready() => match node.degraded() {
             None => text(StatusCode::OK, "ready\n"),
@@ -280,7 +308,12 @@ async fn track_history(node: &Node, track: &str, query: Option<&str>) -> Respons
 }
 
 /// Answers the WebSocket handshake and spawns the session on the upgraded stream.
-fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+fn upgrade(
+    node: Arc<Node>,
+    edge: &Edge,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     if !node.is_ready() {
         node.metrics.upgrade_refused("draining");
         return json_error(
@@ -330,7 +363,7 @@ fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Res
         node.metrics.upgrade_refused("origin");
         return json_error(StatusCode::FORBIDDEN, "unauthorized", "origin not allowed");
     }
-    let identity = match node.auth.authenticate(headers, req.uri().query()) {
+    let identity = match edge.auth.authenticate(headers, req.uri().query()) {
         Ok(identity) => identity,
         Err(reason) => {
             node.metrics.upgrade_refused("unauthorized");
@@ -348,7 +381,7 @@ fn upgrade(node: Arc<Node>, peer: SocketAddr, mut req: Request<Incoming>) -> Res
             );
         }
     };
-    let admission = match node.gate.admit(peer.ip()) {
+    let admission = match edge.gate.admit(peer.ip()) {
         Ok(admission) => admission,
         Err(Refusal::NodeFull) => {
             node.metrics.upgrade_refused("node_full");
