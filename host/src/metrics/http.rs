@@ -43,6 +43,7 @@ pub fn spawn(render: RenderMetrics, listener: TcpListener, tasks: &Tasks) {
             };
             let Ok((stream, _)) = accepted else { continue };
             let render = render.clone();
+            let shutdown = connections.shutdown().clone();
             connections.spawn(async move {
                 let service = service_fn(|req: Request<Incoming>| {
                     let render = render.clone();
@@ -59,11 +60,19 @@ pub fn spawn(render: RenderMetrics, listener: TcpListener, tasks: &Tasks) {
                         })
                     }
                 });
-                let _ = http1::Builder::new()
+                let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                // A scraper's keep-alive connection must not hold shutdown up.
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
             });
         }
     });
