@@ -96,11 +96,7 @@ impl Part for RedisBus {
     }
 
     fn health(&self) -> Health {
-        if self.link.is_up() {
-            Health::Healthy
-        } else {
-            Health::Degraded("redis unreachable: local fan-out only".to_owned())
-        }
+        self.link.health("local fan-out only")
     }
 }
 

@@ -30,11 +30,7 @@ impl Part for RedisCounters {
     }
 
     fn health(&self) -> Health {
-        if self.link.is_up() {
-            Health::Healthy
-        } else {
-            Health::Degraded("redis unreachable: rate limits hold per node".to_owned())
-        }
+        self.link.health("rate limits hold per node")
     }
 }
 

@@ -502,13 +502,8 @@ impl Part for FarmLedger {
     }
 
     fn health(&self) -> Health {
-        if self.link.is_up() {
-            Health::Healthy
-        } else {
-            Health::Degraded(
-                "redis unreachable: likes decided locally, counts reconcile on return".to_owned(),
-            )
-        }
+        self.link
+            .health("likes decided locally, counts reconcile on return")
     }
 }
 

@@ -17,6 +17,7 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::metrics::Metrics;
+use crate::seams::Health;
 use crate::tasks::Tasks;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -91,6 +92,16 @@ impl RedisLink {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// The health of a part that depends on this link: degraded, with what that means for the
+    /// part, while Redis is unreachable.
+    pub fn health(&self, while_down: &str) -> Health {
+        if self.is_up() {
+            Health::Healthy
+        } else {
+            Health::Degraded(format!("redis unreachable: {while_down}"))
+        }
     }
 
     /// Changes on every successful (re)connect.
