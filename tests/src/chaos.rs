@@ -118,8 +118,8 @@ pub struct Report {
     /// Likes still held in the nodes' Kafka spills when the audit ended (acked, safe on the
     /// node, not yet in Kafka).
     pub still_spilled: f64,
-    /// Panics the broker logged (a broker bug, not ours; it makes requests hang).
-    pub broker_panics: Vec<String>,
+    /// ERROR/FATAL lines the broker logged (for the report; a kill -9 makes a few).
+    pub broker_errors: Vec<String>,
 }
 
 impl Report {
@@ -161,14 +161,17 @@ impl Report {
                 "acked likes still in node spills",
                 self.still_spilled.to_string(),
             ),
-            ("broker panics", self.broker_panics.len().to_string()),
+            (
+                "broker ERROR log lines",
+                self.broker_errors.len().to_string(),
+            ),
         ];
         for (k, v) in rows {
             let _ = writeln!(out, "| {k} | {v} |");
         }
         let _ = writeln!(out, "\nfaults: {}", self.injected.join("; "));
-        for panic in &self.broker_panics {
-            let _ = writeln!(out, "broker panic: {panic}");
+        for error in self.broker_errors.iter().take(5) {
+            let _ = writeln!(out, "broker error: {error}");
         }
         for m in &self.mismatched {
             let _ = writeln!(out, "mismatch: {m}");
@@ -381,11 +384,11 @@ pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
             .await
             .unwrap_or(0.0);
     }
-    report.broker_panics = farm.services.kafka.panics();
+    report.broker_errors = farm.services.kafka.errors();
     if let Some(death) = farm.services.kafka.died() {
         report.mismatched.push(death);
     } else if !report.passed() {
-        eprintln!("chaos: tansu log: {}", farm.services.kafka.log_tail(10));
+        eprintln!("chaos: broker log: {}", farm.services.kafka.log_tail(10));
     }
     report.run_time = started.elapsed();
     Ok(report)
@@ -466,9 +469,8 @@ async fn audit(
 
     // Stored: every acked like, once; per-track totals consistent and equal to the live ones.
     let db = farm.services.db().await?;
-    // nx-27017 (a Python server) stores a few hundred events a second under replays and
-    // recounts, so long runs get time in proportion to what they acked.
-    let patience = Duration::from_secs(300).max(Duration::from_millis(acks.total() * 10));
+    // Long runs get time in proportion to what they acked (replays recount totals).
+    let patience = Duration::from_secs(120).max(Duration::from_millis(acks.total() * 2));
     match wait_stored(&db, acks.total(), patience).await {
         Ok(_) => report.stored_after = Some(quiet.elapsed()),
         Err(err) => eprintln!("chaos: {err:#}"),

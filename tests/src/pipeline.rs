@@ -1,5 +1,5 @@
-//! The farm's outside services started together for one test: Redis between the nodes, a
-//! Kafka-protocol broker and a MongoDB-protocol server, with topic, group and database names of
+//! The farm's outside services started together for one test: Redis between the nodes,
+//! Apache Kafka and FerretDB (MongoDB protocol), with topic, group and database names of
 //! their own, and the flags that point nodes and workers at them.
 
 use crate::services::{KafkaBroker, MongoServer, WorkerProcess, unique};
@@ -28,7 +28,7 @@ impl Pipeline {
     }
 
     pub fn node_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = [
+        [
             "--redis",
             &self.redis.url(),
             "--kafka",
@@ -45,28 +45,11 @@ impl Pipeline {
             "100",
         ]
         .map(str::to_owned)
-        .to_vec();
-        if self.kafka.is_own() {
-            // tansu 0.6 panics when an idempotent producer recovers after a broker restart
-            // (docs/events.md); real Kafka (FANFARE_TEST_KAFKA) runs with the default.
-            args.extend(["--kafka-idempotence".to_owned(), "false".to_owned()]);
-        }
-        args
+        .to_vec()
     }
 
     pub async fn node(&self, data_dir: &std::path::Path) -> anyhow::Result<NodeProcess> {
         let args = self.node_args();
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        NodeProcess::start(data_dir, &args).await
-    }
-
-    /// A node with the default (idempotent) producer whatever the broker: for runs without
-    /// broker faults, so the default path is exercised against tansu too.
-    pub async fn idempotent_node(&self, data_dir: &std::path::Path) -> anyhow::Result<NodeProcess> {
-        let mut args = self.node_args();
-        if let Some(at) = args.iter().position(|a| a == "--kafka-idempotence") {
-            args.drain(at..at + 2);
-        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         NodeProcess::start(data_dir, &args).await
     }

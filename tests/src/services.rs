@@ -1,18 +1,23 @@
-//! The pipeline's outside services for tests: a Kafka-protocol broker, a MongoDB-protocol
-//! server and `fanfare worker` processes, each on a free loopback port and killed on drop.
+//! The pipeline's outside services for tests: Apache Kafka (KRaft, one broker), FerretDB on
+//! PostgreSQL as the MongoDB-protocol store, and `fanfare worker` processes, each on free
+//! loopback ports with data in a temp dir, killed by pid on drop.
 //!
-//! By default the broker is tansu (durable SQLite storage) and MongoDB is `nx-27017`, both
-//! installed by `scripts/setup`. `FANFARE_TEST_KAFKA=host:port` and
-//! `FANFARE_TEST_MONGO=mongodb://…` run the same tests against real Apache Kafka and MongoDB
+//! `scripts/setup` installs them into the cache (`scripts/services install`): the Kafka jars
+//! from Maven Central, the FerretDB binary built from the Go module proxy, PostgreSQL from
+//! Debian. `FANFARE_TEST_KAFKA=host:port` and `FANFARE_TEST_MONGO=mongodb://…` (what
+//! `eval "$(scripts/services up)"` prints) run the same tests against long-running services
 //! instead; tests that must kill or freeze a service are then skipped (they say so).
 
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
 use crate::process::{Log, Ready, Service, Spec};
 use crate::{PATIENCE, fanfare_bin, free_port};
+
+/// Partitions of an auto-created topic: enough for two workers to share the likes.
+const TOPIC_PARTITIONS: u32 = 4;
 
 /// A name no other test run uses (topics, groups, databases).
 pub fn unique(prefix: &str) -> String {
@@ -23,7 +28,22 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
-/// A Kafka-protocol broker: our own tansu, or the one `FANFARE_TEST_KAFKA` names.
+/// Where `scripts/services install` keeps what it installs.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("FANFARE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/fanfare"))
+}
+
+/// The Kafka jars: `FANFARE_KAFKA_LIB`, else the cache.
+pub fn kafka_lib() -> PathBuf {
+    std::env::var_os("FANFARE_KAFKA_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("kafka-4.4.0/lib"))
+}
+
+/// An Apache Kafka broker of our own (KRaft, combined broker + controller), or the one
+/// `FANFARE_TEST_KAFKA` names.
 pub struct KafkaBroker {
     /// `None` for an outside broker.
     service: Option<Service>,
@@ -40,21 +60,21 @@ impl KafkaBroker {
                 dir: None,
             });
         }
-        let port = free_port()?;
+        let (port, controller) = (free_port()?, free_port()?);
         let dir = tempfile::tempdir()?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let spec = Spec::new("tansu", tansu_bin(), Ready::Port(port))
-            .current_dir(dir.path())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .env("RUST_LOG", "error")
-            .log(Log::File(dir.path().join("tansu.log")))
+        let config = dir.path().join("server.properties");
+        std::fs::write(&config, kafka_config(dir.path(), port, controller))?;
+        format_kafka_storage(&config).await?;
+        let lib = kafka_lib();
+        let log4j =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka/log4j2.properties");
+        let spec = Spec::new("kafka", "java", Ready::Port(port))
+            .args(["-Xms128m", "-Xmx512m", "-XX:+UseSerialGC"])
+            .args([format!("-Dlog4j2.configurationFile={}", log4j.display())])
+            .args([format!("-Dkafka.logs.dir={}", dir.path().display())])
+            .args([OsStr::new("-cp"), lib.join("*").as_os_str()])
+            .args([OsStr::new("kafka.Kafka"), config.as_os_str()])
+            .log(Log::File(dir.path().join("stderr.log")))
             .patience(PATIENCE * 3);
         Ok(KafkaBroker {
             service: Some(Service::start(spec).await?),
@@ -63,7 +83,7 @@ impl KafkaBroker {
         })
     }
 
-    /// Where our own broker keeps its data.
+    /// Where our own broker keeps its data and its log (`broker.log`).
     pub fn dir(&self) -> Option<&std::path::Path> {
         self.dir.as_ref().map(|d| d.path())
     }
@@ -79,7 +99,7 @@ impl KafkaBroker {
             .context("an outside broker cannot be stopped or restarted")
     }
 
-    /// (Re)starts tansu on the same port and storage; what it stored survives.
+    /// (Re)starts the broker on the same ports and log dirs; what it stored survives.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.own()?.restart().await
     }
@@ -93,42 +113,26 @@ impl KafkaBroker {
         self.service.as_mut()?.died()
     }
 
-    /// Where our broker panicked, as it logged it (`panicked at <file:line>: <message>`).
-    pub fn panics(&self) -> Vec<String> {
+    /// The broker's ERROR and FATAL log lines (a healthy run has none).
+    pub fn errors(&self) -> Vec<String> {
         let log = self
             .dir()
-            .and_then(|d| std::fs::read_to_string(d.join("tansu.log")).ok())
+            .and_then(|d| std::fs::read_to_string(d.join("broker.log")).ok())
             .unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines
-            .iter()
-            .enumerate()
-            .filter_map(|(i, line)| {
-                let at = line.split("panicked at ").nth(1)?;
-                let message = lines.get(i + 1).copied().unwrap_or_default();
-                let file = at.find("tansu-").map_or(at, |i| &at[i..]);
-                Some(format!("{file} {message}"))
-            })
+        log.lines()
+            .filter(|l| l.contains("] ERROR ") || l.contains("] FATAL "))
+            .map(str::to_owned)
             .collect()
     }
 
-    /// The last lines our broker wrote to stderr (backtrace frames, indented, left out).
+    /// The last lines of the broker's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let Some(service) = &self.service else {
-            return String::new();
-        };
-        let all = service.log_tail(lines * 20);
-        let mut tail: Vec<&String> = all
-            .iter()
-            .rev()
-            .filter(|l| !l.starts_with(' '))
-            .take(lines)
-            .collect();
-        tail.reverse();
-        tail.iter()
-            .map(|l| l.as_str())
-            .collect::<Vec<_>>()
-            .join(" | ")
+        let log = self
+            .dir()
+            .and_then(|d| std::fs::read_to_string(d.join("broker.log")).ok())
+            .unwrap_or_default();
+        let all: Vec<&str> = log.lines().filter(|l| l.starts_with('[')).collect();
+        all[all.len().saturating_sub(lines)..].join(" | ")
     }
 
     /// SIGSTOP / SIGCONT.
@@ -140,25 +144,75 @@ impl KafkaBroker {
     }
 }
 
-/// `FANFARE_TANSU`, else the binary `scripts/setup` caches, else `tansu` on PATH.
-pub fn tansu_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("FANFARE_TANSU") {
-        return PathBuf::from(path);
-    }
-    let cache = std::env::var_os("FANFARE_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/fanfare"));
-    let cached = cache.join("tansu/bin/tansu");
-    if cached.exists() {
-        cached
-    } else {
-        PathBuf::from("tansu")
-    }
+/// One KRaft node that is broker and controller, sized for tests: single replicas, no
+/// rebalance delay, auto-created topics with a few partitions.
+pub fn kafka_config(dir: &Path, port: u16, controller: u16) -> String {
+    format!(
+        "process.roles=broker,controller\n\
+         node.id=1\n\
+         listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+         advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+         controller.listener.names=CONTROLLER\n\
+         listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+         controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
+         log.dirs={}\n\
+         num.partitions={TOPIC_PARTITIONS}\n\
+         auto.create.topics.enable=true\n\
+         offsets.topic.replication.factor=1\n\
+         offsets.topic.num.partitions=4\n\
+         transaction.state.log.replication.factor=1\n\
+         transaction.state.log.min.isr=1\n\
+         share.coordinator.state.topic.replication.factor=1\n\
+         group.initial.rebalance.delay.ms=0\n",
+        dir.join("data").display()
+    )
 }
 
-/// A MongoDB-protocol server: our own nx-27017, or the one `FANFARE_TEST_MONGO` names.
+/// `kafka-storage format --standalone` with a fresh cluster id.
+async fn format_kafka_storage(config: &Path) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("java")
+        .args(["-Xmx256m", "-cp"])
+        .arg(kafka_lib().join("*"))
+        .args(["kafka.tools.StorageTool", "format", "--standalone", "-t"])
+        .arg(kafka_cluster_id())
+        .arg("-c")
+        .arg(config)
+        .output()
+        .await
+        .context("cannot run java (./scripts/setup installs OpenJDK and the Kafka jars)")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "kafka storage format failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (`Uuid.randomUuid`).
+fn kafka_cluster_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes: [u8; 16] = rand::random();
+    let mut id = String::with_capacity(22);
+    for chunk in bytes.chunks(3) {
+        let word = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (i, b)| w | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            id.push(ALPHABET[(word >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    id
+}
+
+/// A MongoDB-protocol server of our own — FerretDB on its own PostgreSQL — or the one
+/// `FANFARE_TEST_MONGO` names. `kill`/`restart` hit FerretDB (the server clients talk to);
+/// PostgreSQL, its storage, keeps running.
 pub struct MongoServer {
-    service: Option<Service>,
+    ferretdb: Option<Service>,
+    _postgres: Option<Service>,
     pub url: String,
     dir: Option<tempfile::TempDir>,
 }
@@ -167,38 +221,41 @@ impl MongoServer {
     pub async fn start() -> anyhow::Result<MongoServer> {
         if let Ok(url) = std::env::var("FANFARE_TEST_MONGO") {
             return Ok(MongoServer {
-                service: None,
+                ferretdb: None,
+                _postgres: None,
                 url,
                 dir: None,
             });
         }
-        let port = free_port()?;
         let dir = tempfile::tempdir()?;
-        let spec = Spec::new("nx-27017", "nx-27017", Ready::Port(port))
-            .args(["--host", "127.0.0.1", "-p", &port.to_string()])
+        let (postgres, pg_port) = start_postgres(dir.path()).await?;
+        let port = free_port()?;
+        let state = dir.path().join("ferretdb");
+        std::fs::create_dir_all(&state)?;
+        let spec = Spec::new("ferretdb", ferretdb_bin(), Ready::Port(port))
             .args([
-                OsStr::new("--data-dir"),
-                dir.path().join("data").as_os_str(),
+                "--handler=postgresql",
+                "--telemetry=disable",
+                "--debug-addr=-",
             ])
-            .args([
-                OsStr::new("--pid-file"),
-                dir.path().join("nx.pid").as_os_str(),
-            ])
-            .args([
-                OsStr::new("--log-file"),
-                dir.path().join("nx.log").as_os_str(),
-            ])
-            .log(Log::Discard(Some(dir.path().join("nx.log"))))
+            .args(["--log-level=warn", "--mode=normal"])
+            .args([format!(
+                "--postgresql-url=postgres://postgres@127.0.0.1:{pg_port}/postgres"
+            )])
+            .args([format!("--listen-addr=127.0.0.1:{port}")])
+            .args([format!("--state-dir={}", state.display())])
+            .log(Log::File(dir.path().join("ferretdb.log")))
             .patience(PATIENCE * 3);
         Ok(MongoServer {
-            service: Some(Service::start(spec).await?),
+            ferretdb: Some(Service::start(spec).await?),
+            _postgres: Some(postgres),
             url: format!("mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=2000"),
             dir: Some(dir),
         })
     }
 
     pub fn is_own(&self) -> bool {
-        self.service.is_some()
+        self.ferretdb.is_some()
     }
 
     /// Where our own server keeps its data.
@@ -207,12 +264,12 @@ impl MongoServer {
     }
 
     fn own(&mut self) -> anyhow::Result<&mut Service> {
-        self.service
+        self.ferretdb
             .as_mut()
             .context("an outside MongoDB cannot be stopped or restarted")
     }
 
-    /// (Re)starts the server on the same port and data directory.
+    /// (Re)starts FerretDB on the same port and storage.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.own()?.restart().await
     }
@@ -225,6 +282,107 @@ impl MongoServer {
         let client = mongodb::Client::with_uri_str(&self.url).await?;
         Ok(client.database(name))
     }
+}
+
+/// `FANFARE_FERRETDB`, else the binary `scripts/services install` builds into the cache.
+pub fn ferretdb_bin() -> PathBuf {
+    std::env::var_os("FANFARE_FERRETDB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("ferretdb-1.24.2/bin/ferretdb"))
+}
+
+/// PostgreSQL's server programs: `FANFARE_PG_BIN`, else Debian's newest, else PATH.
+pub fn postgres_bin(program: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("FANFARE_PG_BIN") {
+        return Path::new(&dir).join(program);
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin").join(program)))
+        .filter(|p| p.exists())
+        .collect();
+    versions.sort();
+    versions.pop().unwrap_or_else(|| PathBuf::from(program))
+}
+
+/// PostgreSQL refuses to run as root: as root, its programs run as the `postgres` user.
+fn as_postgres_user(program: &str) -> (PathBuf, Vec<std::ffi::OsString>) {
+    let binary = postgres_bin(program);
+    if !running_as_root() {
+        return (binary, Vec::new());
+    }
+    let prefix = [
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        "--",
+    ];
+    let mut args: Vec<std::ffi::OsString> = prefix.iter().map(Into::into).collect();
+    args.push(binary.into());
+    (PathBuf::from("setpriv"), args)
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A fresh PostgreSQL cluster under `dir/pg`, listening on loopback only.
+async fn start_postgres(dir: &Path) -> anyhow::Result<(Service, u16)> {
+    let data = dir.join("pg");
+    std::fs::create_dir_all(&data)?;
+    if running_as_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        let status = std::process::Command::new("chown")
+            .args(["postgres:", "--"])
+            .arg(&data)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "cannot chown {} to postgres",
+            data.display()
+        );
+    }
+    let (initdb, mut args) = as_postgres_user("initdb");
+    args.extend(["-D".into(), data.clone().into_os_string()]);
+    args.extend(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"].map(Into::into));
+    let output = tokio::process::Command::new(&initdb)
+        .args(&args)
+        .output()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot run {} (./scripts/setup installs PostgreSQL)",
+                initdb.display()
+            )
+        })?;
+    anyhow::ensure!(
+        output.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let port = free_port()?;
+    let (postgres, prefix) = as_postgres_user("postgres");
+    let spec = Spec::new("postgres", postgres, Ready::Port(port))
+        .args(prefix)
+        .args([
+            OsStr::new("-D"),
+            data.as_os_str(),
+            OsStr::new("-k"),
+            data.as_os_str(),
+        ])
+        .args(["-p".to_owned(), port.to_string()])
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=300",
+        ])
+        .log(Log::File(dir.join("postgres.log")))
+        .patience(PATIENCE * 3);
+    Ok((Service::start(spec).await?, port))
 }
 
 /// A `fanfare worker` process.

@@ -1,5 +1,5 @@
-//! The durable pipeline against real processes: nodes → Kafka (tansu, durable storage) →
-//! `fanfare worker` → MongoDB (nx-27017), with Redis between the nodes. Every test checks
+//! The durable pipeline against real processes: nodes → Apache Kafka → `fanfare worker` →
+//! FerretDB (MongoDB protocol, on PostgreSQL), with Redis between the nodes. Every test checks
 //! MongoDB against the acks the clients saw: nothing lost, nothing counted twice.
 
 use std::time::Duration;
@@ -60,8 +60,7 @@ async fn history_sums(node: &NodeProcess, track: &str) -> anyhow::Result<(u64, u
 async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
     let p = Pipeline::start().await?;
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    // A produces with the default idempotent producer, B as the fault suites run tansu.
-    let a = p.idempotent_node(dir_a.path()).await?;
+    let a = p.node(dir_a.path()).await?;
     let b = p.node(dir_b.path()).await?;
     let _worker = p.worker(&[]).await?;
     let traffic = traffic(&[&a.addr, &b.addr], 16, Duration::from_millis(5));

@@ -4,8 +4,8 @@
 //!     cargo build --release --workspace --bins
 //!     FANFARE_BIN=target/release/fanfare target/release/like_bench [seconds] [connections] [window]
 //!
-//! With `FANFARE_BENCH_PIPELINE=1` the node runs with `--kafka` against a tansu broker (durable
-//! SQLite storage) and one `fanfare worker` writes an nx-27017 MongoDB; the bench then also
+//! With `FANFARE_BENCH_PIPELINE=1` the node runs with `--kafka` against an Apache Kafka broker
+//! and one `fanfare worker` writes FerretDB on PostgreSQL; the bench then also
 //! waits until MongoDB holds every acked like and reports the end-to-end rate and the bytes
 //! per event in both stores' files.
 //!
@@ -154,8 +154,8 @@ impl Pipeline {
             acked as f64 / all_stored.as_secs_f64()
         );
         for (name, dir) in [
-            ("tansu (Kafka)", self.kafka.dir()),
-            ("nx-27017 (MongoDB)", self.mongo.dir()),
+            ("Apache Kafka", self.kafka.dir()),
+            ("FerretDB + PostgreSQL", self.mongo.dir()),
         ] {
             if let Some(dir) = dir {
                 let bytes = dir_bytes(dir);

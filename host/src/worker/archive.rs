@@ -29,6 +29,11 @@ use crate::seams::history::{History, Query, Row, roll_up};
 
 const DUPLICATE_KEY: i32 = 11000;
 const MINUTE_MS: i64 = 60_000;
+/// Statements per `update` command. FerretDB (on PostgreSQL) holds a pool connection for each
+/// statement that matched a document until the command ends, and waits forever once its pool
+/// (50 by default) is empty; 32 keeps two workers and the readers well inside it. A real
+/// mongod takes any number; the extra round trips cost little next to the writes.
+const STATEMENTS_PER_UPDATE: usize = 32;
 
 #[derive(Clone)]
 pub struct MongoArchive {
@@ -45,6 +50,8 @@ pub struct Stored {
     pub duplicates: usize,
     /// Tracks whose totals changed, for the Redis write-back.
     pub tracks: BTreeSet<String>,
+    /// Requests this batch sent to MongoDB (a handful per batch, whatever its size).
+    pub round_trips: usize,
 }
 
 /// A track's totals as stored.
@@ -111,24 +118,11 @@ impl MongoArchive {
         }
         let digests: Vec<[i64; 2]> = batch.iter().map(|e| event_digest(&e.event_id)).collect();
         let duplicate = self.insert_events(batch, &digests).await?;
+        stored.round_trips += 1;
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
 
-        // State per (track, user): every event (inserted or not) re-applied; stale ones no-op.
-        let states: Vec<Document> = batch
-            .iter()
-            .map(|e| {
-                doc! {
-                    "q": { "_id": pair_id(e), "version": { "$lt": e.version as i64 } },
-                    "u": { "$set": {
-                        "track": &e.track, "user": &e.user,
-                        "liked": e.action == "like", "version": e.version as i64,
-                    } },
-                    "upsert": true,
-                }
-            })
-            .collect();
-        self.update_many_statements("like_state", states).await?;
+        stored.round_trips += self.apply_states(batch).await?;
 
         // Totals: tracks and minutes touched by a duplicate are recomputed, the rest incremented.
         let mut recount_tracks = BTreeSet::new();
@@ -171,7 +165,8 @@ impl MongoArchive {
                 }
             })
             .collect();
-        self.update_many_statements("track_counts", track_updates)
+        stored.round_trips += self
+            .update_many_statements("track_counts", track_updates)
             .await?;
         let minute_updates = minute_inc
             .iter()
@@ -184,15 +179,80 @@ impl MongoArchive {
                 }
             })
             .collect();
-        self.update_many_statements("track_minutes", minute_updates)
+        stored.round_trips += self
+            .update_many_statements("track_minutes", minute_updates)
             .await?;
         for track in &recount_tracks {
-            self.recount_track(track).await?;
+            stored.round_trips += self.recount_track(track).await?;
         }
         for (track, minute) in &recount_minutes {
-            self.recount_minute(track, *minute).await?;
+            stored.round_trips += self.recount_minute(track, *minute).await?;
         }
         Ok(stored)
+    }
+
+    /// State per (track, user): the batch's newest event of each pair replaces a stored state
+    /// with an older version (events inserted or not; stale ones change nothing). Three bulk
+    /// requests whatever the batch size — read the stored versions, delete the states being
+    /// replaced, insert the new ones — instead of one conditional upsert per pair, which
+    /// FerretDB answers holding a PostgreSQL connection per matched statement until the command
+    /// ends. Not atomic, and need not be: events of one track are written by one worker at a
+    /// time, and a crash in between replays the batch, which writes the states again.
+    /// Returns the requests sent.
+    async fn apply_states(&self, batch: &[EventRecord]) -> anyhow::Result<usize> {
+        let mut newest: BTreeMap<String, &EventRecord> = BTreeMap::new();
+        for e in batch {
+            let slot = newest.entry(pair_id(e)).or_insert(e);
+            if e.version > slot.version {
+                *slot = e;
+            }
+        }
+        let states = self.db.collection::<Document>("like_state");
+        let ids: Vec<&str> = newest.keys().map(String::as_str).collect();
+        let mut stored_versions: BTreeMap<String, i64> = BTreeMap::new();
+        let mut cursor = states
+            .find(doc! { "_id": { "$in": &ids } })
+            .projection(doc! { "version": 1 })
+            .await
+            .context("cannot read like_state")?;
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_str("_id") {
+                stored_versions.insert(id.to_owned(), number(&d, "version"));
+            }
+        }
+        newest.retain(|id, e| {
+            stored_versions
+                .get(id)
+                .is_none_or(|v| *v < e.version as i64)
+        });
+        if newest.is_empty() {
+            return Ok(1);
+        }
+        let replaced: Vec<&str> = newest
+            .keys()
+            .filter(|id| stored_versions.contains_key(*id))
+            .map(String::as_str)
+            .collect();
+        let mut requests = 1;
+        if !replaced.is_empty() {
+            states
+                .delete_many(doc! { "_id": { "$in": replaced } })
+                .await
+                .context("cannot replace like_state")?;
+            requests += 1;
+        }
+        let docs = newest.iter().map(|(id, e)| {
+            doc! { "_id": id, "track": &e.track, "user": &e.user,
+            "liked": e.action == "like", "version": e.version as i64 }
+        });
+        match states.insert_many(docs).ordered(false).await {
+            Ok(_) => {}
+            // Another writer got there first (a worker losing its partition): its state is
+            // at least as new as the one it read.
+            Err(err) if only_duplicates(&err) => {}
+            Err(err) => return Err(anyhow::Error::new(err).context("cannot write like_state")),
+        }
+        Ok(requests + 1)
     }
 
     /// Inserts the events unordered; returns the batch indexes that were already stored.
@@ -228,13 +288,16 @@ impl MongoArchive {
     }
 
     /// One `update` command carrying many statements (one round trip); duplicate-key errors
-    /// of upserts that lost to a newer version are expected and ignored.
+    /// of upserts that lost to a newer version are expected and ignored. Returns the
+    /// requests sent.
     async fn update_many_statements(
         &self,
         collection: &str,
         updates: Vec<Document>,
-    ) -> anyhow::Result<()> {
-        for chunk in updates.chunks(10_000) {
+    ) -> anyhow::Result<usize> {
+        let chunks = updates.chunks(STATEMENTS_PER_UPDATE);
+        let requests = chunks.len();
+        for chunk in chunks {
             let reply = self
                 .db
                 .run_command(doc! { "update": collection, "updates": chunk, "ordered": false })
@@ -252,13 +315,13 @@ impl MongoArchive {
                 anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
             }
         }
-        Ok(())
+        Ok(requests)
     }
 
     /// The count is likes − unlikes of the stored events (every event is a change, and each
     /// user's events alternate), the same rule the increments follow. `like_state` is not
     /// used: its versions restart when Redis loses its data, so it can trail.
-    async fn recount_track(&self, track: &str) -> anyhow::Result<()> {
+    async fn recount_track(&self, track: &str) -> anyhow::Result<usize> {
         // One aggregation: counts and digest sums per action, computed by the server.
         let mut groups = self
             .likes
@@ -280,14 +343,16 @@ impl MongoArchive {
         }
         let totals = doc! { "count": likes - unlikes, "likes": likes, "unlikes": unlikes,
         "events": likes + unlikes, "digest_a": digest_a, "digest_b": digest_b };
-        self.update_many_statements(
-            "track_counts",
-            vec![doc! { "q": { "_id": track }, "u": { "$set": totals }, "upsert": true }],
-        )
-        .await
+        let updates = self
+            .update_many_statements(
+                "track_counts",
+                vec![doc! { "q": { "_id": track }, "u": { "$set": totals }, "upsert": true }],
+            )
+            .await?;
+        Ok(1 + updates)
     }
 
-    async fn recount_minute(&self, track: &str, minute: i64) -> anyhow::Result<()> {
+    async fn recount_minute(&self, track: &str, minute: i64) -> anyhow::Result<usize> {
         let mut totals = [0i64; 2];
         for (slot, action) in ["like", "unlike"].iter().enumerate() {
             totals[slot] = self
@@ -297,11 +362,13 @@ impl MongoArchive {
         }
         let set =
             doc! { "track": track, "minute": minute, "likes": totals[0], "unlikes": totals[1] };
-        self.update_many_statements(
-            "track_minutes",
-            vec![doc! { "q": { "_id": minute_id(track, minute) }, "u": { "$set": set }, "upsert": true }],
-        )
-        .await
+        let updates = self
+            .update_many_statements(
+                "track_minutes",
+                vec![doc! { "q": { "_id": minute_id(track, minute) }, "u": { "$set": set }, "upsert": true }],
+            )
+            .await?;
+        Ok(2 + updates)
     }
 
     pub async fn totals(&self, tracks: &BTreeSet<String>) -> anyhow::Result<Vec<TrackTotals>> {
@@ -369,6 +436,21 @@ fn minute_id(track: &str, minute: i64) -> String {
 
 fn minute_of(e: &EventRecord) -> i64 {
     e.accepted_at_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+}
+
+/// True when every write error is a duplicate key.
+fn only_duplicates(err: &mongodb::error::Error) -> bool {
+    match &*err.kind {
+        ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure
+                    .write_errors
+                    .iter()
+                    .flatten()
+                    .all(|w| w.code == DUPLICATE_KEY)
+        }
+        _ => false,
+    }
 }
 
 /// Integer fields may come back as int32, int64 or double depending on the server.

@@ -108,6 +108,7 @@ struct WorkerMetrics {
     events_duplicate: Counter,
     events_malformed: Counter,
     mongo_failures: Counter,
+    mongo_requests: Counter,
     redis_corrections: Counter,
     /// Sum over assigned partitions of (high watermark − committed offset), from librdkafka
     /// statistics (refreshed every second).
@@ -124,6 +125,7 @@ impl WorkerMetrics {
             events_duplicate: Counter::default(),
             events_malformed: Counter::default(),
             mongo_failures: Counter::default(),
+            mongo_requests: Counter::default(),
             redis_corrections: Counter::default(),
             consumer_lag: Gauge::default(),
         };
@@ -152,6 +154,11 @@ impl WorkerMetrics {
                 "fanfare_worker_mongo_failures",
                 "Failed MongoDB batch attempts (retried)",
                 &m.mongo_failures,
+            ),
+            (
+                "fanfare_worker_mongo_requests",
+                "Requests sent to MongoDB by stored batches (bulk: a handful per batch)",
+                &m.mongo_requests,
             ),
             (
                 "fanfare_worker_redis_corrections",
@@ -267,6 +274,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         // Counted once the batch is fully handled (stored and written back).
         metrics.batches.inc();
         metrics.events_inserted.inc_by(stored.inserted as u64);
+        metrics.mongo_requests.inc_by(stored.round_trips as u64);
         metrics.events_duplicate.inc_by(stored.duplicates as u64);
         // Asynchronous: a broker that does not answer must not block the worker; a commit
         // that is lost only means a replay, and replays change nothing.

@@ -1,5 +1,5 @@
 //! `fanfare-chaos`: the fault suite, as long as you like. Starts a whole farm on loopback
-//! (3 nodes behind HAProxy, 2 workers, Redis, tansu, nx-27017), injects faults under traffic,
+//! (3 nodes behind HAProxy, 2 workers, Redis, Apache Kafka, FerretDB), injects faults under traffic,
 //! audits every acked like and exits non-zero on any loss, double count or disagreeing count.
 //! `scripts/chaos` builds and runs it; `docs/reliability.md` explains the report.
 
