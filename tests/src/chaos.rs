@@ -44,6 +44,9 @@ pub struct ChaosPlan {
     pub faults: Vec<Fault>,
     /// The kinds the combined rounds draw from.
     pub combined_faults: Vec<Fault>,
+    /// Kafka brokers (from 3: replication factor 3, `min.insync.replicas=2`; a broker kill
+    /// takes one down at a time, in turn).
+    pub kafka_brokers: usize,
 }
 
 impl ChaosPlan {
@@ -61,6 +64,7 @@ impl ChaosPlan {
             zombies: 20,
             faults: ALL_FAULTS.to_vec(),
             combined_faults: combinable_by_default(&ALL_FAULTS),
+            kafka_brokers: 1,
         }
     }
 }
@@ -195,8 +199,8 @@ struct Farm {
 }
 
 impl Farm {
-    async fn start() -> anyhow::Result<Farm> {
-        let services = Pipeline::start().await?;
+    async fn start(kafka_brokers: usize) -> anyhow::Result<Farm> {
+        let services = Pipeline::start_with(kafka_brokers).await?;
         let mut nodes = Vec::new();
         for _ in 0..NODES {
             let dir = tempfile::tempdir()?;
@@ -310,7 +314,7 @@ async fn start_node(
 pub async fn run(plan: &ChaosPlan) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(plan.seed);
-    let mut farm = Farm::start().await?;
+    let mut farm = Farm::start(plan.kafka_brokers).await?;
     let tracks: Vec<String> = (0..plan.tracks).map(|t| format!("chaos-{t}")).collect();
     let track_refs: Vec<&str> = tracks.iter().map(String::as_str).collect();
     let mut traffic_plan =

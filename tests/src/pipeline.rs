@@ -17,9 +17,14 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start() -> anyhow::Result<Pipeline> {
+        Pipeline::start_with(1).await
+    }
+
+    /// With a Kafka cluster of `kafka_brokers` (see `KafkaBroker::start_cluster`).
+    pub async fn start_with(kafka_brokers: usize) -> anyhow::Result<Pipeline> {
         Ok(Pipeline {
             redis: RedisProcess::start().await?,
-            kafka: KafkaBroker::start().await?,
+            kafka: KafkaBroker::start_cluster(kafka_brokers).await?,
             mongo: MongoServer::start().await?,
             topic: unique("likes"),
             group: unique("workers"),

@@ -42,141 +42,218 @@ pub fn kafka_lib() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join("kafka-4.4.0/lib"))
 }
 
-/// An Apache Kafka broker of our own (KRaft, combined broker + controller), or the one
+/// Apache Kafka of our own — one KRaft node, or a cluster of nodes that are each broker and
+/// controller (replication factor 3, `min.insync.replicas=2` from three up) — or the brokers
 /// `FANFARE_TEST_KAFKA` names.
 pub struct KafkaBroker {
-    /// `None` for an outside broker.
-    service: Option<Service>,
+    /// Empty for an outside broker.
+    nodes: Vec<Service>,
     pub brokers: String,
     dir: Option<tempfile::TempDir>,
+    /// The node the next `kill` takes down (one at a time, in turn).
+    next_victim: usize,
 }
 
 impl KafkaBroker {
+    /// One broker, or `FANFARE_TEST_KAFKA`.
     pub async fn start() -> anyhow::Result<KafkaBroker> {
+        KafkaBroker::start_cluster(1).await
+    }
+
+    /// `size` brokers on loopback, started together (a quorum forms only once most are up).
+    pub async fn start_cluster(size: usize) -> anyhow::Result<KafkaBroker> {
         if let Ok(brokers) = std::env::var("FANFARE_TEST_KAFKA") {
             return Ok(KafkaBroker {
-                service: None,
+                nodes: Vec::new(),
                 brokers,
                 dir: None,
+                next_victim: 0,
             });
         }
-        let (port, controller) = (free_port()?, free_port()?);
+        anyhow::ensure!(size >= 1, "a Kafka cluster needs at least one broker");
         let dir = tempfile::tempdir()?;
-        let config = dir.path().join("server.properties");
-        std::fs::write(&config, kafka_config(dir.path(), port, controller))?;
-        format_kafka_storage(&config).await?;
+        let ports: Vec<(u16, u16)> = (0..size)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let cluster_id = kafka_cluster_id();
         let lib = kafka_lib();
         let log4j =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka/log4j2.properties");
-        let spec = Spec::new("kafka", "java", Ready::Port(port))
-            .args(["-Xms128m", "-Xmx512m", "-XX:+UseSerialGC"])
-            .args([format!("-Dlog4j2.configurationFile={}", log4j.display())])
-            .args([format!("-Dkafka.logs.dir={}", dir.path().display())])
-            .args([OsStr::new("-cp"), lib.join("*").as_os_str()])
-            .args([OsStr::new("kafka.Kafka"), config.as_os_str()])
-            .log(Log::File(dir.path().join("stderr.log")))
-            .patience(PATIENCE * 3);
+        let mut specs = Vec::new();
+        for (i, (port, _)) in ports.iter().enumerate() {
+            let node_dir = dir.path().join(format!("node{}", i + 1));
+            std::fs::create_dir_all(&node_dir)?;
+            let config = node_dir.join("server.properties");
+            std::fs::write(&config, kafka_config(&node_dir, i + 1, &ports))?;
+            format_kafka_storage(&config, &cluster_id, size == 1).await?;
+            specs.push(
+                Spec::new("kafka", "java", Ready::Port(*port))
+                    .args(["-Xms128m", "-Xmx512m", "-XX:+UseSerialGC"])
+                    .args([format!("-Dlog4j2.configurationFile={}", log4j.display())])
+                    .args([format!("-Dkafka.logs.dir={}", node_dir.display())])
+                    .args([OsStr::new("-cp"), lib.join("*").as_os_str()])
+                    .args([OsStr::new("kafka.Kafka"), config.as_os_str()])
+                    .log(Log::File(node_dir.join("stderr.log")))
+                    .patience(PATIENCE * 3),
+            );
+        }
+        let nodes =
+            futures_util::future::try_join_all(specs.into_iter().map(Service::start)).await?;
+        let brokers = ports
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
         Ok(KafkaBroker {
-            service: Some(Service::start(spec).await?),
-            brokers: format!("127.0.0.1:{port}"),
+            nodes,
+            brokers,
             dir: Some(dir),
+            next_victim: 0,
         })
     }
 
-    /// Where our own broker keeps its data and its log (`broker.log`).
+    /// Where our own brokers keep their data and logs (`node<N>/broker.log`).
     pub fn dir(&self) -> Option<&std::path::Path> {
         self.dir.as_ref().map(|d| d.path())
     }
 
     /// False for an outside broker, which tests must not kill or freeze.
     pub fn is_own(&self) -> bool {
-        self.service.is_some()
+        !self.nodes.is_empty()
     }
 
-    fn own(&mut self) -> anyhow::Result<&mut Service> {
-        self.service
-            .as_mut()
-            .context("an outside broker cannot be stopped or restarted")
+    fn own(&mut self) -> anyhow::Result<&mut Vec<Service>> {
+        anyhow::ensure!(
+            self.is_own(),
+            "an outside broker cannot be stopped or restarted"
+        );
+        Ok(&mut self.nodes)
     }
 
-    /// (Re)starts the broker on the same ports and log dirs; what it stored survives.
+    /// Restarts every broker that is down on the same ports and log dirs; what they stored
+    /// survives.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.own()?.restart().await
+        for node in self.own()? {
+            if !node.is_running() {
+                node.restart().await?;
+            }
+        }
+        Ok(())
     }
 
+    /// `kill -9` of one broker: each call takes the next one in turn.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.own()?.kill().await
+        let victim = self.next_victim;
+        let nodes = self.own()?;
+        let count = nodes.len();
+        nodes[victim % count].kill().await?;
+        self.next_victim = (victim + 1) % count;
+        Ok(())
     }
 
-    /// If our broker died on its own: its exit status and the end of its log.
+    /// If one of our brokers died on its own: its exit status and the end of its log.
     pub fn died(&mut self) -> Option<String> {
-        self.service.as_mut()?.died()
+        self.nodes.iter_mut().find_map(Service::died)
     }
 
-    /// The broker's ERROR and FATAL log lines (a healthy run has none).
+    fn logs(&self) -> Vec<String> {
+        (1..=self.nodes.len())
+            .filter_map(|i| {
+                let path = self.dir()?.join(format!("node{i}/broker.log"));
+                std::fs::read_to_string(path).ok()
+            })
+            .collect()
+    }
+
+    /// The brokers' ERROR and FATAL log lines (a kill -9 makes a few).
     pub fn errors(&self) -> Vec<String> {
-        let log = self
-            .dir()
-            .and_then(|d| std::fs::read_to_string(d.join("broker.log")).ok())
-            .unwrap_or_default();
-        log.lines()
+        self.logs()
+            .iter()
+            .flat_map(|log| log.lines())
             .filter(|l| l.contains("] ERROR ") || l.contains("] FATAL "))
             .map(str::to_owned)
             .collect()
     }
 
-    /// The last lines of the broker's log.
+    /// The last lines of each broker's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self
-            .dir()
-            .and_then(|d| std::fs::read_to_string(d.join("broker.log")).ok())
-            .unwrap_or_default();
-        let all: Vec<&str> = log.lines().filter(|l| l.starts_with('[')).collect();
-        all[all.len().saturating_sub(lines)..].join(" | ")
+        self.logs()
+            .iter()
+            .map(|log| {
+                let all: Vec<&str> = log.lines().filter(|l| l.starts_with('[')).collect();
+                all[all.len().saturating_sub(lines)..].join(" | ")
+            })
+            .collect::<Vec<_>>()
+            .join(" || ")
     }
 
-    /// SIGSTOP / SIGCONT.
+    /// SIGSTOP / SIGCONT to every broker.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
-        self.service
-            .as_ref()
-            .context("an outside broker cannot be signalled")?
-            .signal(name)
+        anyhow::ensure!(self.is_own(), "an outside broker cannot be signalled");
+        for node in &self.nodes {
+            node.signal(name)?;
+        }
+        Ok(())
     }
 }
 
-/// One KRaft node that is broker and controller, sized for tests: single replicas, no
-/// rebalance delay, auto-created topics with a few partitions.
-pub fn kafka_config(dir: &Path, port: u16, controller: u16) -> String {
+/// Node `id` (1-based) of a cluster whose nodes listen on `ports` (client, controller), each
+/// broker and controller, sized for tests: no rebalance delay, auto-created topics with a few
+/// partitions, replicated three ways with two in sync from three nodes up.
+pub fn kafka_config(dir: &Path, id: usize, ports: &[(u16, u16)]) -> String {
+    let (port, controller) = ports[id - 1];
+    let replicas = ports.len().min(3);
+    let in_sync = if replicas >= 3 { 2 } else { 1 };
+    let quorum = if ports.len() == 1 {
+        format!("controller.quorum.bootstrap.servers=127.0.0.1:{controller}")
+    } else {
+        let voters: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect();
+        format!("controller.quorum.voters={}", voters.join(","))
+    };
     format!(
         "process.roles=broker,controller\n\
-         node.id=1\n\
+         node.id={id}\n\
          listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
          advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
          controller.listener.names=CONTROLLER\n\
          listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
-         controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
+         {quorum}\n\
          log.dirs={}\n\
          num.partitions={TOPIC_PARTITIONS}\n\
          auto.create.topics.enable=true\n\
-         offsets.topic.replication.factor=1\n\
+         default.replication.factor={replicas}\n\
+         min.insync.replicas={in_sync}\n\
+         offsets.topic.replication.factor={replicas}\n\
          offsets.topic.num.partitions=4\n\
-         transaction.state.log.replication.factor=1\n\
-         transaction.state.log.min.isr=1\n\
-         share.coordinator.state.topic.replication.factor=1\n\
+         transaction.state.log.replication.factor={replicas}\n\
+         transaction.state.log.min.isr={in_sync}\n\
+         share.coordinator.state.topic.replication.factor={replicas}\n\
          group.initial.rebalance.delay.ms=0\n",
         dir.join("data").display()
     )
 }
 
-/// `kafka-storage format --standalone` with a fresh cluster id.
-async fn format_kafka_storage(config: &Path) -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("java")
+/// `kafka-storage format` (`--standalone` for a single node; a cluster names its voters in
+/// the config).
+async fn format_kafka_storage(
+    config: &Path,
+    cluster_id: &str,
+    standalone: bool,
+) -> anyhow::Result<()> {
+    let mut command = tokio::process::Command::new("java");
+    command
         .args(["-Xmx256m", "-cp"])
         .arg(kafka_lib().join("*"))
-        .args(["kafka.tools.StorageTool", "format", "--standalone", "-t"])
-        .arg(kafka_cluster_id())
-        .arg("-c")
-        .arg(config)
+        .args(["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c"])
+        .arg(config);
+    if standalone {
+        command.arg("--standalone");
+    }
+    let output = command
         .output()
         .await
         .context("cannot run java (./scripts/setup installs OpenJDK and the Kafka jars)")?;
@@ -190,10 +267,20 @@ async fn format_kafka_storage(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (`Uuid.randomUuid`).
+/// A Kafka cluster id: 16 random bytes, URL-safe base64 without padding, never starting with
+/// `-` (the storage tool would take it for an option; Kafka's `Uuid.randomUuid` skips those
+/// too — one test run in 64 failed before this).
 fn kafka_cluster_id() -> String {
+    loop {
+        let id = base64_url(rand::random());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn base64_url(bytes: [u8; 16]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes: [u8; 16] = rand::random();
     let mut id = String::with_capacity(22);
     for chunk in bytes.chunks(3) {
         let word = chunk
@@ -464,5 +551,21 @@ impl Haproxy {
 
     pub fn pid(&self) -> Option<u32> {
         self.service.pid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_ids_are_kafka_uuids() {
+        assert_eq!(base64_url([0; 16]), "AAAAAAAAAAAAAAAAAAAAAA");
+        assert_eq!(base64_url([0xff; 16]), "_____________________w");
+        for _ in 0..1000 {
+            let id = kafka_cluster_id();
+            assert_eq!(id.len(), 22);
+            assert!(!id.starts_with('-'), "{id}");
+        }
     }
 }

@@ -43,6 +43,10 @@ struct Args {
     /// docs/reliability.md, open problem 1).
     #[arg(long, value_enum, value_delimiter = ',')]
     combined_faults: Vec<Fault>,
+    /// Kafka brokers in the cluster (3: replication factor 3, min.insync.replicas=2, the
+    /// deployment users run; a broker fault kills one at a time).
+    #[arg(long, default_value_t = 3)]
+    kafka_brokers: usize,
 }
 
 #[tokio::main]
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             combinable_by_default(&args.faults)
         },
+        kafka_brokers: args.kafka_brokers,
         faults: if args.faults.is_empty() {
             ALL_FAULTS.to_vec()
         } else {
