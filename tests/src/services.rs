@@ -327,7 +327,7 @@ impl MongoServer {
             ])
             .args(["--log-level=warn", "--mode=normal"])
             .args([format!(
-                "--postgresql-url=postgres://postgres@127.0.0.1:{pg_port}/postgres"
+                "--postgresql-url=postgres://postgres@127.0.0.1:{pg_port}/postgres?pool_max_conns=200"
             )])
             .args([format!("--listen-addr=127.0.0.1:{port}")])
             .args([format!("--state-dir={}", state.display())])
