@@ -250,7 +250,7 @@ impl MongoArchive {
             Ok(_) => {}
             // Another writer got there first (a worker losing its partition): its state is
             // at least as new as the one it read.
-            Err(err) if only_duplicates(&err) => {}
+            Err(err) if duplicate_indexes(&err).is_some() => {}
             Err(err) => return Err(anyhow::Error::new(err).context("cannot write like_state")),
         }
         Ok(requests + 1)
@@ -272,18 +272,9 @@ impl MongoArchive {
         });
         match self.likes.insert_many(docs).ordered(false).await {
             Ok(_) => Ok(HashSet::new()),
-            Err(err) => match *err.kind {
-                ErrorKind::InsertMany(ref failure) if failure.write_concern_error.is_none() => {
-                    let mut duplicates = HashSet::new();
-                    for write in failure.write_errors.iter().flatten() {
-                        if write.code != DUPLICATE_KEY {
-                            anyhow::bail!("MongoDB refused a like event: {}", write.message);
-                        }
-                        duplicates.insert(write.index);
-                    }
-                    Ok(duplicates)
-                }
-                _ => Err(anyhow::Error::new(err).context("cannot insert like events")),
+            Err(err) => match duplicate_indexes(&err) {
+                Some(duplicates) => Ok(duplicates),
+                None => Err(anyhow::Error::new(err).context("cannot insert like events")),
             },
         }
     }
@@ -439,19 +430,23 @@ fn minute_of(e: &EventRecord) -> i64 {
     e.accepted_at_ms.div_euclid(MINUTE_MS) * MINUTE_MS
 }
 
-/// True when every write error is a duplicate key.
-fn only_duplicates(err: &mongodb::error::Error) -> bool {
-    match &*err.kind {
-        ErrorKind::InsertMany(failure) => {
-            failure.write_concern_error.is_none()
-                && failure
-                    .write_errors
-                    .iter()
-                    .flatten()
-                    .all(|w| w.code == DUPLICATE_KEY)
-        }
-        _ => false,
+/// The batch indexes an unordered `insert_many` found already stored, when duplicate keys
+/// are all that went wrong; `None` for any other failure.
+fn duplicate_indexes(err: &mongodb::error::Error) -> Option<HashSet<usize>> {
+    let ErrorKind::InsertMany(failure) = &*err.kind else {
+        return None;
+    };
+    if failure.write_concern_error.is_some() {
+        return None;
     }
+    let mut duplicates = HashSet::new();
+    for write in failure.write_errors.iter().flatten() {
+        if write.code != DUPLICATE_KEY {
+            return None;
+        }
+        duplicates.insert(write.index);
+    }
+    Some(duplicates)
 }
 
 /// Integer fields may come back as int32, int64 or double depending on the server.
