@@ -3,7 +3,9 @@
 //! Collections (see `docs/events.md`):
 //! - `likes`: one document per event, `_id` = event id. Inserted unordered in bulk; a
 //!   duplicate-key error (11000) means "already stored", which is what makes replays harmless.
-//! - `like_state`: the current state per (track, user), applied only if its version is newer.
+//!
+//! The state of a (track, user) pair is its newest stored event (highest `version`); it is not
+//! kept a second time (see `docs/events.md`, "Pair state").
 //! - `track_counts`: per-track totals (`count`, `likes`, `unlikes`, `events`, and `digest_a`/
 //!   `digest_b`, sums of `event_digest` over the stored events, for the Redis write-back).
 //! - `track_minutes`: likes/unlikes per track per UTC minute, for history.
@@ -18,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection, Database, IndexModel};
@@ -35,6 +37,10 @@ const MINUTE_MS: i64 = 60_000;
 /// with `pool_max_conns` ≥ 16 × workers + readers (the suites use 200). A real mongod takes
 /// any number; the extra round trips cost little next to the writes.
 const STATEMENTS_PER_UPDATE: usize = 16;
+/// `update` commands one collection's totals keep in flight: FerretDB answers each with a
+/// few PostgreSQL round trips, so one at a time leaves both servers mostly waiting. With the
+/// two totals collections written together a worker holds ≤ 2 × 2 × 16 pool connections.
+const UPDATES_IN_FLIGHT: usize = 2;
 
 #[derive(Clone)]
 pub struct MongoArchive {
@@ -101,10 +107,6 @@ impl MongoArchive {
         self.likes
             .create_index(index(doc! { "track": 1, "action": 1, "minute": 1 }))
             .await?;
-        self.db
-            .collection::<Document>("like_state")
-            .create_index(index(doc! { "track": 1, "liked": 1 }))
-            .await?;
         self.minutes
             .create_index(index(doc! { "track": 1, "minute": 1 }))
             .await?;
@@ -122,8 +124,6 @@ impl MongoArchive {
         stored.round_trips += 1;
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
-
-        stored.round_trips += self.apply_states(batch).await?;
 
         // Totals: tracks and minutes touched by a duplicate are recomputed, the rest incremented.
         let mut recount_tracks = BTreeSet::new();
@@ -166,9 +166,6 @@ impl MongoArchive {
                 }
             })
             .collect();
-        stored.round_trips += self
-            .update_many_statements("track_counts", track_updates)
-            .await?;
         let minute_updates = minute_inc
             .iter()
             .map(|((track, minute), [likes, unlikes])| {
@@ -180,9 +177,11 @@ impl MongoArchive {
                 }
             })
             .collect();
-        stored.round_trips += self
-            .update_many_statements("track_minutes", minute_updates)
-            .await?;
+        let (counts, minutes) = futures_util::try_join!(
+            self.update_many_statements("track_counts", track_updates),
+            self.update_many_statements("track_minutes", minute_updates),
+        )?;
+        stored.round_trips += counts + minutes;
         for track in &recount_tracks {
             stored.round_trips += self.recount_track(track).await?;
         }
@@ -190,70 +189,6 @@ impl MongoArchive {
             stored.round_trips += self.recount_minute(track, *minute).await?;
         }
         Ok(stored)
-    }
-
-    /// State per (track, user): the batch's newest event of each pair replaces a stored state
-    /// with an older version (events inserted or not; stale ones change nothing). Three bulk
-    /// requests whatever the batch size — read the stored versions, delete the states being
-    /// replaced, insert the new ones — instead of one conditional upsert per pair, which
-    /// FerretDB answers holding a PostgreSQL connection per matched statement until the command
-    /// ends. Not atomic, and need not be: events of one track are written by one worker at a
-    /// time, and a crash in between replays the batch, which writes the states again.
-    /// Returns the requests sent.
-    async fn apply_states(&self, batch: &[EventRecord]) -> anyhow::Result<usize> {
-        let mut newest: BTreeMap<String, &EventRecord> = BTreeMap::new();
-        for e in batch {
-            let slot = newest.entry(pair_id(e)).or_insert(e);
-            if e.version > slot.version {
-                *slot = e;
-            }
-        }
-        let states = self.db.collection::<Document>("like_state");
-        let ids: Vec<&str> = newest.keys().map(String::as_str).collect();
-        let mut stored_versions: BTreeMap<String, i64> = BTreeMap::new();
-        let mut cursor = states
-            .find(doc! { "_id": { "$in": &ids } })
-            .projection(doc! { "version": 1 })
-            .await
-            .context("cannot read like_state")?;
-        while let Some(d) = cursor.try_next().await? {
-            if let Ok(id) = d.get_str("_id") {
-                stored_versions.insert(id.to_owned(), number(&d, "version"));
-            }
-        }
-        newest.retain(|id, e| {
-            stored_versions
-                .get(id)
-                .is_none_or(|v| *v < e.version as i64)
-        });
-        if newest.is_empty() {
-            return Ok(1);
-        }
-        let replaced: Vec<&str> = newest
-            .keys()
-            .filter(|id| stored_versions.contains_key(*id))
-            .map(String::as_str)
-            .collect();
-        let mut requests = 1;
-        if !replaced.is_empty() {
-            states
-                .delete_many(doc! { "_id": { "$in": replaced } })
-                .await
-                .context("cannot replace like_state")?;
-            requests += 1;
-        }
-        let docs = newest.iter().map(|(id, e)| {
-            doc! { "_id": id, "track": &e.track, "user": &e.user,
-            "liked": e.action == "like", "version": e.version as i64 }
-        });
-        match states.insert_many(docs).ordered(false).await {
-            Ok(_) => {}
-            // Another writer got there first (a worker losing its partition): its state is
-            // at least as new as the one it read.
-            Err(err) if duplicate_indexes(&err).is_some() => {}
-            Err(err) => return Err(anyhow::Error::new(err).context("cannot write like_state")),
-        }
-        Ok(requests + 1)
     }
 
     /// Inserts the events unordered; returns the batch indexes that were already stored.
@@ -279,40 +214,47 @@ impl MongoArchive {
         }
     }
 
-    /// One `update` command carrying many statements (one round trip); duplicate-key errors
-    /// of upserts that lost to a newer version are expected and ignored. Returns the
-    /// requests sent.
+    /// `update` commands of at most `STATEMENTS_PER_UPDATE` statements, `UPDATES_IN_FLIGHT`
+    /// at a time; duplicate-key errors of upserts that lost to a newer version are expected
+    /// and ignored. Returns the requests sent.
     async fn update_many_statements(
         &self,
         collection: &str,
         updates: Vec<Document>,
     ) -> anyhow::Result<usize> {
-        let chunks = updates.chunks(STATEMENTS_PER_UPDATE);
+        let chunks: Vec<&[Document]> = updates.chunks(STATEMENTS_PER_UPDATE).collect();
         let requests = chunks.len();
-        for chunk in chunks {
-            let reply = self
-                .db
-                .run_command(doc! { "update": collection, "updates": chunk, "ordered": false })
-                .await
-                .with_context(|| format!("cannot update {collection}"))?;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for error in errors.iter().filter_map(|e| e.as_document()) {
-                    let code = error.get_i32("code").unwrap_or_default();
-                    if code != DUPLICATE_KEY {
-                        anyhow::bail!("MongoDB refused an update of {collection}: {error}");
-                    }
-                }
-            }
-            if let Ok(error) = reply.get_document("writeConcernError") {
-                anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
-            }
-        }
+        futures_util::stream::iter(chunks)
+            .map(|chunk| self.update_command(collection, chunk))
+            .buffer_unordered(UPDATES_IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
         Ok(requests)
     }
 
+    async fn update_command(&self, collection: &str, chunk: &[Document]) -> anyhow::Result<()> {
+        let reply = self
+            .db
+            .run_command(doc! { "update": collection, "updates": chunk, "ordered": false })
+            .await
+            .with_context(|| format!("cannot update {collection}"))?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for error in errors.iter().filter_map(|e| e.as_document()) {
+                let code = error.get_i32("code").unwrap_or_default();
+                if code != DUPLICATE_KEY {
+                    anyhow::bail!("MongoDB refused an update of {collection}: {error}");
+                }
+            }
+        }
+        if let Ok(error) = reply.get_document("writeConcernError") {
+            anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
+        }
+        Ok(())
+    }
+
     /// The count is likes − unlikes of the stored events (every event is a change, and each
-    /// user's events alternate), the same rule the increments follow. `like_state` is not
-    /// used: its versions restart when Redis loses its data, so it can trail.
+    /// user's events alternate), the same rule the increments follow. Not the pairs' newest
+    /// events: versions restart when Redis loses its data, so those can trail.
     async fn recount_track(&self, track: &str) -> anyhow::Result<usize> {
         // One aggregation: counts and digest sums per action, computed by the server.
         let mut groups = self
@@ -415,11 +357,6 @@ impl History for MongoArchive {
             .filter(|r| r.likes + r.unlikes > 0)
             .collect())
     }
-}
-
-fn pair_id(e: &EventRecord) -> String {
-    // Track and user ids cannot contain '/', so the pair id is unambiguous.
-    format!("{}/{}", e.track, e.user)
 }
 
 fn minute_id(track: &str, minute: i64) -> String {
