@@ -55,7 +55,12 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
     let local = EmbeddedLedger::open(&cx.config.data_dir, cx.id.clone(), durable_seq)?;
     let link = RedisLink::new(redis_url)?;
     link.spawn_maintainer(cx.tasks, cx.metrics.clone());
-    let ledger = FarmLedger::new(link.clone(), local, cx.config.data_dir.clone())?;
+    let ledger = FarmLedger::new(
+        link.clone(),
+        local,
+        cx.config.data_dir.clone(),
+        cx.config.max_clock_skew,
+    )?;
     ledger.spawn_reconciler(cx.tasks);
     let observer = ledger.clone();
     let bus = RedisBus::new(
@@ -107,6 +112,7 @@ pub async fn node(config: Config) -> anyhow::Result<Arc<Node>> {
         Some(id) => Arc::from(id.as_str()),
         None => Arc::from(format!("node-{:08x}", rand::random::<u32>())),
     };
+    crate::clock::set_test_offset_ms(config.test_clock_offset_ms);
     let tasks = Tasks::new();
     let metrics = Arc::new(Metrics::new());
     let cx = Context {

@@ -84,6 +84,22 @@ pub struct Config {
     )]
     pub spill_max_events: u64,
 
+    /// Farm mode: the most this node's wall clock may differ from Redis' (`TIME`, checked every
+    /// 500 ms, exported as `fanfare_clock_skew_ms`) before `/readyz` says not ready. A pair's
+    /// actions are ordered by Redis whatever the skew; the clock still places events in
+    /// history minutes and orders what a node decided while Redis was away.
+    #[arg(
+        long,
+        env = "FANFARE_MAX_CLOCK_SKEW",
+        default_value_t = 1_000,
+        value_name = "MS"
+    )]
+    pub max_clock_skew: u64,
+
+    /// Testing only: shifts this node's wall clock (clock-skew tests).
+    #[arg(long, hide = true, allow_hyphen_values = true, default_value_t = 0)]
+    pub test_clock_offset_ms: i64,
+
     /// Name of this node in events and logs (default: a random id per start).
     #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,

@@ -8,6 +8,7 @@
 //! `farm` implements them over Redis; `worker` is the persistence worker (Kafka → MongoDB).
 
 pub mod broadcast;
+pub mod clock;
 pub mod compose;
 pub mod config;
 pub mod edge;

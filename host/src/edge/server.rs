@@ -175,7 +175,13 @@ async fn route_inner(
                 serde_json::json!({ "status": "degraded", "reason": reason }),
             ),
         },
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" => match node.degraded() {
+            Some(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        },
         "/metrics" if node.config.shared.metrics_listen.is_none() => metrics_response(&node),
         "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
@@ -457,8 +463,8 @@ fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
     response
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(Body::from(body));
+fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
+    let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -20,6 +20,7 @@ use redis::Script;
 
 use super::keys;
 use super::link::RedisLink;
+use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
 use crate::seams::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::seams::{Health, Part};
@@ -28,8 +29,14 @@ use crate::tasks::Tasks;
 use fanfare_protocol::{Action, LikeRequest};
 
 /// KEYS: pairs hash, count, keys list of this user, version, digest hash. ARGV: user, key,
-/// want (1/0), ts, event id. Returns {count, kind (0 applied, 1 duplicate, 2 resent), version,
-/// original}. The digest sums halves of SHA-1(event id) over the applied events
+/// want (1/0), ts, event id, replay (1/0). Returns {count, kind (0 applied, 1 duplicate, 2
+/// resent), version, original (resent) or stamp (applied)}.
+///
+/// Each pair holds its state and stamp. A live action (replay 0) is the pair's newest by
+/// definition — Redis runs one script at a time — so it never compares node clocks: its stamp
+/// is `max(ts, stored stamp + 1)` (hybrid), and only "already in that state" makes it a
+/// duplicate. A replayed event (decided by a node while Redis was away) is stale if its stamp
+/// is older than the stored one: last writer wins by stamp. The digest sums halves of SHA-1(event id) over the applied events
 /// (`event_log::event_digest` computes the same in the worker).
 /// Each remembered key carries its event (`key \n event id \n want \n ts \n version`; keys
 /// cannot contain control characters), so a re-sent key can be re-emitted under its original
@@ -49,18 +56,23 @@ if state then
 end
 local want = ARGV[3] == '1'
 local at = tonumber(ARGV[4])
-if liked == want or at < ts then return {count, 1, 0, ''} end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. ARGV[4])
+if liked == want then return {count, 1, 0, ''} end
+if ARGV[6] == '1' then
+  if at < ts then return {count, 1, 0, ''} end
+elseif at <= ts then
+  at = ts + 1
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. at)
 if want then count = count + 1 else count = math.max(count - 1, 0) end
 redis.call('SET', KEYS[2], count)
 local version = redis.call('INCR', KEYS[4])
 local hash = redis.sha1hex(ARGV[5])
 redis.call('HINCRBY', KEYS[5], 'a', tonumber(string.sub(hash, 1, 7), 16))
 redis.call('HINCRBY', KEYS[5], 'b', tonumber(string.sub(hash, 8, 14), 16))
-redis.call('LPUSH', KEYS[3], ARGV[2] .. '\n' .. ARGV[5] .. '\n' .. ARGV[3] .. '\n' .. ARGV[4] .. '\n' .. version)
+redis.call('LPUSH', KEYS[3], ARGV[2] .. '\n' .. ARGV[5] .. '\n' .. ARGV[3] .. '\n' .. at .. '\n' .. version)
 redis.call('LTRIM', KEYS[3], 0, 3)
 redis.call('PEXPIRE', KEYS[3], 604800000)
-return {count, 0, version, ''}
+return {count, 0, version, tostring(at)}
 ";
 
 /// After a failover, replay this much recent history (covers asynchronous replication lag).
@@ -96,6 +108,8 @@ pub struct FarmLedger {
     /// commit out of order, so the store alone cannot say what is owed.
     owed: Mutex<Vec<StoredEvent>>,
     data_dir: PathBuf,
+    /// Beyond this clock difference with Redis (ms) the node reports not ready.
+    max_clock_skew: u64,
 }
 
 /// What the reconciler knows about the Redis it last talked to.
@@ -122,7 +136,11 @@ fn epoch_fingerprint(epoch: &str) -> u64 {
 }
 
 enum Kind {
-    Applied(u64),
+    /// With the pair's new version and the stamp Redis gave the action.
+    Applied {
+        version: u64,
+        stamp: i64,
+    },
     Duplicate,
     /// A remembered key, with the event it made (absent for entries of older versions).
     Resent(Option<Original>),
@@ -161,6 +179,7 @@ impl FarmLedger {
         link: Arc<RedisLink>,
         local: EmbeddedLedger,
         data_dir: PathBuf,
+        max_clock_skew: u64,
     ) -> anyhow::Result<Arc<FarmLedger>> {
         let reader = crate::store::open_reader(&data_dir)?;
         let degraded_from = crate::store::meta_get(&reader, "farm.degraded_from")?.unwrap_or(0);
@@ -174,6 +193,7 @@ impl FarmLedger {
             last_seq: AtomicU64::new(last_seq),
             owed: Mutex::new(Vec::new()),
             data_dir,
+            max_clock_skew,
         }))
     }
 
@@ -229,10 +249,17 @@ impl FarmLedger {
             .arg(want)
             .arg(at_ms)
             .arg(event_id)
+            .arg("0")
             .invoke_async(&mut conn)
             .await;
         match result {
-            Ok((count, 0, version, _)) => Ok((count, Kind::Applied(version))),
+            Ok((count, 0, version, stamp)) => Ok((
+                count,
+                Kind::Applied {
+                    version,
+                    stamp: stamp.parse().unwrap_or(at_ms),
+                },
+            )),
             Ok((count, 2, _, original)) => Ok((count, Kind::Resent(Original::parse(&original)))),
             Ok((count, ..)) => Ok((count, Kind::Duplicate)),
             Err(err) => {
@@ -480,7 +507,8 @@ impl FarmLedger {
                 .arg(&event.key)
                 .arg(want)
                 .arg(event.accepted_at_ms)
-                .arg(&event.event_id);
+                .arg(&event.event_id)
+                .arg("1");
         }
         let results: Vec<(u64, u8, u64, String)> = match pipe.query_async(conn).await {
             Ok(results) => results,
@@ -502,6 +530,13 @@ impl Part for FarmLedger {
     }
 
     fn health(&self) -> Health {
+        let skew = self.link.clock_skew_ms();
+        if self.link.is_up() && skew.unsigned_abs() > self.max_clock_skew {
+            return Health::Unavailable(format!(
+                "clock {skew} ms off Redis' (more than --max-clock-skew {} ms): fix NTP",
+                self.max_clock_skew
+            ));
+        }
         self.link
             .health("likes decided locally, counts reconcile on return")
     }
@@ -529,11 +564,13 @@ impl Ledger for FarmLedger {
             Ok((count, kind)) => {
                 self.remember(&request.track, count);
                 let outcome = match kind {
-                    Kind::Applied(version) => {
+                    Kind::Applied { version, stamp } => {
                         let mut event: LikeEvent = self.local.record(user, request)?;
                         self.note_seq(event.seq);
                         event.event_id = event_id;
-                        event.accepted_at_ms = at;
+                        // The stamp Redis holds for the pair, so a replay of this event
+                        // compares as Redis did.
+                        event.accepted_at_ms = stamp;
                         event.version = version;
                         Outcome::Applied(event)
                     }
@@ -580,11 +617,4 @@ impl Ledger for FarmLedger {
             None => self.local.count(track).await,
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

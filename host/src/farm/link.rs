@@ -7,7 +7,7 @@
 //! resubscribe and reconcile.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -44,6 +44,8 @@ pub struct RedisLink {
     up: AtomicBool,
     failed: Notify,
     generation: watch::Sender<u64>,
+    /// This process's wall clock minus Redis `TIME` (ms), from the last ping.
+    skew_ms: AtomicI64,
 }
 
 impl RedisLink {
@@ -75,6 +77,7 @@ impl RedisLink {
             up: AtomicBool::new(false),
             failed: Notify::new(),
             generation: watch::channel(0).0,
+            skew_ms: AtomicI64::new(0),
         }))
     }
 
@@ -101,6 +104,31 @@ impl RedisLink {
             Health::Healthy
         } else {
             Health::Degraded(format!("redis unreachable: {while_down}"))
+        }
+    }
+
+    /// This process's wall clock minus Redis' (ms): what the skew guard watches. Stamps do
+    /// not depend on it (the ledger script orders a pair's actions by its stored stamp).
+    pub fn clock_skew_ms(&self) -> i64 {
+        self.skew_ms.load(Ordering::Relaxed)
+    }
+
+    /// `TIME` doubles as the liveness ping: the skew is our clock at the midpoint of the
+    /// round trip minus Redis' answer.
+    async fn ping(&self, metrics: &Metrics) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let sent = crate::clock::now_ms();
+        let time: Result<(i64, i64), RedisError> = redis::cmd("TIME").query_async(&mut conn).await;
+        match time {
+            Ok((seconds, micros)) => {
+                let midpoint = sent + (crate::clock::now_ms() - sent) / 2;
+                let skew = midpoint - (seconds * 1000 + micros / 1000);
+                self.skew_ms.store(skew, Ordering::Relaxed);
+                metrics.clock_skew_ms.set(skew);
+            }
+            Err(err) => self.report(&err),
         }
     }
 
@@ -174,6 +202,7 @@ impl RedisLink {
                             *link.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
                             link.up.store(true, Ordering::Relaxed);
                             metrics.redis_up.set(1);
+                            link.ping(&metrics).await;
                             link.generation.send_modify(|g| *g += 1);
                             backoff = Duration::from_millis(50);
                         }
@@ -191,14 +220,7 @@ impl RedisLink {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = link.failed.notified() => {}
-                    _ = tokio::time::sleep(PING_EVERY) => {
-                        if let Some(mut conn) = link.connection() {
-                            let ping: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
-                            if let Err(err) = ping {
-                                link.report(&err);
-                            }
-                        }
-                    }
+                    _ = tokio::time::sleep(PING_EVERY) => link.ping(&metrics).await,
                 }
             }
         });

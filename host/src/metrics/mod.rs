@@ -43,6 +43,7 @@ pub struct Metrics {
     plugin_reloads: Family<Labels2, Counter>,
     bus_events: Family<Label, Counter>,
     pub redis_up: Gauge,
+    pub clock_skew_ms: Gauge,
     pub bus_channels: Gauge,
     upgrades_refused: Family<Label, Counter>,
     pub messages_rate_limited: Counter,
@@ -108,6 +109,7 @@ impl Metrics {
             plugin_reloads: Family::default(),
             bus_events: Family::default(),
             redis_up: Gauge::default(),
+            clock_skew_ms: Gauge::default(),
             bus_channels: Gauge::default(),
             upgrades_refused: Family::default(),
             messages_rate_limited: Counter::default(),
@@ -205,6 +207,11 @@ impl Metrics {
             "fanfare_redis_up",
             "1 while the farm's Redis is reachable, 0 while degraded (farm mode only)",
             m.redis_up.clone(),
+        );
+        registry.register(
+            "fanfare_clock_skew_ms",
+            "This node's wall clock minus Redis TIME, in ms (farm mode; measured every 500 ms)",
+            m.clock_skew_ms.clone(),
         );
         registry.register(
             "fanfare_bus_channels",

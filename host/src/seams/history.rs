@@ -5,12 +5,13 @@
 //! whole buckets (UTC), so the two give the same answer for the same events.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
 use serde::Serialize;
 
 use super::Part;
+use crate::clock::now_ms;
 
 /// At most this many buckets per request.
 pub const MAX_BUCKETS: i64 = 10_000;
@@ -189,13 +190,6 @@ fn parse_time(text: &str) -> Result<i64, String> {
         .duration_since(UNIX_EPOCH)
         .map_err(|_| format!("`{text}` is before 1970"))?;
     Ok(since.as_millis() as i64)
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as i64
 }
 
 #[cfg(test)]
