@@ -446,6 +446,18 @@ impl RedisProcess {
         })
     }
 
+    /// Runs `redis-cli` against this server; its output.
+    pub async fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .context("cannot run redis-cli")?;
+        anyhow::ensure!(output.status.success(), "redis-cli {args:?} failed");
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     /// A Sentinel watching `master` as `mymaster`, quick to declare it down.
     pub async fn sentinel(master: &RedisProcess) -> anyhow::Result<RedisProcess> {
         let dir = tempfile::tempdir()?;

@@ -340,3 +340,45 @@ async fn a_node_down_during_redis_data_loss_replays_when_it_returns() -> anyhow:
     nodes[0] = NodeProcess::start(dirs[0].path(), &["--redis", &url, "--node-id", "node0"]).await?;
     converge(&nodes, track, 5).await
 }
+
+#[tokio::test]
+async fn redis_out_of_memory_is_reported_degraded_and_converges() -> anyhow::Result<()> {
+    let redis = RedisProcess::start().await?;
+    let (_dirs, nodes) = farm(&redis.url(), 2).await?;
+    let mut first = nodes[0].connect("oom-a").await?;
+    assert_eq!(first.like("like", "farm:oom", "a1").await?["count"], 1);
+
+    // Redis at maxmemory with noeviction refuses every script that writes.
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await?;
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).await?;
+    let mut second = nodes[1].connect("oom-b").await?;
+    let ack = second.like("like", "farm:oom", "b1").await?;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["duplicate"], false, "{ack}");
+    // The node says so instead of reporting ready and healthy.
+    let (status, body) = fanfare_tests::http_get(&nodes[1].addr, "/readyz").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("refuses writes"), "{body}");
+
+    // Memory back: the like decided locally reaches Redis and every node counts both.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).await?;
+    converge(&nodes, "farm:oom", 2).await?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, body) = fanfare_tests::http_get(&nodes[1].addr, "/readyz").await?;
+        if body == "ready\n" {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still degraded after Redis accepted writes again: {body}"
+        );
+        // The node learns Redis accepts writes again from its next write.
+        let mut probe = nodes[1].connect("oom-probe").await?;
+        probe.like("like", "farm:oom-probe", "p1").await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -107,6 +107,9 @@ pub struct FarmLedger {
     /// store may not have committed them when a replay reads it, and sequence numbers can
     /// commit out of order, so the store alone cannot say what is owed.
     owed: Mutex<Vec<StoredEvent>>,
+    /// Wakes the reconciler when a like is owed while the link stays up (Redis answering but
+    /// refusing writes), when no reconnect would.
+    owed_added: tokio::sync::Notify,
     data_dir: PathBuf,
     /// Beyond this clock difference with Redis (ms) the node reports not ready.
     max_clock_skew: u64,
@@ -192,6 +195,7 @@ impl FarmLedger {
             degraded_from: AtomicU64::new(degraded_from),
             last_seq: AtomicU64::new(last_seq),
             owed: Mutex::new(Vec::new()),
+            owed_added: tokio::sync::Notify::new(),
             data_dir,
             max_clock_skew,
         }))
@@ -252,6 +256,9 @@ impl FarmLedger {
             .arg("0")
             .invoke_async(&mut conn)
             .await;
+        if result.is_ok() {
+            self.link.write_accepted();
+        }
         match result {
             Ok((count, 0, version, stamp)) => Ok((
                 count,
@@ -296,6 +303,7 @@ impl FarmLedger {
                 self.degraded_from.store(event.seq, Ordering::Relaxed);
                 self.persist_degraded(event.seq);
             }
+            self.owed_added.notify_one();
             count = match request.action {
                 Action::Like => count + 1,
                 Action::Unlike => count.saturating_sub(1),
@@ -348,6 +356,9 @@ impl FarmLedger {
                     _ = shutdown.cancelled() => return,
                     changed = generations.changed() => if changed.is_err() { return },
                     _ = tokio::time::sleep(RETRY_OWED), if owed && ledger.link.is_up() => {}
+                    _ = ledger.owed_added.notified(), if !owed => {
+                        tokio::time::sleep(RETRY_OWED).await;
+                    }
                 }
                 let Some(session) = ledger.link.session() else {
                     continue;
@@ -511,7 +522,10 @@ impl FarmLedger {
                 .arg("1");
         }
         let results: Vec<(u64, u8, u64, String)> = match pipe.query_async(conn).await {
-            Ok(results) => results,
+            Ok(results) => {
+                self.link.write_accepted();
+                results
+            }
             Err(err) => {
                 self.link.report(&err);
                 return Err(err.into());

@@ -46,6 +46,9 @@ pub struct RedisLink {
     generation: watch::Sender<u64>,
     /// This process's wall clock minus Redis `TIME` (ms), from the last ping.
     skew_ms: AtomicI64,
+    /// Redis answers but refuses writes (`OOM`: maxmemory reached with `noeviction`); cleared
+    /// by the next write it accepts.
+    refusing_writes: AtomicBool,
 }
 
 impl RedisLink {
@@ -78,6 +81,7 @@ impl RedisLink {
             failed: Notify::new(),
             generation: watch::channel(0).0,
             skew_ms: AtomicI64::new(0),
+            refusing_writes: AtomicBool::new(false),
         }))
     }
 
@@ -100,10 +104,21 @@ impl RedisLink {
     /// The health of a part that depends on this link: degraded, with what that means for the
     /// part, while Redis is unreachable.
     pub fn health(&self, while_down: &str) -> Health {
-        if self.is_up() {
-            Health::Healthy
-        } else {
+        if !self.is_up() {
             Health::Degraded(format!("redis unreachable: {while_down}"))
+        } else if self.refusing_writes.load(Ordering::Relaxed) {
+            Health::Degraded(format!(
+                "redis refuses writes (OOM: maxmemory reached): {while_down}"
+            ))
+        } else {
+            Health::Healthy
+        }
+    }
+
+    /// A write went through: Redis is not (or no longer) out of memory.
+    pub fn write_accepted(&self) {
+        if self.refusing_writes.swap(false, Ordering::Relaxed) {
+            tracing::info!(redis = %self.description, "Redis accepts writes again");
         }
     }
 
@@ -140,6 +155,12 @@ impl RedisLink {
     /// Called by users of the connection when a command failed: connection-level errors (and
     /// a master that turned replica) drop the connection and wake the maintainer.
     pub fn report(&self, err: &RedisError) {
+        if err.code() == Some("OOM") {
+            if !self.refusing_writes.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %err, redis = %self.description, "Redis refuses writes (out of memory); deciding likes locally");
+            }
+            return;
+        }
         let fatal = err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()
