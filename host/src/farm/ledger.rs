@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use redis::Script;
 
 use super::keys;
+use super::ledger_script::{APPLY, Kind, Original, script_keys};
 use super::link::RedisLink;
 use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
@@ -28,70 +29,11 @@ use crate::store::StoredEvent;
 use crate::tasks::Tasks;
 use fanfare_protocol::{Action, LikeRequest};
 
-/// KEYS: pairs hash, count, keys list of this user, version, digest hash. ARGV: user, key,
-/// want (1/0), ts, event id, replay (1/0). Returns {count, kind (0 applied, 1 duplicate, 2
-/// resent), version, original (resent) or stamp (applied)}.
-///
-/// Each pair holds its state and stamp. A live action (replay 0) is the pair's newest by
-/// definition — Redis runs one script at a time — so it never compares node clocks: its stamp
-/// is `max(ts, stored stamp + 1)` (hybrid), and only "already in that state" makes it a
-/// duplicate. A replayed event (decided by a node while Redis was away) is stale if its stamp
-/// is older than the stored one: last writer wins by stamp. The digest sums halves of SHA-1(event id) over the applied events
-/// (`event_log::event_digest` computes the same in the worker).
-/// Each remembered key carries its event (`key \n event id \n want \n ts \n version`; keys
-/// cannot contain control characters), so a re-sent key can be re-emitted under its original
-/// event id when the node that applied it died before storing it.
-const APPLY: &str = r"
-local count = tonumber(redis.call('GET', KEYS[2]) or '0')
-for _, entry in ipairs(redis.call('LRANGE', KEYS[3], 0, 3)) do
-  local nl = string.find(entry, '\n', 1, true)
-  local key = nl and string.sub(entry, 1, nl - 1) or entry
-  if key == ARGV[2] then return {count, 2, 0, nl and string.sub(entry, nl + 1) or ''} end
-end
-local state = redis.call('HGET', KEYS[1], ARGV[1])
-local liked, ts = false, 0
-if state then
-  liked = string.sub(state, 1, 1) == '1'
-  ts = tonumber(string.sub(state, 3)) or 0
-end
-local want = ARGV[3] == '1'
-local at = tonumber(ARGV[4])
-if liked == want then return {count, 1, 0, ''} end
-if ARGV[6] == '1' then
-  if at < ts then return {count, 1, 0, ''} end
-elseif at <= ts then
-  at = ts + 1
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. at)
-if want then count = count + 1 else count = math.max(count - 1, 0) end
-redis.call('SET', KEYS[2], count)
-local version = redis.call('INCR', KEYS[4])
-local hash = redis.sha1hex(ARGV[5])
-redis.call('HINCRBY', KEYS[5], 'a', tonumber(string.sub(hash, 1, 7), 16))
-redis.call('HINCRBY', KEYS[5], 'b', tonumber(string.sub(hash, 8, 14), 16))
-redis.call('LPUSH', KEYS[3], ARGV[2] .. '\n' .. ARGV[5] .. '\n' .. ARGV[3] .. '\n' .. at .. '\n' .. version)
-redis.call('LTRIM', KEYS[3], 0, 3)
-redis.call('PEXPIRE', KEYS[3], 604800000)
-return {count, 0, version, tostring(at)}
-";
-
 /// After a failover, replay this much recent history (covers asynchronous replication lag).
 const FAILOVER_REPLAY: Duration = Duration::from_secs(60);
 const REPLAY_BATCH: usize = 500;
 /// How soon an owed replay is tried again while Redis is up.
 const RETRY_OWED: Duration = Duration::from_millis(250);
-
-/// The script's KEYS for one pair, in its order.
-fn script_keys(track: &str, user: &str) -> [String; 5] {
-    let track_keys = keys::TrackKeys::new(track);
-    [
-        track_keys.pairs,
-        track_keys.count,
-        keys::user_keys(track, user),
-        track_keys.version,
-        track_keys.digest,
-    ]
-}
 
 pub struct FarmLedger {
     link: Arc<RedisLink>,
@@ -136,45 +78,6 @@ fn epoch_fingerprint(epoch: &str) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash[..8]);
     u64::from_be_bytes(first) & (u64::MAX >> 1)
-}
-
-enum Kind {
-    /// With the pair's new version and the stamp Redis gave the action.
-    Applied {
-        version: u64,
-        stamp: i64,
-    },
-    Duplicate,
-    /// A remembered key, with the event it made (absent for entries of older versions).
-    Resent(Option<Original>),
-}
-
-/// The event a remembered key made, as the script stored it.
-struct Original {
-    event_id: String,
-    action: Action,
-    at_ms: i64,
-    version: u64,
-}
-
-impl Original {
-    fn parse(text: &str) -> Option<Original> {
-        let mut parts = text.split('\n');
-        let event_id = parts.next()?.to_owned();
-        let action = if parts.next()? == "1" {
-            Action::Like
-        } else {
-            Action::Unlike
-        };
-        let at_ms = parts.next()?.parse().ok()?;
-        let version = parts.next()?.parse().ok()?;
-        Some(Original {
-            event_id,
-            action,
-            at_ms,
-            version,
-        })
-    }
 }
 
 impl FarmLedger {
