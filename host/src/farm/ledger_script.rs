@@ -9,21 +9,17 @@ use super::keys;
 /// want (1/0), ts, event id, replay (1/0). Returns {count, kind (0 applied, 1 duplicate, 2
 /// resent), version, original (resent) or stamp (applied)}.
 ///
-/// Each pair holds a last-writer-wins register `state:stamp:event id`, ordered by (stamp,
-/// event id). A live action (replay 0) is the pair's newest by definition — Redis runs one
-/// script at a time — so it never compares node clocks: its stamp is `max(ts, stored stamp +
-/// 1)` (hybrid), and only "already in that state" makes it a duplicate. A replayed event
-/// (decided by a node while Redis was away) is stale unless it is newer than the register:
-/// last writer wins. A newer action that changes nothing (like on a liked pair, unlike on one
-/// never liked) still advances the register, so an older opposite action replayed after it
-/// stays stale. The count changes only when the state does.
-///
-/// The digest sums halves of SHA-1(event id) over the applied events
-/// (`event_log::event_digest` computes the same in the worker). Each remembered key carries
-/// its event (`key \n event id \n want \n ts \n version`; keys cannot contain control
-/// characters), so a re-sent key can be re-emitted under its original event id when the node
-/// that applied it died before storing it.
-pub const APPLY: &str = r"
+/// Each pair holds its state and stamp. A live action (replay 0) is the pair's newest by
+/// definition — Redis runs one script at a time — so it never compares node clocks: its stamp
+/// is `max(ts, stored stamp + 1)` (hybrid), and only "already in that state" makes it a
+/// duplicate. A replayed event (decided by a node while Redis was away) is stale if its stamp
+/// is older than the stored one: last writer wins by stamp. The digest sums halves of
+/// SHA-1(event id) over the applied events (`event_log::event_digest` computes the same in
+/// the worker).
+/// Each remembered key carries its event (`key \n event id \n want \n ts \n version`; keys
+/// cannot contain control characters), so a re-sent key can be re-emitted under its original
+/// event id when the node that applied it died before storing it.
+pub(super) const APPLY: &str = r"
 local count = tonumber(redis.call('GET', KEYS[2]) or '0')
 for _, entry in ipairs(redis.call('LRANGE', KEYS[3], 0, 3)) do
   local nl = string.find(entry, '\n', 1, true)
@@ -31,30 +27,20 @@ for _, entry in ipairs(redis.call('LRANGE', KEYS[3], 0, 3)) do
   if key == ARGV[2] then return {count, 2, 0, nl and string.sub(entry, nl + 1) or ''} end
 end
 local state = redis.call('HGET', KEYS[1], ARGV[1])
-local liked, ts, id = false, 0, ''
+local liked, ts = false, 0
 if state then
   liked = string.sub(state, 1, 1) == '1'
-  local sep = string.find(state, ':', 3, true)
-  if sep then
-    ts = tonumber(string.sub(state, 3, sep - 1)) or 0
-    id = string.sub(state, sep + 1)
-  else
-    ts = tonumber(string.sub(state, 3)) or 0
-  end
+  ts = tonumber(string.sub(state, 3)) or 0
 end
 local want = ARGV[3] == '1'
 local at = tonumber(ARGV[4])
-if ARGV[6] ~= '1' and at <= ts then at = ts + 1 end
-local newer = at > ts or (at == ts and ARGV[5] > id)
-local register = ARGV[3] .. ':' .. at .. ':' .. ARGV[5]
-if liked == want then
-  -- A newer no-op is still the pair's newest action: it advances the register, so an older
-  -- opposite action replayed later is stale.
-  if newer then redis.call('HSET', KEYS[1], ARGV[1], register) end
-  return {count, 1, 0, ''}
+if liked == want then return {count, 1, 0, ''} end
+if ARGV[6] == '1' then
+  if at < ts then return {count, 1, 0, ''} end
+elseif at <= ts then
+  at = ts + 1
 end
-if not newer then return {count, 1, 0, ''} end
-redis.call('HSET', KEYS[1], ARGV[1], register)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3] .. ':' .. at)
 if want then count = count + 1 else count = math.max(count - 1, 0) end
 redis.call('SET', KEYS[2], count)
 local version = redis.call('INCR', KEYS[4])
@@ -68,7 +54,7 @@ return {count, 0, version, tostring(at)}
 ";
 
 /// The script's KEYS for one pair, in its order.
-pub fn script_keys(track: &str, user: &str) -> [String; 5] {
+pub(super) fn script_keys(track: &str, user: &str) -> [String; 5] {
     let track_keys = keys::TrackKeys::new(track);
     [
         track_keys.pairs,

@@ -10,5 +10,5 @@ pub mod bus;
 pub mod counters;
 pub mod keys;
 pub mod ledger;
-pub mod ledger_script;
+mod ledger_script;
 pub mod link;
