@@ -126,23 +126,25 @@ impl MongoArchive {
         stored.inserted = batch.len() - duplicate.len();
 
         // Totals: tracks and minutes touched by a duplicate are recomputed, the rest incremented.
-        let mut recount_tracks = BTreeSet::new();
-        let mut recount_minutes = BTreeSet::new();
+        let mut recount_tracks: BTreeSet<&str> = BTreeSet::new();
+        let mut recount_minutes: BTreeSet<(&str, i64)> = BTreeSet::new();
         for (i, e) in batch.iter().enumerate() {
             if duplicate.contains(&i) {
-                recount_tracks.insert(e.track.clone());
-                recount_minutes.insert((e.track.clone(), minute_of(e)));
+                recount_tracks.insert(&e.track);
+                recount_minutes.insert((&e.track, minute_of(e)));
             }
         }
         let mut track_inc: BTreeMap<&str, [i64; 5]> = BTreeMap::new();
         let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
         for (i, e) in batch.iter().enumerate() {
-            stored.tracks.insert(e.track.clone());
+            if !stored.tracks.contains(&e.track) {
+                stored.tracks.insert(e.track.clone());
+            }
             if duplicate.contains(&i) {
                 continue;
             }
             let like = e.action == "like";
-            if !recount_tracks.contains(&e.track) {
+            if !recount_tracks.contains(e.track.as_str()) {
                 let t = track_inc.entry(&e.track).or_default();
                 t[0] += if like { 1 } else { -1 };
                 t[usize::from(!like) + 1] += 1;
@@ -150,7 +152,7 @@ impl MongoArchive {
                 t[3] += a;
                 t[4] += b;
             }
-            if !recount_minutes.contains(&(e.track.clone(), minute_of(e))) {
+            if !recount_minutes.contains(&(e.track.as_str(), minute_of(e))) {
                 minute_inc.entry((&e.track, minute_of(e))).or_default()[usize::from(!like)] += 1;
             }
         }
