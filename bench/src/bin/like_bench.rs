@@ -195,16 +195,9 @@ impl Pipeline {
 
     /// Events the workers have handled (stored, or found already stored).
     async fn handled(&self) -> anyhow::Result<u64> {
-        let mut total = 0.0;
-        for addr in &self.metrics {
-            for series in [
-                "fanfare_worker_events_inserted_total",
-                "fanfare_worker_events_duplicate_total",
-            ] {
-                total += fanfare_tests::metric_at(addr, series).await?;
-            }
-        }
-        Ok(total as u64)
+        let inserted = sum_of(&self.metrics, "fanfare_worker_events_inserted_total").await?;
+        let duplicate = sum_of(&self.metrics, "fanfare_worker_events_duplicate_total").await?;
+        Ok((inserted + duplicate) as u64)
     }
 
     /// Prints the store's rate every 5 s while the bench runs.
@@ -214,12 +207,9 @@ impl Pipeline {
             let mut before = 0.0;
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let mut now = 0.0;
-                for addr in &metrics {
-                    now += fanfare_tests::metric_at(addr, "fanfare_worker_events_inserted_total")
-                        .await
-                        .unwrap_or(0.0);
-                }
+                let Ok(now) = sum_of(&metrics, "fanfare_worker_events_inserted_total").await else {
+                    continue;
+                };
                 eprintln!(
                     "{:5.0} s: stored {:.0} events/s",
                     started.elapsed().as_secs_f64(),
@@ -279,6 +269,15 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// One series summed over the workers' `/metrics`.
+async fn sum_of(metrics: &[String], series: &str) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for addr in metrics {
+        total += fanfare_tests::metric_at(addr, series).await?;
+    }
+    Ok(total)
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
