@@ -10,6 +10,7 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -469,7 +470,31 @@ async fn start_postgres(dir: &Path) -> anyhow::Result<(Service, u16)> {
         ])
         .log(Log::File(dir.join("postgres.log")))
         .patience(PATIENCE * 3);
-    Ok((Service::start(spec).await?, port))
+    let postgres = Service::start(spec).await?;
+    prepare_for_ferretdb(port).await?;
+    Ok((postgres, port))
+}
+
+/// Applies scripts/ferretdb-postgres.sql (indexes FerretDB's lookups by `_id` can use),
+/// retrying while PostgreSQL is still starting up.
+async fn prepare_for_ferretdb(port: u16) -> anyhow::Result<()> {
+    let sql = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ferretdb-postgres.sql");
+    let mut last = String::new();
+    for _ in 0..50 {
+        let output = tokio::process::Command::new(postgres_bin("psql"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .args(["-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-f"])
+            .arg(&sql)
+            .output()
+            .await
+            .context("cannot run psql")?;
+        if output.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&output.stderr).into_owned();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("cannot prepare PostgreSQL for FerretDB: {last}")
 }
 
 /// A `fanfare worker` process.
