@@ -134,21 +134,29 @@ async fn run(
                 duplicate: false,
             })
         }
-        Outcome::Duplicate | Outcome::Resent => {
+        Outcome::Unchanged(event) => {
+            // Already in that state: nothing to broadcast, but the action is the pair's newest
+            // and is stored like any other before the ack.
+            node.event_log
+                .append(event)
+                .await
+                .map_err(|err| durability_error(node, err))?;
+            node.metrics.like(LikeOutcome::Duplicate);
+            Ok(Ack {
+                count: decision.count,
+                duplicate: true,
+            })
+        }
+        Outcome::Resent => {
             // Nothing changes, but the state we confirm must itself be durable before the ack.
             node.event_log
                 .barrier()
                 .await
                 .map_err(|err| durability_error(node, err))?;
-            let duplicate = decision.outcome == Outcome::Duplicate;
-            node.metrics.like(if duplicate {
-                LikeOutcome::Duplicate
-            } else {
-                LikeOutcome::Resent
-            });
+            node.metrics.like(LikeOutcome::Resent);
             Ok(Ack {
                 count: decision.count,
-                duplicate,
+                duplicate: false,
             })
         }
     }

@@ -1,6 +1,6 @@
 //! The embedded SQLite database: schema, opening, and the read queries the node serves.
 //!
-//! One file under the data directory holds every effective like event and the per-track
+//! One file under the data directory holds every accepted like event and the per-track
 //! counts. WAL mode lets the ledger read while the event-log writer commits; `synchronous=FULL`
 //! makes a commit survive power loss, and group commit keeps that affordable.
 
@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS like_events (
     action         TEXT NOT NULL CHECK (action IN ('like', 'unlike')),
     key            TEXT NOT NULL,
     accepted_at_ms INTEGER NOT NULL,
-    node           TEXT NOT NULL
+    node           TEXT NOT NULL,
+    changed        INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS like_events_by_pair ON like_events (user, track, seq);
 CREATE INDEX IF NOT EXISTS like_events_by_track_time ON like_events (track, accepted_at_ms);
@@ -62,7 +63,25 @@ pub fn open(data_dir: &Path) -> anyhow::Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch(SCHEMA)
         .with_context(|| format!("cannot create schema in {}", path.display()))?;
+    add_changed_column(&conn)
+        .with_context(|| format!("cannot upgrade the schema of {}", path.display()))?;
     Ok(conn)
+}
+
+/// Stores made before actions that change nothing became events lack `changed`; every row
+/// they hold was a change.
+fn add_changed_column(conn: &Connection) -> rusqlite::Result<()> {
+    let present: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('like_events') WHERE name = 'changed'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !present {
+        conn.execute_batch(
+            "ALTER TABLE like_events ADD COLUMN changed INTEGER NOT NULL DEFAULT 1",
+        )?;
+    }
+    Ok(())
 }
 
 /// Opens an extra connection for reads beside the writer.
@@ -90,20 +109,31 @@ pub fn track_count(conn: &Connection, track: &str) -> rusqlite::Result<u64> {
     Ok(count.unwrap_or(0).max(0) as u64)
 }
 
-/// The newest effective events of one (user, track) pair, newest first: (key, action).
+/// The newest events of one (user, track) pair, newest first.
 pub fn recent_pair_events(
     conn: &Connection,
     user: &str,
     track: &str,
     limit: usize,
-) -> rusqlite::Result<Vec<(String, String)>> {
+) -> rusqlite::Result<Vec<PairEvent>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT key, action FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT ?3",
+        "SELECT key, action, accepted_at_ms FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT ?3",
     )?;
     let rows = stmt.query_map(params![user, track, limit as i64], |row| {
-        Ok((row.get(0)?, row.get(1)?))
+        Ok(PairEvent {
+            key: row.get(0)?,
+            action: row.get(1)?,
+            accepted_at_ms: row.get(2)?,
+        })
     })?;
     rows.collect()
+}
+
+/// One of a pair's events, as the ledger needs it.
+pub struct PairEvent {
+    pub key: String,
+    pub action: String,
+    pub accepted_at_ms: i64,
 }
 
 /// A small integer setting kept beside the data (e.g. the farm's degraded-mode marker).
@@ -137,12 +167,13 @@ pub struct StoredEvent {
     pub action: String,
     pub key: String,
     pub accepted_at_ms: i64,
+    pub changed: bool,
 }
 
 /// Up to `limit` events with `seq >= from`, in order.
 pub fn events_from(conn: &Connection, from: u64, limit: usize) -> anyhow::Result<Vec<StoredEvent>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, user, track, action, key, accepted_at_ms, event_id, node FROM like_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
+        "SELECT seq, user, track, action, key, accepted_at_ms, event_id, node, changed FROM like_events WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![from as i64, limit as i64], |row| {
         Ok(StoredEvent {
@@ -154,6 +185,7 @@ pub fn events_from(conn: &Connection, from: u64, limit: usize) -> anyhow::Result
             accepted_at_ms: row.get(5)?,
             event_id: row.get(6)?,
             node: row.get(7)?,
+            changed: row.get(8)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

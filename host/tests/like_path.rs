@@ -187,6 +187,7 @@ impl Ledger for RestoringLedger {
                 key: request.key.clone(),
                 accepted_at_ms: 1_000,
                 node: Arc::from("dead-node"),
+                changed: true,
             }),
         })
     }

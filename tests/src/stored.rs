@@ -42,9 +42,11 @@ pub async fn wait_stored(
     }
 }
 
-/// MongoDB's per-track totals, each checked against the events stored for the track. A worker
-/// writes the totals just after the events, so they may trail for a moment: this waits up to
-/// 30 s for them to agree before it calls a difference a fault.
+/// MongoDB's per-track totals, each checked against the events stored for the track: the
+/// count against the pairs' newest events by (stamp, event id) and against the `pairs`
+/// registers, the event number against the events. A worker writes the totals just after the
+/// events, so they may trail for a moment: this waits up to 30 s for them to agree before it
+/// calls a difference a fault.
 pub async fn stored_totals(
     db: &mongodb::Database,
     tracks: &[&str],
@@ -64,38 +66,56 @@ async fn totals_once(
     tracks: &[&str],
 ) -> anyhow::Result<BTreeMap<String, Expected>> {
     let likes = db.collection::<Document>("likes");
+    let pairs = db.collection::<Document>("pairs");
     let counts = db.collection::<Document>("track_counts");
     let mut totals = BTreeMap::new();
     for &track in tracks {
-        let l = likes
-            .count_documents(doc! {"track": track, "action": "like"})
-            .await?;
-        let u = likes
-            .count_documents(doc! {"track": track, "action": "unlike"})
-            .await?;
         let Some(d) = counts.find_one(doc! {"_id": track}).await? else {
             continue;
         };
-        let stored = Expected {
-            likes: number(&d, "likes") as u64,
-            unlikes: number(&d, "unlikes") as u64,
-            count: number(&d, "count"),
-        };
-        let from_events = Expected {
-            likes: l,
-            unlikes: u,
-            count: l as i64 - u as i64,
-        };
+        let mut from_events = Expected::default();
+        // user → (stamp, event id, liked) of the newest event
+        let mut newest: HashMap<String, (i64, String, bool)> = HashMap::new();
+        let mut events = likes.find(doc! {"track": track}).await?;
+        while let Some(e) = events.try_next().await? {
+            let like = e.get_str("action")? == "like";
+            from_events.actions += 1;
+            if e.get_bool("changed").unwrap_or(true) {
+                if like {
+                    from_events.likes += 1;
+                } else {
+                    from_events.unlikes += 1;
+                }
+            }
+            let register = (
+                number(&e, "accepted_at_ms"),
+                e.get_str("_id")?.to_owned(),
+                like,
+            );
+            let user = e.get_str("user")?.to_owned();
+            match newest.get(&user) {
+                Some(old) if (old.0, &old.1) >= (register.0, &register.1) => {}
+                _ => {
+                    newest.insert(user, register);
+                }
+            }
+        }
+        from_events.count = newest.values().filter(|r| r.2).count() as i64;
+        let registers = pairs
+            .count_documents(doc! {"track": track, "liked": true})
+            .await? as i64;
+        let stored = (number(&d, "count"), number(&d, "events"));
         anyhow::ensure!(
-            stored == from_events,
-            "{track}: totals {stored:?} disagree with the stored events {from_events:?} (counted twice?)"
+            stored == (from_events.count, from_events.actions as i64) && registers == stored.0,
+            "{track}: totals (count, events) {stored:?} and {registers} liked registers disagree \
+             with the stored events {from_events:?}"
         );
-        totals.insert(track.to_owned(), stored);
+        totals.insert(track.to_owned(), from_events);
     }
     Ok(totals)
 }
 
-/// Acked likes held against the stored events, one by one.
+/// Acked actions held against the stored events, one by one.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EventAudit {
     /// Acked, not stored.
@@ -108,7 +128,7 @@ pub struct EventAudit {
     pub stored: u64,
 }
 
-/// Compares every acked like with the `likes` collection by (user, key).
+/// Compares every acked action with the `likes` collection by (user, key).
 pub async fn audit_events(db: &mongodb::Database, acks: &Acks) -> anyhow::Result<EventAudit> {
     let mut stored: HashMap<(String, String), u64> = HashMap::new();
     let mut cursor = db

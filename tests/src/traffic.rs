@@ -1,7 +1,9 @@
 //! Like traffic whose every ack is written down, so a test (or the fault suite) can later hold
 //! what the system stored against what it promised.
 //!
-//! Each simulated user likes and unlikes tracks in turn, each like with a fresh key. A user
+//! Each simulated user likes and unlikes tracks in turn, each like with a fresh key. Every
+//! acked action is an event; a track's count is how many users' last acked action on it is a
+//! like. A user
 //! whose connection breaks or whose like goes unanswered reconnects (through the same address,
 //! which may be a balancer) and re-sends the same key, as a real client must: the node applies a
 //! key once however often it arrives. A like still unanswered when traffic stops is in doubt.
@@ -15,15 +17,19 @@ use anyhow::bail;
 
 use crate::WsClient;
 
-/// Effective changes the clients saw acked for one track.
+/// What the clients saw acked for one track.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Expected {
+    /// Acked as changes (`duplicate: false`), by action.
     pub likes: u64,
     pub unlikes: u64,
+    /// Every acked action, changes and no-ops (`duplicate: true`) alike: each is an event.
+    pub actions: u64,
+    /// Users whose last acked action on the track is a like: what the count must be.
     pub count: i64,
 }
 
-/// One like the node acked as a change (`duplicate: false`).
+/// One action the node acked.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AckedLike {
     pub user: String,
@@ -36,7 +42,10 @@ pub struct AckedLike {
 #[derive(Debug, Default, Clone)]
 pub struct Acks {
     pub per_track: BTreeMap<String, Expected>,
+    /// Every acked action, in the order each user sent them.
     pub likes: Vec<AckedLike>,
+    /// Each (user, track)'s last acked action.
+    pub last: BTreeMap<(String, String), &'static str>,
     /// Sent but never answered (traffic stopped while the user could not reconnect).
     pub in_doubt: Vec<AckedLike>,
 }
@@ -181,9 +190,7 @@ impl User {
                 match reply {
                     Ok(Ok(reply)) if reply["type"] == "ack" => {
                         liked[slot] = like.action == "like";
-                        if reply["duplicate"] == false {
-                            self.record(like);
-                        }
+                        self.record(like, reply["duplicate"] == false);
                         break;
                     }
                     Ok(Ok(reply))
@@ -203,16 +210,18 @@ impl User {
         Ok(())
     }
 
-    fn record(&self, like: AckedLike) {
+    fn record(&self, like: AckedLike, changed: bool) {
         let mut acks = lock(&self.acks);
+        let pair = (like.user.clone(), like.track.clone());
+        let was_liked = acks.last.insert(pair, like.action) == Some("like");
         let e = acks.per_track.entry(like.track.clone()).or_default();
-        if like.action == "like" {
-            e.likes += 1;
-            e.count += 1;
-        } else {
-            e.unlikes += 1;
-            e.count -= 1;
+        e.actions += 1;
+        match (changed, like.action == "like") {
+            (true, true) => e.likes += 1,
+            (true, false) => e.unlikes += 1,
+            (false, _) => {}
         }
+        e.count += i64::from(like.action == "like") - i64::from(was_liked);
         acks.likes.push(like);
     }
 }

@@ -67,7 +67,7 @@ async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0, "every like was answered");
-    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+    let total: u64 = acked.values().map(|e| e.actions).sum();
     assert!(total > 200, "only {total} likes acked");
 
     let db = p.db().await?;
@@ -124,7 +124,7 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() -> anyhow::Result
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0);
-    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+    let total: u64 = acked.values().map(|e| e.actions).sum();
     assert!(
         total > at_kill,
         "traffic went on after the kill ({at_kill} of {total} stored)"
@@ -181,7 +181,7 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     p.kafka.restart().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (acked, in_doubt) = finish(traffic).await?;
-    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+    let total: u64 = acked.values().map(|e| e.actions).sum();
 
     assert_eq!(in_doubt, 0, "every like was answered in the end");
     let db = p.db().await?;
@@ -260,7 +260,7 @@ async fn mongodb_outage_grows_lag_then_drains_without_loss() -> anyhow::Result<(
     .context("the worker did not store after MongoDB came back")?;
     let (acked, in_doubt) = finish(traffic).await?;
     assert_eq!(in_doubt, 0, "acks never waited for MongoDB");
-    let total: u64 = acked.values().map(|e| e.likes + e.unlikes).sum();
+    let total: u64 = acked.values().map(|e| e.actions).sum();
 
     let db = p.db().await?;
     let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
@@ -303,18 +303,7 @@ async fn worker_metric(addr: &str, series: &str) -> anyhow::Result<f64> {
     fanfare_tests::metric_at(addr, series).await
 }
 
-/// Runs `redis-cli` against the pipeline's Redis.
-fn redis_cli(p: &Pipeline, args: &[&str]) -> anyhow::Result<()> {
-    let status = std::process::Command::new("redis-cli")
-        .args(["-p", &p.redis.port.to_string()])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "redis-cli {args:?} failed");
-    Ok(())
-}
-
-/// Waits until the worker has fully handled (stored and written back) `events` events.
+/// Waits until the worker has fully handled (stored and merged into Redis) `events` events.
 async fn wait_handled(metrics_addr: &str, events: f64) -> anyhow::Result<()> {
     let series = "fanfare_worker_events_inserted_total";
     wait_metric_at(metrics_addr, series, Duration::from_secs(30), |n| {
@@ -325,46 +314,61 @@ async fn wait_handled(metrics_addr: &str, events: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Redis lost its data and the node that accepted the likes never comes back, so no node
+/// replays them: the worker, merging each stored batch into Redis' registers, brings the live
+/// count back anyway — and its merge of events a node already merged changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_drifted_live_count_converges_to_the_stored_one() -> anyhow::Result<()> {
-    let p = Pipeline::start().await?;
-    let dir = tempfile::tempdir()?;
-    let node = p.node(dir.path()).await?;
-    let metrics_addr = format!("127.0.0.1:{}", fanfare_tests::free_port()?);
-    let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
+async fn likes_of_a_node_gone_for_good_return_to_a_wiped_redis_through_the_worker()
+-> anyhow::Result<()> {
+    let mut p = Pipeline::start().await?;
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let track = TRACKS[1];
-    for u in 0..3 {
-        let mut ws = node.connect(&format!("d{u}")).await?;
+    let mut a = p.node(dir_a.path()).await?;
+    let metrics_addr = format!("127.0.0.1:{}", fanfare_tests::free_port()?);
+    {
+        // Merged live by A first: the worker's merges change no register.
+        let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
+        let mut ws = a.connect("d0").await?;
+        ws.like("like", track, "d0-1").await?;
+        wait_handled(&metrics_addr, 1.0).await?;
+        let corrections = "fanfare_worker_redis_corrections_total";
+        assert_eq!(worker_metric(&metrics_addr, corrections).await?, 0.0);
+    }
+    // No worker now: three more likes wait in Kafka. A dies for good and Redis loses its data.
+    for u in 1..4 {
+        let mut ws = a.connect(&format!("d{u}")).await?;
         ws.like("like", track, &format!("d{u}-1")).await?;
     }
-    wait_stored(&p.db().await?, 3, Duration::from_secs(30)).await?;
-    wait_handled(&metrics_addr, 3.0).await?;
+    let mut ws = a.connect("d1").await?;
+    assert_eq!(ws.like("unlike", track, "d1-2").await?["count"], 3);
+    a.kill().await?;
+    p.redis.kill().await?;
+    p.redis.restart().await?;
+    let b = p.node(dir_b.path()).await?;
+    assert_eq!(b.track_count(track).await?, 0, "nothing replays A's likes");
 
-    // The live count drifts, and Redis' digest says it applied a different set of events than
-    // MongoDB holds (as after Redis lost its data and a replay is half done): the worker must
-    // not overwrite the live count, even though the numbers of events agree.
-    let count_key = format!("ff:{{{track}}}:count");
-    let digest_key = format!("ff:{{{track}}}:digest");
-    redis_cli(&p, &["SET", &count_key, "40"])?;
-    redis_cli(&p, &["HINCRBY", &digest_key, "a", "1"])?;
-    let mut ws = node.connect("d8").await?;
-    assert_eq!(ws.like("like", track, "d8-1").await?["count"], 41);
-    wait_handled(&metrics_addr, 4.0).await?;
-    assert_eq!(
-        node.track_count(track).await?,
-        41,
-        "overwritten on a digest mismatch"
+    let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
+    wait_stored(&p.db().await?, 5, Duration::from_secs(30)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while b.track_count(track).await? != 3 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the live count stayed at {} (expected 3: d0, d2, d3)",
+            b.track_count(track).await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut expected = BTreeMap::new();
+    expected.insert(
+        track.to_owned(),
+        Expected {
+            likes: 4,
+            unlikes: 1,
+            actions: 5,
+            count: 3,
+        },
     );
-    let corrections = "fanfare_worker_redis_corrections_total";
-    assert_eq!(worker_metric(&metrics_addr, corrections).await?, 0.0);
-
-    // Same events on both sides, different count: the stored count is the truth.
-    redis_cli(&p, &["HINCRBY", &digest_key, "a", "-1"])?;
-    let mut ws = node.connect("d9").await?;
-    assert_eq!(ws.like("like", track, "d9-1").await?["count"], 42);
-    wait_handled(&metrics_addr, 5.0).await?;
-    assert_eq!(node.track_count(track).await?, 5);
-    assert_eq!(worker_metric(&metrics_addr, corrections).await?, 1.0);
+    assert_eq!(stored_totals(&p.db().await?, &[track]).await?, expected);
     Ok(())
 }
 
@@ -427,6 +431,7 @@ async fn a_key_resent_while_redis_forgot_it_is_stored_once() -> anyhow::Result<(
         Expected {
             likes: 1,
             unlikes: 0,
+            actions: 1,
             count: 1,
         },
     );

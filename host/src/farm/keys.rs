@@ -1,5 +1,5 @@
 //! The Redis key schema, in one place: the farm ledger, the bus, the plugin counters and the
-//! worker's count write-back all name their keys through this module (docs/farm.md lists them).
+//! workers' merges all name their keys through this module (docs/farm.md lists them).
 //!
 //! Every key of one track carries the track as a hash tag (`{track}`), so a track's keys live
 //! on one slot and the ledger script stays valid on Redis Cluster.
@@ -9,14 +9,12 @@ pub const EPOCH: &str = "ff:epoch";
 
 /// The keys of one track.
 pub struct TrackKeys {
-    /// Hash user → `1|0:ts`: each pair's current state.
+    /// Hash user → `1|0:stamp:event id`: each pair's last-writer-wins register.
     pub pairs: String,
     /// The live count.
     pub count: String,
-    /// Incremented on every applied event: orders a track's updates on every node.
+    /// Incremented on every change of the count: orders a track's updates on every node.
     pub version: String,
-    /// Hash `a`, `b`: sums of the two halves of SHA-1(event id) over applied events.
-    pub digest: String,
 }
 
 impl TrackKeys {
@@ -25,7 +23,6 @@ impl TrackKeys {
             pairs: format!("ff:{{{track}}}:pairs"),
             count: format!("ff:{{{track}}}:count"),
             version: format!("ff:{{{track}}}:version"),
-            digest: format!("ff:{{{track}}}:digest"),
         }
     }
 }
@@ -52,7 +49,7 @@ mod tests {
     #[test]
     fn a_tracks_keys_share_one_hash_tag() {
         let keys = TrackKeys::new("album:x");
-        for key in [&keys.pairs, &keys.count, &keys.version, &keys.digest] {
+        for key in [&keys.pairs, &keys.count, &keys.version] {
             assert!(key.starts_with("ff:{album:x}:"), "{key}");
         }
         assert_eq!(user_keys("album:x", "ana"), "ff:{album:x}:keys:ana");

@@ -23,7 +23,7 @@ use super::ledger_script::{APPLY, Kind, Original, script_keys};
 use super::link::RedisLink;
 use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
-use crate::seams::ledger::{Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
+use crate::seams::ledger::{Decided, Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::seams::{Health, Part};
 use crate::store::StoredEvent;
 use crate::tasks::Tasks;
@@ -142,7 +142,7 @@ impl FarmLedger {
                 "redis is down",
             )));
         };
-        let [pairs, count, keys, version, digest] = script_keys(track, user);
+        let [pairs, count, keys, version] = script_keys(track, user);
         let want = if action == Action::Like { "1" } else { "0" };
         let result: Result<(u64, u8, u64, String), _> = self
             .script
@@ -150,7 +150,6 @@ impl FarmLedger {
             .key(count)
             .key(keys)
             .key(version)
-            .key(digest)
             .arg(user)
             .arg(key)
             .arg(want)
@@ -165,13 +164,18 @@ impl FarmLedger {
         match result {
             Ok((count, 0, version, stamp)) => Ok((
                 count,
-                Kind::Applied {
+                Kind::Changed {
                     version,
                     stamp: stamp.parse().unwrap_or(at_ms),
                 },
             )),
             Ok((count, 2, _, original)) => Ok((count, Kind::Resent(Original::parse(&original)))),
-            Ok((count, ..)) => Ok((count, Kind::Duplicate)),
+            Ok((count, _, _, stamp)) => Ok((
+                count,
+                Kind::Unchanged {
+                    stamp: stamp.parse().unwrap_or(at_ms),
+                },
+            )),
             Err(err) => {
                 self.link.report(&err);
                 Err(err)
@@ -187,7 +191,7 @@ impl FarmLedger {
     ) -> Result<Decision, LedgerError> {
         let local = self.local.apply(user, request).await?;
         let mut count = self.known(&request.track).unwrap_or(local.count);
-        if let Outcome::Applied(event) = &local.outcome {
+        if let Outcome::Applied(event) | Outcome::Unchanged(event) = &local.outcome {
             self.note_seq(event.seq);
             self.owed
                 .lock()
@@ -201,22 +205,37 @@ impl FarmLedger {
                     action: event.action.as_str().to_owned(),
                     key: event.key.clone(),
                     accepted_at_ms: event.accepted_at_ms,
+                    changed: event.changed,
                 });
             if self.degraded_from.load(Ordering::Relaxed) == 0 {
                 self.degraded_from.store(event.seq, Ordering::Relaxed);
                 self.persist_degraded(event.seq);
             }
             self.owed_added.notify_one();
-            count = match request.action {
-                Action::Like => count + 1,
-                Action::Unlike => count.saturating_sub(1),
-            };
-            self.remember(&request.track, count);
+            if event.changed {
+                count = match request.action {
+                    Action::Like => count + 1,
+                    Action::Unlike => count.saturating_sub(1),
+                };
+                self.remember(&request.track, count);
+            }
         }
         Ok(Decision {
             count,
             outcome: local.outcome,
         })
+    }
+
+    /// Records locally what Redis decided (the pair memory stays informed for degraded mode).
+    fn record(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+        decided: Decided,
+    ) -> Result<LikeEvent, LedgerError> {
+        let event = self.local.record(user, request, decided)?;
+        self.note_seq(event.seq);
+        Ok(event)
     }
 
     fn note_seq(&self, seq: u64) {
@@ -407,16 +426,15 @@ impl FarmLedger {
     ) -> anyhow::Result<u64> {
         let mut pipe = redis::pipe();
         for event in events {
-            let [pairs, count, keys, version, digest] = script_keys(&event.track, &event.user);
+            let [pairs, count, keys, version] = script_keys(&event.track, &event.user);
             let want = if event.action == "like" { "1" } else { "0" };
             pipe.cmd("EVALSHA")
                 .arg(self.script.get_hash())
-                .arg(5)
+                .arg(4)
                 .arg(pairs)
                 .arg(count)
                 .arg(keys)
                 .arg(version)
-                .arg(digest)
                 .arg(&event.user)
                 .arg(&event.key)
                 .arg(want)
@@ -480,31 +498,38 @@ impl Ledger for FarmLedger {
         {
             Ok((count, kind)) => {
                 self.remember(&request.track, count);
+                let decided = |changed, stamp, event_id, version| Decided {
+                    changed,
+                    stamp,
+                    event_id,
+                    version,
+                };
                 let outcome = match kind {
-                    Kind::Applied { version, stamp } => {
-                        let mut event: LikeEvent = self.local.record(user, request)?;
-                        self.note_seq(event.seq);
-                        event.event_id = event_id;
-                        // The stamp Redis holds for the pair, so a replay of this event
-                        // compares as Redis did.
-                        event.accepted_at_ms = stamp;
-                        event.version = version;
-                        Outcome::Applied(event)
-                    }
-                    Kind::Duplicate => Outcome::Duplicate,
+                    Kind::Changed { version, stamp } => Outcome::Applied(self.record(
+                        user,
+                        request,
+                        decided(true, stamp, event_id, version),
+                    )?),
+                    // The pair's state is as asked; the action still advanced its register
+                    // and is stored (`changed: false`), so a replay compares as Redis did.
+                    Kind::Unchanged { stamp } => Outcome::Unchanged(self.record(
+                        user,
+                        request,
+                        decided(false, stamp, event_id, 0),
+                    )?),
                     Kind::Resent(Some(original))
                         if !self.local.knows_key(user, &request.track, &request.key)? =>
                     {
-                        // Applied in Redis by a node that may have died before storing it:
+                        // Accepted in Redis by a node that may have died before storing it:
                         // store it again under its original id (stores downstream keep one).
                         let mut replayed = request.clone();
                         replayed.action = original.action;
-                        let mut event: LikeEvent = self.local.record(user, &replayed)?;
-                        self.note_seq(event.seq);
-                        event.event_id = original.event_id;
-                        event.accepted_at_ms = original.at_ms;
-                        event.version = original.version;
-                        Outcome::Restored(event)
+                        let changed = original.version > 0;
+                        Outcome::Restored(self.record(
+                            user,
+                            &replayed,
+                            decided(changed, original.at_ms, original.event_id, original.version),
+                        )?)
                     }
                     Kind::Resent(_) => Outcome::Resent,
                 };

@@ -10,5 +10,5 @@ pub mod bus;
 pub mod counters;
 pub mod keys;
 pub mod ledger;
-mod ledger_script;
+pub mod ledger_script;
 pub mod link;

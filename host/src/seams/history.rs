@@ -144,7 +144,7 @@ impl History for SqliteHistory {
                 "SELECT (accepted_at_ms / ?1) * ?1 AS b,
                         SUM(action = 'like'), SUM(action = 'unlike')
                  FROM like_events
-                 WHERE track = ?2 AND accepted_at_ms >= ?3 AND accepted_at_ms < ?4
+                 WHERE changed AND track = ?2 AND accepted_at_ms >= ?3 AND accepted_at_ms < ?4
                  GROUP BY b ORDER BY b",
             )?;
             let rows = stmt.query_map(

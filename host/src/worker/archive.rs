@@ -3,20 +3,22 @@
 //! Collections (see `docs/events.md`):
 //! - `likes`: one document per event, `_id` = event id. Inserted unordered in bulk; a
 //!   duplicate-key error (11000) means "already stored", which is what makes replays harmless.
+//! - `pairs`: each (track, user) pair's last-writer-wins register — its newest event by
+//!   (stamp, event id): state, stamp, event id (`_id` = track, newline, user).
+//! - `track_counts`: per-track `count` (pairs whose register says liked) and `events` (stored
+//!   events).
+//! - `track_minutes`: likes/unlikes per track per UTC minute that changed a pair's state as
+//!   the deciding node saw it, for history.
 //!
-//! The state of a (track, user) pair is its newest stored event (highest `version`); it is not
-//! kept a second time (see `docs/events.md`, "Pair state").
-//! - `track_counts`: per-track totals (`count`, `likes`, `unlikes`, `events`, and `digest_a`/
-//!   `digest_b`, sums of `event_digest` over the stored events, for the Redis write-back).
-//! - `track_minutes`: likes/unlikes per track per UTC minute, for history.
-//!
-//! Totals are `$inc`remented for events this batch inserted. When a batch meets an event that
-//! was already stored (a replay after a crash, or a node re-sending after a Kafka outage) the
-//! increments of the first attempt may or may not have happened, so the totals it touches are
-//! recomputed from `likes` instead. Events of one track share a partition, so
-//! one worker at a time writes a track's totals.
+//! A batch's new events are merged into the registers of their pairs; the count moves only
+//! when a register's state does (the same rule as the Redis script, so both agree whatever
+//! order events arrive in). When a batch meets an event that was already stored (a replay
+//! after a crash, or a node re-sending after a Kafka outage) the first attempt may or may not
+//! have reached the registers and totals, so the tracks it touches are recounted from `likes`
+//! instead. Events of one track share a partition, so one worker at a time writes a track's
+//! registers and totals.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -26,7 +28,7 @@ use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::seams::Part;
-use crate::seams::event_log::{EventRecord, event_digest};
+use crate::seams::event_log::EventRecord;
 use crate::seams::history::{History, Query, Row, roll_up};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -42,11 +44,14 @@ const STATEMENTS_PER_UPDATE: usize = 16;
 /// two totals collections written together a worker holds ≤ 2 × 2 × 16 pool connections.
 const UPDATES_IN_FLIGHT: usize = 2;
 
+/// Register reads in flight per batch (one `find` by `_id` each).
+const READS_IN_FLIGHT: usize = 16;
+
 #[derive(Clone)]
 pub struct MongoArchive {
     db: Database,
     likes: Collection<Document>,
-    counts: Collection<Document>,
+    pairs: Collection<Document>,
     minutes: Collection<Document>,
 }
 
@@ -55,21 +60,47 @@ pub struct MongoArchive {
 pub struct Stored {
     pub inserted: usize,
     pub duplicates: usize,
-    /// Tracks whose totals changed, for the Redis write-back.
-    pub tracks: BTreeSet<String>,
-    /// Requests this batch sent to MongoDB (a handful per batch, whatever its size).
+    /// Registers whose state this batch changed (a like or unlike that counted).
+    pub transitions: usize,
+    /// Requests this batch sent to MongoDB.
     pub round_trips: usize,
 }
 
-/// A track's totals as stored.
+/// A pair's register: its newest event, ordered by (stamp, event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrackTotals {
-    pub track: String,
-    pub count: i64,
-    /// Effective events stored for the track (likes + unlikes).
-    pub events: i64,
-    /// Sums of `event_digest` over the stored events.
-    pub digest: [i64; 2],
+pub struct Register {
+    pub liked: bool,
+    pub stamp: i64,
+    pub event_id: String,
+    /// The client key of that event (so a refilled Redis still recognises its re-send).
+    pub key: String,
+}
+
+impl Register {
+    fn of(e: &EventRecord) -> Register {
+        Register {
+            liked: e.action == "like",
+            stamp: e.accepted_at_ms,
+            event_id: e.event_id.clone(),
+            key: e.key.clone(),
+        }
+    }
+
+    /// The last-writer-wins order (the Redis script compares the same way: stamps as numbers,
+    /// then event ids as byte strings).
+    pub fn newer_than(&self, other: &Register) -> bool {
+        (self.stamp, self.event_id.as_str()) > (other.stamp, other.event_id.as_str())
+    }
+
+    fn document(&self, track: &str, user: &str) -> Document {
+        doc! { "track": track, "user": user, "liked": self.liked, "stamp": self.stamp,
+        "event": &self.event_id, "key": &self.key }
+    }
+}
+
+fn pair_id(track: &str, user: &str) -> String {
+    // Neither ids may contain a newline, so the joined id is unambiguous.
+    format!("{track}\n{user}")
 }
 
 impl MongoArchive {
@@ -81,7 +112,7 @@ impl MongoArchive {
         let db = client.database(database);
         Ok(MongoArchive {
             likes: db.collection("likes"),
-            counts: db.collection("track_counts"),
+            pairs: db.collection("pairs"),
             minutes: db.collection("track_minutes"),
             db,
         })
@@ -119,51 +150,72 @@ impl MongoArchive {
         if batch.is_empty() {
             return Ok(stored);
         }
-        let digests: Vec<[i64; 2]> = batch.iter().map(|e| event_digest(&e.event_id)).collect();
-        let duplicate = self.insert_events(batch, &digests).await?;
+        let duplicate = self.insert_events(batch).await?;
         stored.round_trips += 1;
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
 
-        // Totals: tracks and minutes touched by a duplicate are recomputed, the rest incremented.
+        // Tracks and minutes touched by a duplicate are recounted, the rest merged.
         let mut recount_tracks: BTreeSet<&str> = BTreeSet::new();
         let mut recount_minutes: BTreeSet<(&str, i64)> = BTreeSet::new();
-        for (i, e) in batch.iter().enumerate() {
-            if duplicate.contains(&i) {
-                recount_tracks.insert(&e.track);
+        for &i in &duplicate {
+            let e = &batch[i];
+            recount_tracks.insert(&e.track);
+            if e.changed {
                 recount_minutes.insert((&e.track, minute_of(e)));
             }
         }
-        let mut track_inc: BTreeMap<&str, [i64; 5]> = BTreeMap::new();
+        // Each pair's newest new event, and per track the events it gained.
+        let mut newest: BTreeMap<(&str, &str), &EventRecord> = BTreeMap::new();
+        let mut track_events: BTreeMap<&str, i64> = BTreeMap::new();
         let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
         for (i, e) in batch.iter().enumerate() {
-            if !stored.tracks.contains(&e.track) {
-                stored.tracks.insert(e.track.clone());
-            }
             if duplicate.contains(&i) {
                 continue;
             }
-            let like = e.action == "like";
-            if !recount_tracks.contains(e.track.as_str()) {
-                let t = track_inc.entry(&e.track).or_default();
-                t[0] += if like { 1 } else { -1 };
-                t[usize::from(!like) + 1] += 1;
-                let [a, b] = digests[i];
-                t[3] += a;
-                t[4] += b;
+            if e.changed && !recount_minutes.contains(&(e.track.as_str(), minute_of(e))) {
+                let slot = usize::from(e.action != "like");
+                minute_inc.entry((&e.track, minute_of(e))).or_default()[slot] += 1;
             }
-            if !recount_minutes.contains(&(e.track.as_str(), minute_of(e))) {
-                minute_inc.entry((&e.track, minute_of(e))).or_default()[usize::from(!like)] += 1;
+            if recount_tracks.contains(e.track.as_str()) {
+                continue;
+            }
+            *track_events.entry(&e.track).or_default() += 1;
+            let slot = newest.entry((&e.track, &e.user)).or_insert(e);
+            if Register::of(e).newer_than(&Register::of(slot)) {
+                *slot = e;
             }
         }
-        let track_updates = track_inc
+        let pairs: Vec<(&str, &str)> = newest.keys().copied().collect();
+        let (registers, reads) = self.read_registers(&pairs).await?;
+        stored.round_trips += reads;
+
+        let mut count_inc: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut register_updates = Vec::new();
+        for ((track, user), e) in &newest {
+            let new = Register::of(e);
+            let old = registers.get(&pair_id(track, user));
+            if old.is_some_and(|old| !new.newer_than(old)) {
+                continue;
+            }
+            let was_liked = old.is_some_and(|old| old.liked);
+            if was_liked != new.liked {
+                *count_inc.entry(track).or_default() += if new.liked { 1 } else { -1 };
+                stored.transitions += 1;
+            }
+            register_updates.push(doc! {
+                "q": { "_id": pair_id(track, user) },
+                "u": { "$set": new.document(track, user) },
+                "upsert": true,
+            });
+        }
+        let track_updates = track_events
             .iter()
-            .map(|(track, [count, likes, unlikes, digest_a, digest_b])| {
+            .map(|(track, events)| {
+                let count = count_inc.get(track).copied().unwrap_or(0);
                 doc! {
                     "q": { "_id": *track },
-                    "u": { "$inc": { "count": count, "likes": likes, "unlikes": unlikes,
-                                     "events": likes + unlikes,
-                                     "digest_a": digest_a, "digest_b": digest_b } },
+                    "u": { "$inc": { "count": count, "events": events } },
                     "upsert": true,
                 }
             })
@@ -179,6 +231,11 @@ impl MongoArchive {
                 }
             })
             .collect();
+        // Registers first: a crash before the counts leaves the events stored, so the replay
+        // recounts these tracks.
+        stored.round_trips += self
+            .update_many_statements("pairs", register_updates)
+            .await?;
         let (counts, minutes) = futures_util::try_join!(
             self.update_many_statements("track_counts", track_updates),
             self.update_many_statements("track_minutes", minute_updates),
@@ -193,18 +250,36 @@ impl MongoArchive {
         Ok(stored)
     }
 
-    /// Inserts the events unordered; returns the batch indexes that were already stored.
-    async fn insert_events(
+    /// The stored registers of `pairs`, by pair id; one `find` by `_id` each, a few in flight
+    /// (an `$in` over many ids is not pushed down to PostgreSQL by FerretDB 1.24: it reads
+    /// the whole collection). Returns the requests sent too.
+    async fn read_registers(
         &self,
-        batch: &[EventRecord],
-        digests: &[[i64; 2]],
-    ) -> anyhow::Result<HashSet<usize>> {
-        let docs = batch.iter().zip(digests).map(|(e, [digest_a, digest_b])| {
+        pairs: &[(&str, &str)],
+    ) -> anyhow::Result<(HashMap<String, Register>, usize)> {
+        let found: Vec<Option<(String, Register)>> = futures_util::stream::iter(pairs)
+            .map(|(track, user)| async move {
+                let id = pair_id(track, user);
+                let found = self
+                    .pairs
+                    .find_one(doc! { "_id": &id })
+                    .await
+                    .context("cannot read pair registers")?;
+                Ok::<_, anyhow::Error>(found.map(|d| (id, register_of(&d))))
+            })
+            .buffer_unordered(READS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok((found.into_iter().flatten().collect(), pairs.len()))
+    }
+
+    /// Inserts the events unordered; returns the batch indexes that were already stored.
+    async fn insert_events(&self, batch: &[EventRecord]) -> anyhow::Result<HashSet<usize>> {
+        let docs = batch.iter().map(|e| {
             doc! {
                 "_id": &e.event_id, "user": &e.user, "track": &e.track, "action": &e.action,
                 "accepted_at_ms": e.accepted_at_ms, "minute": minute_of(e), "node": &e.node,
-                "version": e.version as i64, "key": &e.key,
-                "digest_a": digest_a, "digest_b": digest_b,
+                "version": e.version as i64, "key": &e.key, "changed": e.changed,
             }
         });
         match self.likes.insert_many(docs).ordered(false).await {
@@ -254,38 +329,57 @@ impl MongoArchive {
         Ok(())
     }
 
-    /// The count is likes − unlikes of the stored events (every event is a change, and each
-    /// user's events alternate), the same rule the increments follow. Not the pairs' newest
-    /// events: versions restart when Redis loses its data, so those can trail.
+    /// Rebuilds a track's count and registers from its stored events: each user's newest
+    /// event by (stamp, event id) is the pair's register; the count is how many say liked.
     async fn recount_track(&self, track: &str) -> anyhow::Result<usize> {
-        // One aggregation: counts and digest sums per action, computed by the server.
-        let mut groups = self
+        let mut events = self
             .likes
-            .aggregate(vec![
-                doc! { "$match": { "track": track } },
-                doc! { "$group": { "_id": "$action", "n": { "$sum": 1 },
-                "a": { "$sum": "$digest_a" }, "b": { "$sum": "$digest_b" } } },
-            ])
+            .find(doc! { "track": track })
+            .projection(doc! { "user": 1, "action": 1, "accepted_at_ms": 1, "key": 1 })
             .await?;
-        let [mut likes, mut unlikes, mut digest_a, mut digest_b] = [0i64; 4];
-        while let Some(group) = groups.try_next().await? {
-            match group.get_str("_id") {
-                Ok("like") => likes += number(&group, "n"),
-                Ok("unlike") => unlikes += number(&group, "n"),
-                _ => continue,
+        let mut registers: HashMap<String, Register> = HashMap::new();
+        let mut stored_events = 0i64;
+        while let Some(d) = events.try_next().await? {
+            stored_events += 1;
+            let (Ok(user), Ok(id)) = (d.get_str("user"), d.get_str("_id")) else {
+                continue;
+            };
+            let register = Register {
+                liked: d.get_str("action") == Ok("like"),
+                stamp: number(&d, "accepted_at_ms"),
+                event_id: id.to_owned(),
+                key: d.get_str("key").unwrap_or_default().to_owned(),
+            };
+            match registers.get_mut(user) {
+                Some(old) if !register.newer_than(old) => {}
+                Some(old) => *old = register,
+                None => {
+                    registers.insert(user.to_owned(), register);
+                }
             }
-            digest_a += number(&group, "a");
-            digest_b += number(&group, "b");
         }
-        let totals = doc! { "count": likes - unlikes, "likes": likes, "unlikes": unlikes,
-        "events": likes + unlikes, "digest_a": digest_a, "digest_b": digest_b };
-        let updates = self
+        let count = registers.values().filter(|r| r.liked).count() as i64;
+        let register_updates = registers
+            .iter()
+            .map(|(user, r)| {
+                doc! {
+                    "q": { "_id": pair_id(track, user) },
+                    "u": { "$set": r.document(track, user) },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let mut requests = 1 + self
+            .update_many_statements("pairs", register_updates)
+            .await?;
+        let totals = doc! { "count": count, "events": stored_events };
+        requests += self
             .update_many_statements(
                 "track_counts",
                 vec![doc! { "q": { "_id": track }, "u": { "$set": totals }, "upsert": true }],
             )
             .await?;
-        Ok(1 + updates)
+        Ok(requests)
     }
 
     async fn recount_minute(&self, track: &str, minute: i64) -> anyhow::Result<usize> {
@@ -293,7 +387,9 @@ impl MongoArchive {
         for (slot, action) in ["like", "unlike"].iter().enumerate() {
             totals[slot] = self
                 .likes
-                .count_documents(doc! { "track": track, "action": *action, "minute": minute })
+                .count_documents(
+                    doc! { "track": track, "action": *action, "minute": minute, "changed": { "$ne": false } },
+                )
                 .await? as i64;
         }
         let set =
@@ -306,26 +402,48 @@ impl MongoArchive {
             .await?;
         Ok(2 + updates)
     }
+}
 
-    pub async fn totals(&self, tracks: &BTreeSet<String>) -> anyhow::Result<Vec<TrackTotals>> {
-        let ids: Vec<&str> = tracks.iter().map(String::as_str).collect();
-        let docs: Vec<Document> = self
-            .counts
-            .find(doc! { "_id": { "$in": ids } })
-            .await?
-            .try_collect()
+/// Every stored register, as (track, user, register), for refilling a Redis that lost its
+/// data.
+pub type Registers = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = anyhow::Result<(String, String, Register)>> + Send>,
+>;
+
+impl MongoArchive {
+    pub async fn all_registers(&self) -> anyhow::Result<Registers> {
+        let cursor = self
+            .pairs
+            .find(doc! {})
+            .await
+            .context("cannot read pair registers")?;
+        Ok(Box::pin(cursor.map(|d| {
+            let d = d.context("cannot read pair registers")?;
+            let track = d.get_str("track").unwrap_or_default().to_owned();
+            let user = d.get_str("user").unwrap_or_default().to_owned();
+            Ok((track, user, register_of(&d)))
+        })))
+    }
+
+    /// The Redis epoch this store's registers were last merged into (see `redis_merge`).
+    pub async fn refilled_epoch(&self) -> anyhow::Result<Option<String>> {
+        let meta = self.db.collection::<Document>("meta");
+        let found = meta
+            .find_one(doc! { "_id": "redis_refilled_epoch" })
             .await?;
-        Ok(docs
-            .iter()
-            .filter_map(|d| {
-                Some(TrackTotals {
-                    track: d.get_str("_id").ok()?.to_owned(),
-                    count: number(d, "count"),
-                    events: number(d, "events"),
-                    digest: [number(d, "digest_a"), number(d, "digest_b")],
-                })
-            })
-            .collect())
+        Ok(found.and_then(|d| d.get_str("epoch").ok().map(str::to_owned)))
+    }
+
+    pub async fn set_refilled_epoch(&self, epoch: &str) -> anyhow::Result<()> {
+        self.db
+            .collection::<Document>("meta")
+            .update_one(
+                doc! { "_id": "redis_refilled_epoch" },
+                doc! { "$set": { "epoch": epoch } },
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
     }
 }
 
@@ -358,6 +476,15 @@ impl History for MongoArchive {
             .into_iter()
             .filter(|r| r.likes + r.unlikes > 0)
             .collect())
+    }
+}
+
+fn register_of(d: &Document) -> Register {
+    Register {
+        liked: d.get_bool("liked").unwrap_or(false),
+        stamp: number(d, "stamp"),
+        event_id: d.get_str("event").unwrap_or_default().to_owned(),
+        key: d.get_str("key").unwrap_or_default().to_owned(),
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod consumer_watch;
+pub mod redis_merge;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,10 +28,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SharedArgs;
 use crate::tasks::Tasks;
 
-use crate::farm::keys::TrackKeys;
 use crate::farm::link::RedisLink;
 use crate::seams::event_log::EventRecord;
-use crate::worker::archive::{MongoArchive, TrackTotals};
+use crate::worker::archive::MongoArchive;
 use crate::worker::consumer_watch::{WatchContext, spawn_lag_sampler};
 
 /// Fanfare persistence worker: Kafka → MongoDB, exactly once in effect.
@@ -162,7 +162,7 @@ impl WorkerMetrics {
             ),
             (
                 "fanfare_worker_redis_corrections",
-                "Live Redis counts corrected to the stored count",
+                "Stored events whose merge changed a Redis register (no node had merged them)",
                 &m.redis_corrections,
             ),
         ];
@@ -190,9 +190,9 @@ impl WorkerMetrics {
 /// latency bound: a big batch on a slow server can take tens of seconds, and abandoning it
 /// only makes the retry slower (it meets its own half-written events and recounts).
 const STORE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Longest wait for one write-back round (a read of stored totals and a script per track);
-/// the write-back is optional, so it is skipped rather than waited on.
-const WRITE_BACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for merging one batch into Redis (pipelined scripts); the merge is best
+/// effort, so it is skipped rather than waited on.
+const REDIS_MERGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown`; what is not committed is consumed again by the next worker.
 pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
@@ -221,6 +221,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         Some(url) => {
             let link = RedisLink::new(url)?;
             link.spawn_maintainer(tasks, Arc::new(crate::metrics::Metrics::new()));
+            redis_merge::spawn_refill(link.clone(), archive.clone(), tasks);
             Some(link)
         }
         None => None,
@@ -259,19 +260,19 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             break; // shutting down mid-retry: nothing committed, the batch is replayed later
         };
         if let Some(link) = &redis {
-            let corrected = tokio::time::timeout(WRITE_BACK_TIMEOUT, async {
-                match archive.totals(&stored.tracks).await {
-                    Ok(totals) => write_back(link, &totals, &metrics).await,
-                    Err(err) => {
-                        tracing::warn!(error = %format!("{err:#}"), "cannot read stored totals")
-                    }
+            let merged =
+                tokio::time::timeout(REDIS_MERGE_TIMEOUT, redis_merge::merge(link, &batch.events));
+            match merged.await {
+                Ok(Ok(changed)) => {
+                    metrics.redis_corrections.inc_by(changed);
                 }
-            });
-            if corrected.await.is_err() {
-                tracing::warn!("count write-back skipped: no answer in time");
+                Ok(Err(err)) => {
+                    tracing::debug!(error = %format!("{err:#}"), "merge into Redis skipped")
+                }
+                Err(_) => tracing::warn!("merge into Redis skipped: no answer in time"),
             }
         }
-        // Counted once the batch is fully handled (stored and written back).
+        // Counted once the batch is fully handled (stored and merged into Redis).
         metrics.batches.inc();
         metrics.events_inserted.inc_by(stored.inserted as u64);
         metrics.mongo_requests.inc_by(stored.round_trips as u64);
@@ -413,53 +414,6 @@ async fn store_until_done(
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Sets a track's live count to the stored one when Redis has applied exactly the events
-/// MongoDB holds — the same number (version = stored events) and the same set (equal sums of
-/// `event_digest`; a Redis that lost its data starts both from zero, so a count rebuilt by a
-/// partial replay never matches a lagging MongoDB by chance) — but its count differs: the
-/// stored count is then authoritative. Anything in flight makes them differ, and the live
-/// count is left alone.
-const WRITE_BACK: &str = r"
-local version = tonumber(redis.call('GET', KEYS[2]) or '0')
-if version ~= tonumber(ARGV[1]) then return 0 end
-if (redis.call('HGET', KEYS[3], 'a') or '0') ~= ARGV[3] then return 0 end
-if (redis.call('HGET', KEYS[3], 'b') or '0') ~= ARGV[4] then return 0 end
-if tonumber(redis.call('GET', KEYS[1]) or '0') == tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
-";
-
-async fn write_back(link: &RedisLink, totals: &[TrackTotals], metrics: &WorkerMetrics) {
-    let Some(mut conn) = link.connection() else {
-        return;
-    };
-    let script = redis::Script::new(WRITE_BACK);
-    for total in totals {
-        let keys = TrackKeys::new(&total.track);
-        let result: Result<i64, _> = script
-            .key(keys.count)
-            .key(keys.version)
-            .key(keys.digest)
-            .arg(total.events)
-            .arg(total.count.max(0))
-            .arg(total.digest[0])
-            .arg(total.digest[1])
-            .invoke_async(&mut conn)
-            .await;
-        match result {
-            Ok(1) => {
-                metrics.redis_corrections.inc();
-                tracing::info!(track = %total.track, count = total.count, "live count corrected from MongoDB");
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::debug!(error = %err, "count write-back skipped");
-                return;
             }
         }
     }

@@ -423,7 +423,7 @@ async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery
 fn read_spill(data_dir: &Path, after: u64) -> anyhow::Result<Vec<(u64, LikeEvent)>> {
     let conn = crate::store::open_reader(data_dir)?;
     let mut stmt = conn.prepare(
-        "SELECT o.pos, e.event_id, e.seq, e.user, e.track, e.action, e.key, e.accepted_at_ms, e.node, o.version
+        "SELECT o.pos, e.event_id, e.seq, e.user, e.track, e.action, e.key, e.accepted_at_ms, e.node, o.version, e.changed
          FROM kafka_outbox o JOIN like_events e ON e.seq = o.seq
          WHERE o.pos > ?1 ORDER BY o.pos LIMIT ?2",
     )?;
@@ -443,6 +443,7 @@ fn read_spill(data_dir: &Path, after: u64) -> anyhow::Result<Vec<(u64, LikeEvent
                 key: row.get(6)?,
                 accepted_at_ms: row.get(7)?,
                 node: Arc::from(row.get::<_, String>(8)?),
+                changed: row.get(10)?,
             },
         ))
     })?;

@@ -17,7 +17,10 @@ use fanfare_protocol::Action;
 
 use super::Part;
 
-/// One effective state change of a (user, track) pair. Duplicates never become events.
+/// One accepted action on a (user, track) pair: a change of its state, or an action that
+/// left the state as it was (`changed: false`, acked `duplicate: true`), which still moves the
+/// pair's last-writer-wins register forward (see docs/farm.md, "The pair register"). Only
+/// re-sent keys never become events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LikeEvent {
     /// Globally unique id (UUIDv7), the idempotency key for every downstream store.
@@ -32,21 +35,12 @@ pub struct LikeEvent {
     pub action: Action,
     /// The client's idempotency key.
     pub key: String,
+    /// The pair's stamp for this action (ms; hybrid: never below the pair's previous stamp
+    /// + 1 where the deciding ledger knew it). With the event id it orders a pair's actions.
     pub accepted_at_ms: i64,
     pub node: Arc<str>,
-}
-
-/// Two 28-bit halves of SHA-1(event id). Summed per track by the ledger script in Redis and by
-/// the worker in MongoDB, they say whether both applied the same set of events (sums do not
-/// depend on order, and a Redis that lost its data starts again from zero): the worker only
-/// corrects a live count that provably covers exactly what MongoDB holds.
-pub fn event_digest(event_id: &str) -> [i64; 2] {
-    use sha1::{Digest, Sha1};
-    let hash = Sha1::digest(event_id.as_bytes());
-    // The same bits the script reads: the first 7 and the next 7 hex digits.
-    let high = u32::from_be_bytes([hash[0], hash[1], hash[2], hash[3]]);
-    let low = u32::from_be_bytes([hash[3], hash[4], hash[5], hash[6]]);
-    [i64::from(high >> 4), i64::from(low & 0x0fff_ffff)]
+    /// Whether the deciding ledger saw the pair's state change (history counts only these).
+    pub changed: bool,
 }
 
 /// The wire form of an event on the Kafka topic (JSON; key = track). Documented in
@@ -64,6 +58,14 @@ pub struct EventRecord {
     pub version: u64,
     /// The client's idempotency key.
     pub key: String,
+    /// False for an action that left the pair's state as it was (absent in records written
+    /// before it existed: those were all changes).
+    #[serde(default = "changed_by_default")]
+    pub changed: bool,
+}
+
+fn changed_by_default() -> bool {
+    true
 }
 
 impl From<&LikeEvent> for EventRecord {
@@ -77,6 +79,7 @@ impl From<&LikeEvent> for EventRecord {
             node: event.node.to_string(),
             version: event.version,
             key: event.key.clone(),
+            changed: event.changed,
         }
     }
 }

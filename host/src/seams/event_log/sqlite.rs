@@ -223,8 +223,8 @@ fn commit(
     {
         let mut insert = tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO like_events (seq, event_id, user, track, action, key, accepted_at_ms, node)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR IGNORE INTO like_events (seq, event_id, user, track, action, key, accepted_at_ms, node, changed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .map_err(|e| e.to_string())?;
         let mut count = tx
@@ -253,9 +253,10 @@ fn commit(
                     event.key,
                     event.accepted_at_ms,
                     &*event.node,
+                    event.changed,
                 ])
                 .map_err(|e| e.to_string())?;
-            if inserted == 1 {
+            if inserted == 1 && event.changed {
                 let delta: i64 = match event.action {
                     Action::Like => 1,
                     Action::Unlike => -1,

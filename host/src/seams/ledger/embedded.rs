@@ -40,6 +40,8 @@ struct State {
 
 struct Pair {
     liked: bool,
+    /// Stamp of the pair's newest action (ms), so the next one is stamped after it.
+    stamp: i64,
     last_seq: u64,
     /// Most recent applied keys, newest first.
     keys: VecDeque<Box<str>>,
@@ -98,13 +100,12 @@ fn load_count(
 fn load_pair(reader: &Connection, user: &str, track: &str) -> Result<Pair, LedgerError> {
     let events =
         crate::store::recent_pair_events(reader, user, track, KEYS_PER_PAIR).map_err(storage)?;
-    let liked = events.first().is_some_and(|(_, action)| action == "like");
-    let keys = events
-        .into_iter()
-        .map(|(key, _)| key.into_boxed_str())
-        .collect();
+    let liked = events.first().is_some_and(|e| e.action == "like");
+    let stamp = events.iter().map(|e| e.accepted_at_ms).max().unwrap_or(0);
+    let keys = events.into_iter().map(|e| e.key.into_boxed_str()).collect();
     Ok(Pair {
         liked,
+        stamp,
         last_seq: 0,
         keys,
     })
@@ -121,14 +122,29 @@ impl State {
     }
 }
 
+/// What another authority (the farm ledger's Redis script) decided about an action.
+pub struct Decided {
+    pub changed: bool,
+    pub stamp: i64,
+    pub event_id: String,
+    pub version: u64,
+}
+
 impl EmbeddedLedger {
-    /// Records a state change another authority (the farm ledger) already decided: no
-    /// once-only check, but the pair memory, keys and sequence move as if it had been applied
-    /// here, so local decisions stay informed if that authority becomes unreachable.
-    pub fn record(&self, user: &Arc<str>, request: &LikeRequest) -> Result<LikeEvent, LedgerError> {
-        match self.decide(user, request, true)?.outcome {
-            Outcome::Applied(event) => Ok(event),
-            _ => Err(LedgerError::Storage("forced record was not applied".into())),
+    /// Records an action another authority already decided: no once-only check, but the pair
+    /// memory (state, stamp, keys) and the sequence move as if it had been decided here, so
+    /// local decisions stay informed if that authority becomes unreachable.
+    pub fn record(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+        decided: Decided,
+    ) -> Result<LikeEvent, LedgerError> {
+        match self.decide(user, request, Some(decided))?.outcome {
+            Outcome::Applied(event) | Outcome::Unchanged(event) => Ok(event),
+            _ => Err(LedgerError::Storage(
+                "a decided action was not recorded".into(),
+            )),
         }
     }
 
@@ -148,7 +164,7 @@ impl EmbeddedLedger {
         &self,
         user: &Arc<str>,
         request: &LikeRequest,
-        force: bool,
+        decided: Option<Decided>,
     ) -> Result<Decision, LedgerError> {
         let track = request.track.as_str();
         // '\n' cannot occur in user or track ids, so the joined key is unambiguous.
@@ -168,46 +184,54 @@ impl EmbeddedLedger {
             Entry::Vacant(entry) => entry.insert(load_pair(reader, user, track)?),
         };
 
-        if !force && pair.keys.iter().any(|k| **k == *request.key) {
+        if decided.is_none() && pair.keys.iter().any(|k| **k == *request.key) {
             return Ok(Decision {
                 count,
                 outcome: Outcome::Resent,
             });
         }
         let wants_liked = request.action == Action::Like;
-        if !force && pair.liked == wants_liked {
-            return Ok(Decision {
-                count,
-                outcome: Outcome::Duplicate,
-            });
-        }
+        let (changed, stamp, event_id, version) = match decided {
+            Some(d) => (d.changed, d.stamp, d.event_id, Some(d.version)),
+            None => (
+                pair.liked != wants_liked,
+                now_ms().max(pair.stamp + 1),
+                uuid::Uuid::now_v7().to_string(),
+                None,
+            ),
+        };
         let seq = *next_seq;
         *next_seq += 1;
+        // After any accepted action the pair is in the state it asked for.
         pair.liked = wants_liked;
+        pair.stamp = pair.stamp.max(stamp);
         pair.last_seq = seq;
         pair.keys.push_front(request.key.clone().into_boxed_str());
         pair.keys.truncate(KEYS_PER_PAIR);
-        let count = if wants_liked {
-            count + 1
-        } else {
-            count.saturating_sub(1)
+        let count = match (changed, wants_liked) {
+            (false, _) => count,
+            (true, true) => count + 1,
+            (true, false) => count.saturating_sub(1),
         };
         counts.insert(track_name.clone(), count);
         let event = LikeEvent {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            event_id,
             seq,
-            version: seq,
+            version: version.unwrap_or(seq),
             user: user.clone(),
             track: track_name,
             action: request.action,
             key: request.key.clone(),
-            accepted_at_ms: now_ms(),
+            accepted_at_ms: stamp,
             node: self.node.clone(),
+            changed,
         };
-        Ok(Decision {
-            count,
-            outcome: Outcome::Applied(event),
-        })
+        let outcome = if changed {
+            Outcome::Applied(event)
+        } else {
+            Outcome::Unchanged(event)
+        };
+        Ok(Decision { count, outcome })
     }
 }
 
@@ -220,7 +244,7 @@ impl Part for EmbeddedLedger {
 #[async_trait]
 impl Ledger for EmbeddedLedger {
     async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
-        self.decide(user, request, false)
+        self.decide(user, request, None)
     }
 
     async fn count(&self, track: &str) -> Result<u64, LedgerError> {
@@ -259,17 +283,16 @@ mod tests {
             let Outcome::Applied(event) = first.outcome else {
                 panic!("expected applied")
             };
-            log.append(event).await?;
+            log.append(event.clone()).await?;
             let again = ledger
                 .apply(&ana, &request(Action::Like, "t", "k2"))
                 .await?;
-            assert_eq!(
-                again,
-                Decision {
-                    count: 1,
-                    outcome: Outcome::Duplicate
-                }
-            );
+            assert_eq!(again.count, 1);
+            let Outcome::Unchanged(again) = again.outcome else {
+                panic!("expected unchanged, got {:?}", again.outcome)
+            };
+            assert!(!again.changed && again.accepted_at_ms > event.accepted_at_ms);
+            log.append(again).await?;
             let resent = ledger
                 .apply(&ana, &request(Action::Like, "t", "k1"))
                 .await?;
@@ -294,7 +317,7 @@ mod tests {
             .apply(&ana, &request(Action::Unlike, "t", "k3"))
             .await?;
         assert_eq!(unlike.count, 0);
-        assert!(matches!(unlike.outcome, Outcome::Applied(ref e) if e.seq == 2));
+        assert!(matches!(unlike.outcome, Outcome::Applied(ref e) if e.seq == 3));
         Ok(())
     }
 }

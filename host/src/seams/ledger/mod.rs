@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use embedded::EmbeddedLedger;
+pub use embedded::{Decided, EmbeddedLedger};
 
 use crate::seams::Part;
 use crate::seams::event_log::LikeEvent;
@@ -21,8 +21,10 @@ use fanfare_protocol::LikeRequest;
 pub enum Outcome {
     /// The state changed; the event must be made durable before the ack.
     Applied(LikeEvent),
-    /// The pair was already in the requested state; nothing changed (`duplicate: true`).
-    Duplicate,
+    /// The pair was already in the requested state (`duplicate: true`). The action is still
+    /// the user's latest and becomes an event (`changed: false`): it moves the pair's register
+    /// forward, so an older opposite action replayed later cannot win over it.
+    Unchanged(LikeEvent),
     /// The idempotency key was seen before for this pair: acked again, counted once.
     Resent,
     /// A re-sent key this node has no stored event for (farm mode: the node that applied it
