@@ -83,16 +83,16 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
 /// watermark the ledger uses to know which events are durable.
 fn event_log(
     cx: &Context<'_>,
-) -> anyhow::Result<(Arc<dyn EventLog>, Arc<std::sync::atomic::AtomicU64>)> {
+) -> anyhow::Result<(Arc<dyn EventLog>, Arc<crate::seams::event_log::Uncommitted>)> {
     Ok(match cx.config.kafka_settings() {
         Some(kafka) => {
             let log = KafkaEventLog::start(&cx.config.data_dir, kafka, cx.metrics.clone())?;
-            let durable = log.durable_seq();
+            let durable = log.uncommitted();
             (Arc::new(log), durable)
         }
         None => {
             let log = SqliteEventLog::start(&cx.config.data_dir, None)?;
-            let durable = log.durable_seq();
+            let durable = log.uncommitted();
             (Arc::new(log), durable)
         }
     })

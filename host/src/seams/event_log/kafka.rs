@@ -137,9 +137,9 @@ impl KafkaEventLog {
         })
     }
 
-    /// Highest sequence number committed locally (for the ledger's eviction).
-    pub fn durable_seq(&self) -> Arc<AtomicU64> {
-        self.local.durable_seq()
+    /// What is not committed locally yet (for the ledger's eviction).
+    pub fn uncommitted(&self) -> Arc<super::Uncommitted> {
+        self.local.uncommitted()
     }
 }
 

@@ -6,7 +6,8 @@
 pub mod kafka;
 mod sqlite;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
@@ -41,6 +42,32 @@ pub struct LikeEvent {
     pub node: Arc<str>,
     /// Whether the deciding ledger saw the pair's state change (history counts only these).
     pub changed: bool,
+}
+
+/// Sequence numbers the ledger handed out whose events the store has not committed yet. The
+/// ledger forgets a pair only when the pair's last event is not among them. A batch's highest
+/// committed sequence is no watermark — appends commit out of order, so a pair could be
+/// forgotten while its event still waited in the queue and a pipelined second like would be
+/// decided again from the store — and an action abandoned before its append (a session cut
+/// at `--shutdown-timeout`) keeps its pair in memory instead of letting the store decide it.
+#[derive(Debug, Default)]
+pub struct Uncommitted(Mutex<HashSet<u64>>);
+
+impl Uncommitted {
+    pub fn handed_out(&self, seq: u64) {
+        self.lock().insert(seq);
+    }
+
+    pub fn committed(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut set = self.lock();
+        for seq in seqs {
+            set.remove(&seq);
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The wire form of an event on the Kafka topic (JSON; key = track). Documented in

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{EventLog, EventLogError, LikeEvent};
+use super::{EventLog, EventLogError, LikeEvent, Uncommitted};
 use crate::seams::{Health, Part};
 use fanfare_protocol::Action;
 
@@ -44,7 +44,7 @@ pub struct Committed {
 
 pub struct SqliteEventLog {
     requests: mpsc::Sender<Request>,
-    durable_seq: Arc<AtomicU64>,
+    uncommitted: Arc<Uncommitted>,
     healthy: Arc<AtomicBool>,
 }
 
@@ -52,12 +52,12 @@ impl SqliteEventLog {
     /// Starts the writer thread on its own connection to the store.
     pub fn start(data_dir: &Path, forward: Option<Forward>) -> anyhow::Result<SqliteEventLog> {
         let conn = crate::store::open(data_dir)?;
-        let durable_seq = Arc::new(AtomicU64::new(crate::store::last_seq(&conn)?));
+        let uncommitted = Arc::new(Uncommitted::default());
         let (requests, inbox) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             conn,
-            durable_seq: durable_seq.clone(),
+            uncommitted: uncommitted.clone(),
             healthy: healthy.clone(),
             forward,
         };
@@ -67,14 +67,14 @@ impl SqliteEventLog {
             .context("cannot start the SQLite writer thread")?;
         Ok(SqliteEventLog {
             requests,
-            durable_seq,
+            uncommitted,
             healthy,
         })
     }
 
-    /// Highest sequence number known to be committed; the ledger uses it to evict safely.
-    pub fn durable_seq(&self) -> Arc<AtomicU64> {
-        self.durable_seq.clone()
+    /// What is not committed yet; the ledger uses it to evict safely.
+    pub fn uncommitted(&self) -> Arc<Uncommitted> {
+        self.uncommitted.clone()
     }
 
     async fn request(
@@ -125,7 +125,7 @@ impl Part for SqliteEventLog {
 
 struct Writer {
     conn: Connection,
-    durable_seq: Arc<AtomicU64>,
+    uncommitted: Arc<Uncommitted>,
     healthy: Arc<AtomicBool>,
     forward: Option<Forward>,
 }
@@ -187,9 +187,8 @@ impl Writer {
                 }
             }
         }
-        if let Some(max) = batch.iter().filter_map(appended_seq).max() {
-            self.durable_seq.fetch_max(max, Ordering::Release);
-        }
+        self.uncommitted
+            .committed(batch.iter().filter_map(appended_seq));
     }
 }
 

@@ -8,7 +8,6 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -16,7 +15,7 @@ use rusqlite::Connection;
 
 use super::{Decision, Ledger, LedgerError, Outcome};
 use crate::seams::Part;
-use crate::seams::event_log::LikeEvent;
+use crate::seams::event_log::{LikeEvent, Uncommitted};
 use fanfare_protocol::{Action, LikeRequest};
 
 /// Keys remembered per pair for resend detection.
@@ -27,7 +26,7 @@ const PAIR_CAPACITY: usize = 1_000_000;
 pub struct EmbeddedLedger {
     state: Mutex<State>,
     node: Arc<str>,
-    durable_seq: Arc<AtomicU64>,
+    uncommitted: Arc<Uncommitted>,
 }
 
 struct State {
@@ -35,6 +34,7 @@ struct State {
     next_seq: u64,
     counts: HashMap<Arc<str>, u64>,
     pairs: HashMap<String, Pair>,
+    capacity: usize,
     evict_at: usize,
 }
 
@@ -48,11 +48,21 @@ struct Pair {
 }
 
 impl EmbeddedLedger {
-    /// `durable_seq` comes from the event log: pairs at or below it may be evicted.
+    /// `uncommitted` comes from the event log: a pair whose last event is in it stays.
     pub fn open(
         data_dir: &Path,
         node: Arc<str>,
-        durable_seq: Arc<AtomicU64>,
+        uncommitted: Arc<Uncommitted>,
+    ) -> anyhow::Result<Self> {
+        Self::with_capacity(data_dir, node, uncommitted, PAIR_CAPACITY)
+    }
+
+    /// `open` with another number of pairs kept before eviction (tests).
+    pub fn with_capacity(
+        data_dir: &Path,
+        node: Arc<str>,
+        uncommitted: Arc<Uncommitted>,
+        capacity: usize,
     ) -> anyhow::Result<Self> {
         let reader = crate::store::open_reader(data_dir)?;
         let next_seq = crate::store::last_seq(&reader)? + 1;
@@ -62,10 +72,11 @@ impl EmbeddedLedger {
                 next_seq,
                 counts: HashMap::new(),
                 pairs: HashMap::new(),
-                evict_at: PAIR_CAPACITY,
+                capacity,
+                evict_at: capacity,
             }),
             node,
-            durable_seq,
+            uncommitted,
         })
     }
 
@@ -112,12 +123,15 @@ fn load_pair(reader: &Connection, user: &str, track: &str) -> Result<Pair, Ledge
 }
 
 impl State {
-    fn evict_committed(&mut self, durable: u64) {
+    fn evict_committed(&mut self, uncommitted: &Uncommitted) {
         if self.pairs.len() < self.evict_at {
             return;
         }
-        self.pairs.retain(|_, pair| pair.last_seq > durable);
-        self.evict_at = (self.pairs.len() * 2).max(PAIR_CAPACITY);
+        let pending = uncommitted.lock();
+        self.pairs
+            .retain(|_, pair| pending.contains(&pair.last_seq));
+        drop(pending);
+        self.evict_at = (self.pairs.len() * 2).max(self.capacity);
         tracing::debug!(kept = self.pairs.len(), "evicted committed ledger pairs");
     }
 }
@@ -170,7 +184,7 @@ impl EmbeddedLedger {
         // '\n' cannot occur in user or track ids, so the joined key is unambiguous.
         let pair_key = format!("{user}\n{track}");
         let mut guard = self.lock();
-        guard.evict_committed(self.durable_seq.load(Ordering::Acquire));
+        guard.evict_committed(&self.uncommitted);
         let State {
             reader,
             next_seq,
@@ -202,6 +216,7 @@ impl EmbeddedLedger {
         };
         let seq = *next_seq;
         *next_seq += 1;
+        self.uncommitted.handed_out(seq);
         // After any accepted action the pair is in the state it asked for.
         pair.liked = wants_liked;
         pair.stamp = pair.stamp.max(stamp);
@@ -275,7 +290,7 @@ mod tests {
         let ana: Arc<str> = Arc::from("ana");
         {
             let log = SqliteEventLog::start(dir.path(), None)?;
-            let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.durable_seq())?;
+            let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
             let first = ledger
                 .apply(&ana, &request(Action::Like, "t", "k1"))
                 .await?;
@@ -307,7 +322,7 @@ mod tests {
         }
         // A new process sees the committed state: the like and its key.
         let log = SqliteEventLog::start(dir.path(), None)?;
-        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.durable_seq())?;
+        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
         assert_eq!(ledger.count("t").await?, 1);
         let resent = ledger
             .apply(&ana, &request(Action::Like, "t", "k1"))
@@ -318,6 +333,44 @@ mod tests {
             .await?;
         assert_eq!(unlike.count, 0);
         assert!(matches!(unlike.outcome, Outcome::Applied(ref e) if e.seq == 3));
+        Ok(())
+    }
+
+    /// Finding 4 of issue 16: a batch's highest committed sequence used to stand for "all
+    /// below are durable". Pair A's like (seq 1) still waits for its append while B's (seq 2)
+    /// commits; at the pair cap A used to be forgotten, re-read from the store (which does
+    /// not have its like yet), and a second like of A was counted again.
+    #[tokio::test]
+    async fn a_pair_whose_event_is_not_committed_is_never_forgotten() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = SqliteEventLog::start(dir.path(), None)?;
+        let ledger = EmbeddedLedger::with_capacity(dir.path(), "n1".into(), log.uncommitted(), 1)?;
+        let (ana, ben): (Arc<str>, Arc<str>) = (Arc::from("ana"), Arc::from("ben"));
+        let first = ledger
+            .apply(&ana, &request(Action::Like, "t", "a1"))
+            .await?;
+        let Outcome::Applied(pending) = first.outcome else {
+            panic!("expected applied")
+        };
+        let other = ledger
+            .apply(&ben, &request(Action::Like, "t", "b1"))
+            .await?;
+        let Outcome::Applied(committed) = other.outcome else {
+            panic!("expected applied")
+        };
+        log.append(committed).await?;
+        // The cap is reached: eviction runs before this decision.
+        let again = ledger
+            .apply(&ana, &request(Action::Like, "t", "a2"))
+            .await?;
+        assert!(
+            matches!(again.outcome, Outcome::Unchanged(_)),
+            "ana's first like is still pending, so her second changes nothing: {:?}",
+            again.outcome
+        );
+        assert_eq!(again.count, 2);
+        log.append(pending).await?;
+        log.close().await?;
         Ok(())
     }
 }
