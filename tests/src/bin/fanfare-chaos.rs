@@ -38,9 +38,7 @@ struct Args {
     /// Fault kinds to inject, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     faults: Vec<Fault>,
-    /// Fault kinds the combined rounds draw from (default: those of --faults, but the Redis
-    /// kill only when named here: with node faults it does not converge yet, see
-    /// docs/reliability.md, open problem 1).
+    /// Fault kinds the combined rounds draw from (default: those of --faults).
     #[arg(long, value_enum, value_delimiter = ',')]
     combined_faults: Vec<Fault>,
     /// Kafka brokers in the cluster (3: replication factor 3, min.insync.replicas=2, the
