@@ -8,7 +8,7 @@ use crate::metrics::LikeOutcome;
 use crate::node::Node;
 use crate::plugins::Gate;
 use crate::seams::bus::Published;
-use crate::seams::event_log::EventLogError;
+use crate::seams::event_log::{EventLogError, LikeEvent};
 use crate::seams::ledger::Outcome;
 use fanfare_protocol::{Action, ErrorCode, LikeRequest, RecentLike};
 
@@ -111,8 +111,7 @@ async fn run(
             // This node's listeners at once, the other nodes' (in a farm) through the bus.
             node.bus.publish(published);
             // 5. The ack waits until the event is durable.
-            node.event_log
-                .append(event)
+            store(node, event)
                 .await
                 .map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Accepted);
@@ -124,8 +123,7 @@ async fn run(
         Outcome::Restored(event) => {
             // A re-sent like whose first attempt this node cannot vouch for: store it again
             // under its original event id (idempotent everywhere), then ack as a re-send.
-            node.event_log
-                .append(event)
+            store(node, event)
                 .await
                 .map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Resent);
@@ -137,8 +135,7 @@ async fn run(
         Outcome::Unchanged(event) => {
             // Already in that state: nothing to broadcast, but the action is the pair's newest
             // and is stored like any other before the ack.
-            node.event_log
-                .append(event)
+            store(node, event)
                 .await
                 .map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Duplicate);
@@ -160,6 +157,19 @@ async fn run(
             })
         }
     }
+}
+
+/// Appends on a task of its own: once the ledger has decided (and remembered the key), the
+/// event reaches the log even if this future is dropped — a session cut at
+/// `--shutdown-timeout`, say — because a re-send of the key will be acked as re-sent, and only
+/// the stored event makes that ack true.
+async fn store(node: &Node, event: LikeEvent) -> Result<(), EventLogError> {
+    let (done, stored) = tokio::sync::oneshot::channel();
+    let log = node.event_log.clone();
+    node.tasks.spawn(async move {
+        let _ = done.send(log.append(event).await);
+    });
+    stored.await.unwrap_or(Err(EventLogError::Closed))
 }
 
 fn durability_error(node: &Node, err: EventLogError) -> Refusal {

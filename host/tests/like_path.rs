@@ -234,6 +234,79 @@ async fn a_restored_like_is_stored_again_under_its_original_id() -> anyhow::Resu
     Ok(())
 }
 
+/// An event log whose appends wait at a gate before they take the event (as a send into a
+/// full queue waits), recording what they take.
+struct GatedLog {
+    gate: tokio::sync::Semaphore,
+    taken: Mutex<Vec<LikeEvent>>,
+}
+
+impl Part for GatedLog {
+    fn name(&self) -> &'static str {
+        "event log (gated)"
+    }
+}
+
+#[async_trait]
+impl EventLog for GatedLog {
+    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
+        let _pass = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| EventLogError::Closed)?;
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event);
+        Ok(())
+    }
+    async fn barrier(&self) -> Result<(), EventLogError> {
+        Ok(())
+    }
+}
+
+/// Finding 4 of issue 16: a like whose future is dropped after the ledger decided (a session
+/// reaching `--shutdown-timeout`) lost its event while the ledger remembered its key, so the
+/// client's re-send was acked as re-sent and never stored.
+#[tokio::test]
+async fn a_like_dropped_after_the_decision_is_still_stored() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = Arc::new(GatedLog {
+        gate: tokio::sync::Semaphore::new(0),
+        taken: Mutex::new(Vec::new()),
+    });
+    let gated = log.clone();
+    let node = node_with(dir.path(), &[], move |parts| parts.event_log = gated).await?;
+    let first = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        send(&node, "ana", Action::Like, "k1"),
+    )
+    .await;
+    assert!(first.is_err(), "the append waits at the gate");
+    log.gate.add_permits(10);
+    let resent = ack(send(&node, "ana", Action::Like, "k1").await)?;
+    assert_eq!(
+        (resent.count, resent.duplicate),
+        (1, false),
+        "acked as re-sent"
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while log
+        .taken
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the like the re-send confirms was never stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// A manifest in `dir` naming the repository's built components (`./scripts/build-plugins`).
 fn manifest(dir: &Path, text: &str) -> anyhow::Result<String> {
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");

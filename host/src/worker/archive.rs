@@ -18,7 +18,7 @@
 //! instead. Events of one track share a partition, so one worker at a time writes a track's
 //! registers and totals.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -92,9 +92,85 @@ impl Register {
         (self.stamp, self.event_id.as_str()) > (other.stamp, other.event_id.as_str())
     }
 
+    /// An upsert that takes this register only if it is newer than the stored one (a refused
+    /// upsert is a duplicate-key error, ignored): registers only move forward, whoever writes.
+    fn merge_statement(&self, track: &str, user: &str) -> Document {
+        doc! {
+            "q": { "_id": pair_id(track, user), "$or": [
+                { "stamp": { "$lt": self.stamp } },
+                { "stamp": self.stamp, "event": { "$lt": &self.event_id } },
+            ] },
+            "u": { "$set": self.document(track, user) },
+            "upsert": true,
+        }
+    }
+
     fn document(&self, track: &str, user: &str) -> Document {
         doc! { "track": track, "user": user, "liked": self.liked, "stamp": self.stamp,
         "event": &self.event_id, "key": &self.key }
+    }
+}
+
+/// Where an event sits in the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPosition {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The offsets of one batch's events for one totals document (a track, or a track-minute; a
+/// track's events share a partition). Each totals document records, per partition, the last
+/// offset it was brought up to (`log.<partition>`): an increment applies only if the
+/// document is not already past the batch's first event, and a recount only if it is not
+/// past the batch's last. So when two workers write the same events at a rebalance, one
+/// increments and the other recounts, or both recount, and a total is never counted twice.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    partition: i32,
+    first: i64,
+    last: i64,
+}
+
+impl Span {
+    fn widen<K>(entry: std::collections::btree_map::Entry<'_, K, Span>, at: &LogPosition)
+    where
+        K: Ord,
+    {
+        let span = entry.or_insert(Span {
+            partition: at.partition,
+            first: at.offset,
+            last: at.offset,
+        });
+        span.first = span.first.min(at.offset);
+        span.last = span.last.max(at.offset);
+    }
+
+    fn field(&self) -> String {
+        format!("log.{}", self.partition)
+    }
+
+    fn increment(&self, id: &str, inc: Document, mut set: Document) -> Document {
+        set.insert(self.field(), self.last);
+        doc! {
+            "q": { "_id": id, "$or": [
+                { self.field(): { "$lt": self.first } },
+                { self.field(): { "$exists": false } },
+            ] },
+            "u": { "$inc": inc, "$set": set },
+            "upsert": true,
+        }
+    }
+
+    fn replace(&self, id: &str, mut set: Document) -> Document {
+        set.insert(self.field(), self.last);
+        doc! {
+            "q": { "_id": id, "$or": [
+                { self.field(): { "$lte": self.last } },
+                { self.field(): { "$exists": false } },
+            ] },
+            "u": { "$set": set },
+            "upsert": true,
+        }
     }
 }
 
@@ -144,25 +220,39 @@ impl MongoArchive {
         Ok(())
     }
 
-    /// Writes one batch; returns only once MongoDB acknowledged all of it. Safe to repeat.
-    pub async fn store(&self, batch: &[EventRecord]) -> anyhow::Result<Stored> {
+    /// Writes one batch (`positions[i]` is where `batch[i]` sits in the topic); returns only
+    /// once MongoDB acknowledged all of it. Safe to repeat, and safe while another worker
+    /// writes the same events (the moment of a rebalance): see [`Span`].
+    pub async fn store(
+        &self,
+        batch: &[EventRecord],
+        positions: &[LogPosition],
+    ) -> anyhow::Result<Stored> {
         let mut stored = Stored::default();
         if batch.is_empty() {
             return Ok(stored);
         }
+        anyhow::ensure!(batch.len() == positions.len(), "one position per event");
         let duplicate = self.insert_events(batch).await?;
         stored.round_trips += 1;
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
 
         // Tracks and minutes touched by a duplicate are recounted, the rest merged.
-        let mut recount_tracks: BTreeSet<&str> = BTreeSet::new();
-        let mut recount_minutes: BTreeSet<(&str, i64)> = BTreeSet::new();
+        let mut recount_tracks: BTreeMap<&str, Span> = BTreeMap::new();
+        let mut recount_minutes: BTreeMap<(&str, i64), Span> = BTreeMap::new();
+        let mut track_spans: BTreeMap<&str, Span> = BTreeMap::new();
+        let mut minute_spans: BTreeMap<(&str, i64), Span> = BTreeMap::new();
+        for (e, at) in batch.iter().zip(positions) {
+            Span::widen(track_spans.entry(&e.track), at);
+            Span::widen(minute_spans.entry((&e.track, minute_of(e))), at);
+        }
         for &i in &duplicate {
             let e = &batch[i];
-            recount_tracks.insert(&e.track);
+            recount_tracks.insert(&e.track, track_spans[e.track.as_str()]);
             if e.changed {
-                recount_minutes.insert((&e.track, minute_of(e)));
+                let minute = (e.track.as_str(), minute_of(e));
+                recount_minutes.insert(minute, minute_spans[&minute]);
             }
         }
         // Each pair's newest new event, and per track the events it gained.
@@ -173,11 +263,11 @@ impl MongoArchive {
             if duplicate.contains(&i) {
                 continue;
             }
-            if e.changed && !recount_minutes.contains(&(e.track.as_str(), minute_of(e))) {
+            if e.changed && !recount_minutes.contains_key(&(e.track.as_str(), minute_of(e))) {
                 let slot = usize::from(e.action != "like");
                 minute_inc.entry((&e.track, minute_of(e))).or_default()[slot] += 1;
             }
-            if recount_tracks.contains(e.track.as_str()) {
+            if recount_tracks.contains_key(e.track.as_str()) {
                 continue;
             }
             *track_events.entry(&e.track).or_default() += 1;
@@ -203,49 +293,59 @@ impl MongoArchive {
                 *count_inc.entry(track).or_default() += if new.liked { 1 } else { -1 };
                 stored.transitions += 1;
             }
-            register_updates.push(doc! {
-                "q": { "_id": pair_id(track, user) },
-                "u": { "$set": new.document(track, user) },
-                "upsert": true,
-            });
+            register_updates.push(new.merge_statement(track, user));
         }
+        let track_keys: Vec<&str> = track_events.keys().copied().collect();
         let track_updates = track_events
             .iter()
             .map(|(track, events)| {
                 let count = count_inc.get(track).copied().unwrap_or(0);
-                doc! {
-                    "q": { "_id": *track },
-                    "u": { "$inc": { "count": count, "events": events } },
-                    "upsert": true,
-                }
+                track_spans[track].increment(
+                    track,
+                    doc! { "count": count, "events": events },
+                    doc! {},
+                )
             })
             .collect();
+        let minute_keys: Vec<(&str, i64)> = minute_inc.keys().copied().collect();
         let minute_updates = minute_inc
             .iter()
-            .map(|((track, minute), [likes, unlikes])| {
-                doc! {
-                    "q": { "_id": minute_id(track, *minute) },
-                    "u": { "$inc": { "likes": likes, "unlikes": unlikes },
-                           "$set": { "track": *track, "minute": minute } },
-                    "upsert": true,
-                }
+            .map(|(&(track, minute), [likes, unlikes])| {
+                minute_spans[&(track, minute)].increment(
+                    &minute_id(track, minute),
+                    doc! { "likes": likes, "unlikes": unlikes },
+                    doc! { "track": track, "minute": minute },
+                )
             })
             .collect();
-        // Registers first: a crash before the counts leaves the events stored, so the replay
+        // Registers first: a crash before the totals leaves the events stored, so the replay
         // recounts these tracks.
         stored.round_trips += self
             .update_many_statements("pairs", register_updates)
             .await?;
-        let (counts, minutes) = futures_util::try_join!(
-            self.update_many_statements("track_counts", track_updates),
-            self.update_many_statements("track_minutes", minute_updates),
+        let ((counts, refused_tracks), (minutes, refused_minutes)) = futures_util::try_join!(
+            self.update_guarded("track_counts", track_updates),
+            self.update_guarded("track_minutes", minute_updates),
         )?;
         stored.round_trips += counts + minutes;
-        for track in &recount_tracks {
-            stored.round_trips += self.recount_track(track).await?;
+        // Refused increments: another worker already brought these totals past this batch's
+        // first event (it recounted them, or stored the same events first), and may not have
+        // seen all of ours. Recounting after our events are stored is right either way.
+        for i in refused_tracks {
+            if let Some(track) = track_keys.get(i) {
+                recount_tracks.insert(track, track_spans[track]);
+            }
         }
-        for (track, minute) in &recount_minutes {
-            stored.round_trips += self.recount_minute(track, *minute).await?;
+        for i in refused_minutes {
+            if let Some(minute) = minute_keys.get(i) {
+                recount_minutes.insert(*minute, minute_spans[minute]);
+            }
+        }
+        for (track, span) in &recount_tracks {
+            stored.round_trips += self.recount_track(track, span).await?;
+        }
+        for ((track, minute), span) in &recount_minutes {
+            stored.round_trips += self.recount_minute(track, *minute, span).await?;
         }
         Ok(stored)
     }
@@ -299,39 +399,63 @@ impl MongoArchive {
         collection: &str,
         updates: Vec<Document>,
     ) -> anyhow::Result<usize> {
-        let chunks: Vec<&[Document]> = updates.chunks(STATEMENTS_PER_UPDATE).collect();
-        let requests = chunks.len();
-        futures_util::stream::iter(chunks)
-            .map(|chunk| self.update_command(collection, chunk))
-            .buffer_unordered(UPDATES_IN_FLIGHT)
-            .try_collect::<()>()
-            .await?;
-        Ok(requests)
+        Ok(self.update_guarded(collection, updates).await?.0)
     }
 
-    async fn update_command(&self, collection: &str, chunk: &[Document]) -> anyhow::Result<()> {
+    /// Like `update_many_statements`, and also returns the indexes of the statements that
+    /// were refused with a duplicate key (a guarded upsert whose condition did not hold).
+    async fn update_guarded(
+        &self,
+        collection: &str,
+        updates: Vec<Document>,
+    ) -> anyhow::Result<(usize, Vec<usize>)> {
+        let chunks: Vec<(usize, &[Document])> = updates
+            .chunks(STATEMENTS_PER_UPDATE)
+            .enumerate()
+            .map(|(i, chunk)| (i * STATEMENTS_PER_UPDATE, chunk))
+            .collect();
+        let requests = chunks.len();
+        let refused: Vec<Vec<usize>> = futures_util::stream::iter(chunks)
+            .map(|(start, chunk)| async move {
+                let refused = self.update_command(collection, chunk).await?;
+                Ok::<_, anyhow::Error>(refused.into_iter().map(|i| start + i).collect())
+            })
+            .buffer_unordered(UPDATES_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        Ok((requests, refused.into_iter().flatten().collect()))
+    }
+
+    /// Returns the statements refused with a duplicate key; fails on any other error.
+    async fn update_command(
+        &self,
+        collection: &str,
+        chunk: &[Document],
+    ) -> anyhow::Result<Vec<usize>> {
         let reply = self
             .db
             .run_command(doc! { "update": collection, "updates": chunk, "ordered": false })
             .await
             .with_context(|| format!("cannot update {collection}"))?;
+        let mut refused = Vec::new();
         if let Ok(errors) = reply.get_array("writeErrors") {
             for error in errors.iter().filter_map(|e| e.as_document()) {
                 let code = error.get_i32("code").unwrap_or_default();
                 if code != DUPLICATE_KEY {
                     anyhow::bail!("MongoDB refused an update of {collection}: {error}");
                 }
+                refused.push(number(error, "index").max(0) as usize);
             }
         }
         if let Ok(error) = reply.get_document("writeConcernError") {
             anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Rebuilds a track's count and registers from its stored events: each user's newest
     /// event by (stamp, event id) is the pair's register; the count is how many say liked.
-    async fn recount_track(&self, track: &str) -> anyhow::Result<usize> {
+    async fn recount_track(&self, track: &str, span: &Span) -> anyhow::Result<usize> {
         let mut events = self
             .likes
             .find(doc! { "track": track })
@@ -361,28 +485,19 @@ impl MongoArchive {
         let count = registers.values().filter(|r| r.liked).count() as i64;
         let register_updates = registers
             .iter()
-            .map(|(user, r)| {
-                doc! {
-                    "q": { "_id": pair_id(track, user) },
-                    "u": { "$set": r.document(track, user) },
-                    "upsert": true,
-                }
-            })
+            .map(|(user, r)| r.merge_statement(track, user))
             .collect();
         let mut requests = 1 + self
             .update_many_statements("pairs", register_updates)
             .await?;
         let totals = doc! { "count": count, "events": stored_events };
         requests += self
-            .update_many_statements(
-                "track_counts",
-                vec![doc! { "q": { "_id": track }, "u": { "$set": totals }, "upsert": true }],
-            )
+            .update_many_statements("track_counts", vec![span.replace(track, totals)])
             .await?;
         Ok(requests)
     }
 
-    async fn recount_minute(&self, track: &str, minute: i64) -> anyhow::Result<usize> {
+    async fn recount_minute(&self, track: &str, minute: i64, span: &Span) -> anyhow::Result<usize> {
         let mut totals = [0i64; 2];
         for (slot, action) in ["like", "unlike"].iter().enumerate() {
             totals[slot] = self
@@ -397,7 +512,7 @@ impl MongoArchive {
         let updates = self
             .update_many_statements(
                 "track_minutes",
-                vec![doc! { "q": { "_id": minute_id(track, minute) }, "u": { "$set": set }, "upsert": true }],
+                vec![span.replace(&minute_id(track, minute), set)],
             )
             .await?;
         Ok(2 + updates)

@@ -30,7 +30,7 @@ use crate::tasks::Tasks;
 
 use crate::farm::link::RedisLink;
 use crate::seams::event_log::EventRecord;
-use crate::worker::archive::MongoArchive;
+use crate::worker::archive::{LogPosition, MongoArchive};
 use crate::worker::consumer_watch::{WatchContext, spawn_lag_sampler};
 
 /// Fanfare persistence worker: Kafka → MongoDB, exactly once in effect.
@@ -255,7 +255,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             break;
         };
         let Some(stored) =
-            store_until_done(&archive, &mut indexed, &batch.events, &metrics, shutdown).await
+            store_until_done(&archive, &mut indexed, &batch, &metrics, shutdown).await
         else {
             break; // shutting down mid-retry: nothing committed, the batch is replayed later
         };
@@ -295,6 +295,8 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
 
 struct Batch {
     events: Vec<EventRecord>,
+    /// Where each event sits in the topic (the totals' guard against a second worker).
+    positions: Vec<LogPosition>,
     offsets: TopicPartitionList,
 }
 
@@ -307,6 +309,7 @@ async fn next_batch(
     metrics: &WorkerMetrics,
 ) -> Option<Batch> {
     let mut events = Vec::new();
+    let mut positions = Vec::new();
     let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
     let mut deadline = None;
     while events.len() < max {
@@ -336,7 +339,11 @@ async fn next_batch(
         );
         match message.payload().map(serde_json::from_slice::<EventRecord>) {
             Some(Ok(event)) if fanfare_protocol::Action::parse(&event.action).is_some() => {
-                events.push(event)
+                events.push(event);
+                positions.push(LogPosition {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                });
             }
             other => {
                 metrics.events_malformed.inc();
@@ -355,7 +362,11 @@ async fn next_batch(
             tracing::warn!(error = %err, "cannot record an offset");
         }
     }
-    Some(Batch { events, offsets })
+    Some(Batch {
+        events,
+        positions,
+        offsets,
+    })
 }
 
 /// Creates the indexes before the first batch is stored (the unique key index is what keeps
@@ -388,7 +399,7 @@ async fn ensure_indexes(archive: &MongoArchive, indexed: &mut bool) -> anyhow::R
 async fn store_until_done(
     archive: &MongoArchive,
     indexed: &mut bool,
-    events: &[EventRecord],
+    batch: &Batch,
     metrics: &WorkerMetrics,
     shutdown: &CancellationToken,
 ) -> Option<crate::worker::archive::Stored> {
@@ -396,7 +407,7 @@ async fn store_until_done(
     loop {
         let attempt = tokio::time::timeout(STORE_TIMEOUT, async {
             ensure_indexes(archive, indexed).await?;
-            archive.store(events).await
+            archive.store(&batch.events, &batch.positions).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -408,7 +419,7 @@ async fn store_until_done(
             Ok(stored) => return Some(stored),
             Err(err) => {
                 metrics.mongo_failures.inc();
-                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, events = events.len(), "MongoDB batch failed");
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, events = batch.events.len(), "MongoDB batch failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     _ = tokio::time::sleep(backoff) => {}
