@@ -32,6 +32,8 @@ use fanfare_protocol::{Action, LikeRequest};
 /// After a failover, replay this much recent history (covers asynchronous replication lag).
 const FAILOVER_REPLAY: Duration = Duration::from_secs(60);
 const REPLAY_BATCH: usize = 500;
+/// Tracks whose last global count the node keeps for degraded mode.
+const KNOWN_TRACKS: usize = 100_000;
 /// How soon an owed replay is tried again while Redis is up.
 const RETRY_OWED: Duration = Duration::from_millis(250);
 
@@ -109,6 +111,11 @@ impl FarmLedger {
         match known.get_mut(track) {
             Some(slot) => *slot = count,
             None => {
+                // Only a hint for degraded mode: past the cap it starts afresh rather than
+                // grow with every track id anyone ever asked about.
+                if known.len() >= KNOWN_TRACKS {
+                    known.clear();
+                }
                 known.insert(Arc::from(track), count);
             }
         }
@@ -547,9 +554,11 @@ impl Ledger for FarmLedger {
                 .await;
             match result {
                 Ok(count) => {
-                    let count = count.unwrap_or(0);
-                    self.remember(track, count);
-                    return Ok(count);
+                    // A track nobody liked is not remembered (anyone may ask about any id).
+                    if let Some(count) = count {
+                        self.remember(track, count);
+                    }
+                    return Ok(count.unwrap_or(0));
                 }
                 Err(err) => self.link.report(&err),
             }

@@ -263,9 +263,13 @@ impl Ledger for EmbeddedLedger {
     }
 
     async fn count(&self, track: &str) -> Result<u64, LedgerError> {
-        let mut guard = self.lock();
-        let State { reader, counts, .. } = &mut *guard;
-        Ok(load_count(reader, counts, track)?.1)
+        let guard = self.lock();
+        // Read through: only tracks this node changed are kept in memory, not every id
+        // anyone asks about.
+        match guard.counts.get(track) {
+            Some(count) => Ok(*count),
+            None => crate::store::track_count(&guard.reader, track).map_err(storage),
+        }
     }
 }
 
@@ -370,6 +374,20 @@ mod tests {
         );
         assert_eq!(again.count, 2);
         log.append(pending).await?;
+        log.close().await?;
+        Ok(())
+    }
+
+    /// Finding 4 of issue 16: asking for the count of any track id kept it in memory.
+    #[tokio::test]
+    async fn counts_asked_for_are_not_kept() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = SqliteEventLog::start(dir.path(), None)?;
+        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
+        for t in 0..1000 {
+            assert_eq!(ledger.count(&format!("nobody-{t}")).await?, 0);
+        }
+        assert_eq!(ledger.lock().counts.len(), 0);
         log.close().await?;
         Ok(())
     }
