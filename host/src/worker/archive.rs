@@ -5,20 +5,18 @@
 //!   duplicate-key error (11000) means "already stored", which is what makes replays harmless.
 //! - `pairs`: each (track, user) pair's last-writer-wins register — its newest event by
 //!   (stamp, event id): state, stamp, event id (`_id` = track, newline, user).
-//! - `track_counts`: per-track `count` (pairs whose register says liked) and `events` (stored
-//!   events).
+//! - `track_counts`: per-track `count` (pairs whose register says liked).
 //! - `track_minutes`: likes/unlikes per track per UTC minute that changed a pair's state as
 //!   the deciding node saw it, for history.
 //!
-//! A batch's new events are merged into the registers of their pairs; the count moves only
-//! when a register's state does (the same rule as the Redis script, so both agree whatever
-//! order events arrive in). When a batch meets an event that was already stored (a replay
-//! after a crash, or a node re-sending after a Kafka outage) the first attempt may or may not
-//! have reached the registers and totals, so the tracks it touches are recounted from `likes`
-//! instead. Events of one track share a partition, so one worker at a time writes a track's
-//! registers and totals.
+//! A batch merges each pair's newest event into its register (an upsert that only takes a
+//! newer one), then sets each touched track's count to its number of liked registers. Both
+//! steps are idempotent and commute, so replays after a crash, re-sent events and two workers
+//! storing one batch at a rebalance all end in the same registers and counts (see `store`).
+//! History minutes are incremented for newly inserted events and recounted from `likes` when
+//! a batch meets an already-stored one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -44,7 +42,7 @@ const STATEMENTS_PER_UPDATE: usize = 16;
 /// two totals collections written together a worker holds ≤ 2 × 2 × 16 pool connections.
 const UPDATES_IN_FLIGHT: usize = 2;
 
-/// Register reads in flight per batch (one `find` by `_id` each).
+/// Count queries in flight per batch (one per touched track).
 const READS_IN_FLIGHT: usize = 16;
 
 #[derive(Clone)]
@@ -60,8 +58,6 @@ pub struct MongoArchive {
 pub struct Stored {
     pub inserted: usize,
     pub duplicates: usize,
-    /// Registers whose state this batch changed (a like or unlike that counted).
-    pub transitions: usize,
     /// Requests this batch sent to MongoDB.
     pub round_trips: usize,
 }
@@ -217,12 +213,26 @@ impl MongoArchive {
         self.minutes
             .create_index(index(doc! { "track": 1, "minute": 1 }))
             .await?;
+        self.pairs
+            .create_index(index(doc! { "track": 1, "liked": 1 }))
+            .await?;
         Ok(())
     }
 
     /// Writes one batch (`positions[i]` is where `batch[i]` sits in the topic); returns only
     /// once MongoDB acknowledged all of it. Safe to repeat, and safe while another worker
-    /// writes the same events (the moment of a rebalance): see [`Span`].
+    /// writes the same events (the moment of a rebalance):
+    ///
+    /// 1. the events are inserted (a duplicate key = already stored);
+    /// 2. each pair's newest event of the batch is merged into its register — an upsert that
+    ///    only takes a newer register, so any number of writers, in any order, replays
+    ///    included, leave the same registers;
+    /// 3. each touched track's count is then read from the registers (liked pairs) and set,
+    ///    guarded by the log offset the count was computed up to ([`Span`]), so a writer that
+    ///    read before another's newer merges cannot set an older count over a newer one.
+    ///
+    /// The count is never incremented: two workers incrementing around one another's reads
+    /// is how it went wrong (docs/reliability.md, found 10).
     pub async fn store(
         &self,
         batch: &[EventRecord],
@@ -238,74 +248,50 @@ impl MongoArchive {
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
 
-        // Tracks and minutes touched by a duplicate are recounted, the rest merged.
-        let mut recount_tracks: BTreeMap<&str, Span> = BTreeMap::new();
-        let mut recount_minutes: BTreeMap<(&str, i64), Span> = BTreeMap::new();
         let mut track_spans: BTreeMap<&str, Span> = BTreeMap::new();
         let mut minute_spans: BTreeMap<(&str, i64), Span> = BTreeMap::new();
+        let mut newest: BTreeMap<(&str, &str), &EventRecord> = BTreeMap::new();
         for (e, at) in batch.iter().zip(positions) {
             Span::widen(track_spans.entry(&e.track), at);
             Span::widen(minute_spans.entry((&e.track, minute_of(e))), at);
-        }
-        for &i in &duplicate {
-            let e = &batch[i];
-            recount_tracks.insert(&e.track, track_spans[e.track.as_str()]);
-            if e.changed {
-                let minute = (e.track.as_str(), minute_of(e));
-                recount_minutes.insert(minute, minute_spans[&minute]);
-            }
-        }
-        // Each pair's newest new event, and per track the events it gained.
-        let mut newest: BTreeMap<(&str, &str), &EventRecord> = BTreeMap::new();
-        let mut track_events: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
-        for (i, e) in batch.iter().enumerate() {
-            if duplicate.contains(&i) {
-                continue;
-            }
-            if e.changed && !recount_minutes.contains_key(&(e.track.as_str(), minute_of(e))) {
-                let slot = usize::from(e.action != "like");
-                minute_inc.entry((&e.track, minute_of(e))).or_default()[slot] += 1;
-            }
-            if recount_tracks.contains_key(e.track.as_str()) {
-                continue;
-            }
-            *track_events.entry(&e.track).or_default() += 1;
             let slot = newest.entry((&e.track, &e.user)).or_insert(e);
             if Register::of(e).newer_than(&Register::of(slot)) {
                 *slot = e;
             }
         }
-        let pairs: Vec<(&str, &str)> = newest.keys().copied().collect();
-        let (registers, reads) = self.read_registers(&pairs).await?;
-        stored.round_trips += reads;
-
-        let mut count_inc: BTreeMap<&str, i64> = BTreeMap::new();
-        let mut register_updates = Vec::new();
-        for ((track, user), e) in &newest {
-            let new = Register::of(e);
-            let old = registers.get(&pair_id(track, user));
-            if old.is_some_and(|old| !new.newer_than(old)) {
+        // History: minutes touched by a duplicate are recounted, the rest incremented.
+        let mut recount_minutes: BTreeMap<(&str, i64), Span> = BTreeMap::new();
+        for &i in &duplicate {
+            let e = &batch[i];
+            if e.changed {
+                let minute = (e.track.as_str(), minute_of(e));
+                recount_minutes.insert(minute, minute_spans[&minute]);
+            }
+        }
+        let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
+        for (i, e) in batch.iter().enumerate() {
+            let minute = (e.track.as_str(), minute_of(e));
+            if duplicate.contains(&i) || !e.changed || recount_minutes.contains_key(&minute) {
                 continue;
             }
-            let was_liked = old.is_some_and(|old| old.liked);
-            if was_liked != new.liked {
-                *count_inc.entry(track).or_default() += if new.liked { 1 } else { -1 };
-                stored.transitions += 1;
-            }
-            register_updates.push(new.merge_statement(track, user));
+            minute_inc.entry(minute).or_default()[usize::from(e.action != "like")] += 1;
         }
-        let track_keys: Vec<&str> = track_events.keys().copied().collect();
-        let track_updates = track_events
+
+        let register_updates = newest
             .iter()
-            .map(|(track, events)| {
-                let count = count_inc.get(track).copied().unwrap_or(0);
-                track_spans[track].increment(
-                    track,
-                    doc! { "count": count, "events": events },
-                    doc! {},
-                )
-            })
+            .map(|((track, user), e)| Register::of(e).merge_statement(track, user))
+            .collect();
+        stored.round_trips += self
+            .update_many_statements("pairs", register_updates)
+            .await?;
+
+        let tracks: Vec<&str> = track_spans.keys().copied().collect();
+        let counts = self.liked_pairs(&tracks).await?;
+        stored.round_trips += tracks.len();
+        let count_updates = tracks
+            .iter()
+            .zip(&counts)
+            .map(|(track, count)| track_spans[track].replace(track, doc! { "count": count }))
             .collect();
         let minute_keys: Vec<(&str, i64)> = minute_inc.keys().copied().collect();
         let minute_updates = minute_inc
@@ -318,31 +304,17 @@ impl MongoArchive {
                 )
             })
             .collect();
-        // Registers first: a crash before the totals leaves the events stored, so the replay
-        // recounts these tracks.
-        stored.round_trips += self
-            .update_many_statements("pairs", register_updates)
-            .await?;
-        let ((counts, refused_tracks), (minutes, refused_minutes)) = futures_util::try_join!(
-            self.update_guarded("track_counts", track_updates),
+        let (counts, (minutes, refused_minutes)) = futures_util::try_join!(
+            self.update_many_statements("track_counts", count_updates),
             self.update_guarded("track_minutes", minute_updates),
         )?;
         stored.round_trips += counts + minutes;
-        // Refused increments: another worker already brought these totals past this batch's
-        // first event (it recounted them, or stored the same events first), and may not have
-        // seen all of ours. Recounting after our events are stored is right either way.
-        for i in refused_tracks {
-            if let Some(track) = track_keys.get(i) {
-                recount_tracks.insert(track, track_spans[track]);
-            }
-        }
+        // A refused increment: another worker already brought that minute past this batch's
+        // first event; recounting after our events are stored is right either way.
         for i in refused_minutes {
             if let Some(minute) = minute_keys.get(i) {
                 recount_minutes.insert(*minute, minute_spans[minute]);
             }
-        }
-        for (track, span) in &recount_tracks {
-            stored.round_trips += self.recount_track(track, span).await?;
         }
         for ((track, minute), span) in &recount_minutes {
             stored.round_trips += self.recount_minute(track, *minute, span).await?;
@@ -350,27 +322,20 @@ impl MongoArchive {
         Ok(stored)
     }
 
-    /// The stored registers of `pairs`, by pair id; one `find` by `_id` each, a few in flight
-    /// (an `$in` over many ids is not pushed down to PostgreSQL by FerretDB 1.24: it reads
-    /// the whole collection). Returns the requests sent too.
-    async fn read_registers(
-        &self,
-        pairs: &[(&str, &str)],
-    ) -> anyhow::Result<(HashMap<String, Register>, usize)> {
-        let found: Vec<Option<(String, Register)>> = futures_util::stream::iter(pairs)
-            .map(|(track, user)| async move {
-                let id = pair_id(track, user);
-                let found = self
+    /// Each track's number of liked registers, a few queries in flight.
+    async fn liked_pairs(&self, tracks: &[&str]) -> anyhow::Result<Vec<i64>> {
+        futures_util::stream::iter(tracks)
+            .map(|track| async move {
+                let liked = self
                     .pairs
-                    .find_one(doc! { "_id": &id })
+                    .count_documents(doc! { "track": *track, "liked": true })
                     .await
-                    .context("cannot read pair registers")?;
-                Ok::<_, anyhow::Error>(found.map(|d| (id, register_of(&d))))
+                    .context("cannot count liked pairs")?;
+                Ok::<_, anyhow::Error>(liked as i64)
             })
-            .buffer_unordered(READS_IN_FLIGHT)
+            .buffered(READS_IN_FLIGHT)
             .try_collect()
-            .await?;
-        Ok((found.into_iter().flatten().collect(), pairs.len()))
+            .await
     }
 
     /// Inserts the events unordered; returns the batch indexes that were already stored.
@@ -451,50 +416,6 @@ impl MongoArchive {
             anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
         }
         Ok(refused)
-    }
-
-    /// Rebuilds a track's count and registers from its stored events: each user's newest
-    /// event by (stamp, event id) is the pair's register; the count is how many say liked.
-    async fn recount_track(&self, track: &str, span: &Span) -> anyhow::Result<usize> {
-        let mut events = self
-            .likes
-            .find(doc! { "track": track })
-            .projection(doc! { "user": 1, "action": 1, "accepted_at_ms": 1, "key": 1 })
-            .await?;
-        let mut registers: HashMap<String, Register> = HashMap::new();
-        let mut stored_events = 0i64;
-        while let Some(d) = events.try_next().await? {
-            stored_events += 1;
-            let (Ok(user), Ok(id)) = (d.get_str("user"), d.get_str("_id")) else {
-                continue;
-            };
-            let register = Register {
-                liked: d.get_str("action") == Ok("like"),
-                stamp: number(&d, "accepted_at_ms"),
-                event_id: id.to_owned(),
-                key: d.get_str("key").unwrap_or_default().to_owned(),
-            };
-            match registers.get_mut(user) {
-                Some(old) if !register.newer_than(old) => {}
-                Some(old) => *old = register,
-                None => {
-                    registers.insert(user.to_owned(), register);
-                }
-            }
-        }
-        let count = registers.values().filter(|r| r.liked).count() as i64;
-        let register_updates = registers
-            .iter()
-            .map(|(user, r)| r.merge_statement(track, user))
-            .collect();
-        let mut requests = 1 + self
-            .update_many_statements("pairs", register_updates)
-            .await?;
-        let totals = doc! { "count": count, "events": stored_events };
-        requests += self
-            .update_many_statements("track_counts", vec![span.replace(track, totals)])
-            .await?;
-        Ok(requests)
     }
 
     async fn recount_minute(&self, track: &str, minute: i64, span: &Span) -> anyhow::Result<usize> {
