@@ -105,11 +105,39 @@ async fn totals_once(
             .count_documents(doc! {"track": track, "liked": true})
             .await? as i64;
         let stored = number(&d, "count");
-        anyhow::ensure!(
-            stored == from_events.count && registers == stored,
-            "{track}: count {stored} and {registers} liked registers disagree with the stored \
-             events {from_events:?}"
-        );
+        if !(stored == from_events.count && registers == stored) {
+            // Say which pairs' registers differ from their newest stored events, and why.
+            let mut differing = Vec::new();
+            let mut cursor = pairs.find(doc! {"track": track}).await?;
+            while let Some(p) = cursor.try_next().await? {
+                let user = p.get_str("user").unwrap_or_default().to_owned();
+                let liked = p.get_bool("liked").unwrap_or(false);
+                let newest_liked = newest.get(&user).is_some_and(|r| r.2);
+                if liked != newest_liked {
+                    let events: Vec<String> = likes
+                        .find(doc! {"track": track, "user": &user})
+                        .await?
+                        .try_collect::<Vec<Document>>()
+                        .await?
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{}@{}/{}/{}",
+                                e.get_str("action").unwrap_or_default(),
+                                number(e, "accepted_at_ms"),
+                                e.get_str("_id").unwrap_or_default(),
+                                e.get_str("node").unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    differing.push(format!("{user}: register {p} events {events:?}"));
+                }
+            }
+            anyhow::bail!(
+                "{track}: count {stored} and {registers} liked registers disagree with the stored \
+                 events {from_events:?}; differing pairs: {differing:?}"
+            );
+        }
         totals.insert(track.to_owned(), from_events);
     }
     Ok(totals)

@@ -418,6 +418,49 @@ impl MongoArchive {
         Ok(refused)
     }
 
+    /// Rebuilds a track's registers from its stored events (each user's newest by stamp, then
+    /// event id) and sets its count from them (`repair`: only while no other worker writes
+    /// the track).
+    pub async fn rebuild_track(&self, track: &str) -> anyhow::Result<()> {
+        let mut events = self
+            .likes
+            .find(doc! { "track": track })
+            .projection(doc! { "user": 1, "action": 1, "accepted_at_ms": 1, "key": 1 })
+            .await?;
+        let mut newest: std::collections::HashMap<String, Register> = Default::default();
+        while let Some(d) = events.try_next().await? {
+            let (Ok(user), Ok(id)) = (d.get_str("user"), d.get_str("_id")) else {
+                continue;
+            };
+            let register = Register {
+                liked: d.get_str("action") == Ok("like"),
+                stamp: number(&d, "accepted_at_ms"),
+                event_id: id.to_owned(),
+                key: d.get_str("key").unwrap_or_default().to_owned(),
+            };
+            match newest.get(user) {
+                Some(old) if !register.newer_than(old) => {}
+                _ => {
+                    newest.insert(user.to_owned(), register);
+                }
+            }
+        }
+        let merges = newest
+            .iter()
+            .map(|(user, r)| r.merge_statement(track, user))
+            .collect();
+        self.update_many_statements("pairs", merges).await?;
+        let count = self.liked_pairs(&[track]).await?[0];
+        self.update_many_statements(
+            "track_counts",
+            vec![
+                doc! { "q": { "_id": track }, "u": { "$set": { "count": count } }, "upsert": true },
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn recount_minute(&self, track: &str, minute: i64, span: &Span) -> anyhow::Result<usize> {
         let mut totals = [0i64; 2];
         for (slot, action) in ["like", "unlike"].iter().enumerate() {

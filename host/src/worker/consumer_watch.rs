@@ -74,6 +74,15 @@ fn measure_lag(consumer: &StreamConsumer<WatchContext>) -> KafkaResult<i64> {
 #[derive(Default)]
 pub struct WatchContext {
     watch: Mutex<StallWatch>,
+    /// Assignments received so far: a change means another worker may still be storing a
+    /// batch of a partition this one now holds (or the other way round).
+    assignments: std::sync::atomic::AtomicU64,
+}
+
+impl WatchContext {
+    pub fn assignments(&self) -> u64 {
+        self.assignments.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Fetch positions of lagging partitions at the last statistics, and for how many
@@ -129,6 +138,8 @@ impl ConsumerContext for WatchContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
+                self.assignments
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
                 tracing::info!(?partitions, "partitions assigned");
             }

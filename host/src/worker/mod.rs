@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod consumer_watch;
 pub mod redis_merge;
+pub mod repair;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -248,17 +249,39 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
 
     let batch_wait = Duration::from_millis(config.batch_wait);
     let mut indexed = false;
+    let mut repairs = repair::Repairs::default();
     loop {
-        let Some(batch) =
-            next_batch(&consumer, config.batch_max, batch_wait, shutdown, &metrics).await
+        let wake = repairs.next_due();
+        let Some(batch) = next_batch(
+            &consumer,
+            config.batch_max,
+            batch_wait,
+            wake,
+            shutdown,
+            &metrics,
+        )
+        .await
         else {
             break;
         };
-        let Some(stored) =
+        if batch.events.is_empty() {
+            // Woken for due repairs (in this loop: they must not race its own batches).
+            if let Err(err) = repairs.run_due(&archive, &*consumer).await {
+                tracing::warn!(error = %format!("{err:#}"), "track rebuild failed");
+            }
+            continue;
+        }
+        let Some((stored, attempts)) =
             store_until_done(&archive, &mut indexed, &batch, &metrics, shutdown).await
         else {
             break; // shutting down mid-retry: nothing committed, the batch is replayed later
         };
+        repairs.note(
+            &batch.events,
+            &batch.positions,
+            attempts > 1,
+            consumer.context().assignments(),
+        );
         if let Some(link) = &redis {
             let merged =
                 tokio::time::timeout(REDIS_MERGE_TIMEOUT, redis_merge::merge(link, &batch.events));
@@ -288,6 +311,11 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             duplicates = stored.duplicates,
             "batch stored"
         );
+        match repairs.run_due(&archive, &*consumer).await {
+            Ok(0) => {}
+            Ok(rebuilt) => tracing::info!(rebuilt, "tracks rebuilt from stored events"),
+            Err(err) => tracing::warn!(error = %format!("{err:#}"), "track rebuild failed"),
+        }
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -305,6 +333,7 @@ async fn next_batch(
     consumer: &StreamConsumer<WatchContext>,
     max: usize,
     wait: Duration,
+    wake: Option<tokio::time::Instant>,
     shutdown: &CancellationToken,
     metrics: &WorkerMetrics,
 ) -> Option<Batch> {
@@ -313,8 +342,10 @@ async fn next_batch(
     let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
     let mut deadline = None;
     while events.len() < max {
+        // Until the batch is full or `wait` after its first event; with no event yet, until
+        // `wake` (repairs due) if given.
         let sleep = async {
-            match deadline {
+            match deadline.or(wake) {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -402,9 +433,11 @@ async fn store_until_done(
     batch: &Batch,
     metrics: &WorkerMetrics,
     shutdown: &CancellationToken,
-) -> Option<crate::worker::archive::Stored> {
+) -> Option<(crate::worker::archive::Stored, u32)> {
     let mut backoff = Duration::from_millis(100);
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         let attempt = tokio::time::timeout(STORE_TIMEOUT, async {
             ensure_indexes(archive, indexed).await?;
             archive.store(&batch.events, &batch.positions).await
@@ -416,7 +449,7 @@ async fn store_until_done(
             ))
         });
         match attempt {
-            Ok(stored) => return Some(stored),
+            Ok(stored) => return Some((stored, attempts)),
             Err(err) => {
                 metrics.mongo_failures.inc();
                 tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, events = batch.events.len(), "MongoDB batch failed");
