@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use redis::Script;
 
 use super::keys;
-use super::ledger_script::{APPLY, Kind, Original, script_keys};
+use super::ledger_script::{APPLY, Kind, Original, Replay, script_keys};
 use super::link::RedisLink;
 use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
@@ -433,21 +433,15 @@ impl FarmLedger {
     ) -> anyhow::Result<u64> {
         let mut pipe = redis::pipe();
         for event in events {
-            let [pairs, count, keys, version] = script_keys(&event.track, &event.user);
-            let want = if event.action == "like" { "1" } else { "0" };
-            pipe.cmd("EVALSHA")
-                .arg(self.script.get_hash())
-                .arg(4)
-                .arg(pairs)
-                .arg(count)
-                .arg(keys)
-                .arg(version)
-                .arg(&event.user)
-                .arg(&event.key)
-                .arg(want)
-                .arg(event.accepted_at_ms)
-                .arg(&event.event_id)
-                .arg("1");
+            let replay = Replay {
+                track: &event.track,
+                user: &event.user,
+                key: &event.key,
+                like: event.action == "like",
+                stamp: event.accepted_at_ms,
+                event_id: &event.event_id,
+            };
+            replay.push(&mut pipe, self.script.get_hash());
         }
         let results: Vec<(u64, u8, u64, String)> = match pipe.query_async(conn).await {
             Ok(results) => {

@@ -73,6 +73,37 @@ pub fn script_keys(track: &str, user: &str) -> [String; 4] {
     ]
 }
 
+/// An accepted action to merge into Redis as a replay (a node's own history, or a worker's
+/// stored batch).
+pub struct Replay<'a> {
+    pub track: &'a str,
+    pub user: &'a str,
+    pub key: &'a str,
+    pub like: bool,
+    pub stamp: i64,
+    pub event_id: &'a str,
+}
+
+impl Replay<'_> {
+    /// Adds this merge to `pipe` as an `EVALSHA` of [`APPLY`] (`sha`: its hash, loaded first).
+    pub fn push(&self, pipe: &mut redis::Pipeline, sha: &str) {
+        let [pairs, count, keys, version] = script_keys(self.track, self.user);
+        pipe.cmd("EVALSHA")
+            .arg(sha)
+            .arg(4)
+            .arg(pairs)
+            .arg(count)
+            .arg(keys)
+            .arg(version)
+            .arg(self.user)
+            .arg(self.key)
+            .arg(if self.like { "1" } else { "0" })
+            .arg(self.stamp)
+            .arg(self.event_id)
+            .arg("1");
+    }
+}
+
 pub(super) enum Kind {
     /// The pair's state changed: with the track's new version and the stamp Redis gave it.
     Changed { version: u64, stamp: i64 },

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use redis::Script;
 
 use crate::farm::keys;
-use crate::farm::ledger_script::{APPLY, script_keys};
+use crate::farm::ledger_script::{APPLY, Replay};
 use crate::farm::link::RedisLink;
 use crate::seams::event_log::EventRecord;
 use crate::tasks::Tasks;
@@ -26,45 +26,32 @@ const PIPELINE: usize = 500;
 /// of the link is noticed here).
 const EPOCH_CHECK: Duration = Duration::from_secs(5);
 
-/// One action to merge: (track, user, key, liked, stamp, event id).
-type Merge<'a> = (&'a str, &'a str, &'a str, bool, i64, &'a str);
-
 /// Merges the events into Redis; returns how many changed a register's state (events no node
 /// had merged).
 pub async fn merge(link: &RedisLink, events: &[EventRecord]) -> anyhow::Result<u64> {
-    let merges: Vec<Merge<'_>> = events
+    let merges: Vec<Replay<'_>> = events
         .iter()
-        .map(|e| {
-            let like = e.action == "like";
-            let stamp = e.accepted_at_ms;
-            (&*e.track, &*e.user, &*e.key, like, stamp, &*e.event_id)
+        .map(|e| Replay {
+            track: &e.track,
+            user: &e.user,
+            key: &e.key,
+            like: e.action == "like",
+            stamp: e.accepted_at_ms,
+            event_id: &e.event_id,
         })
         .collect();
     merge_all(link, &merges).await
 }
 
-async fn merge_all(link: &RedisLink, merges: &[Merge<'_>]) -> anyhow::Result<u64> {
+async fn merge_all(link: &RedisLink, merges: &[Replay<'_>]) -> anyhow::Result<u64> {
     let mut conn = link.connection().context("redis is down")?;
     let script = Script::new(APPLY);
     script.prepare_invoke().load_async(&mut conn).await?;
     let mut changed = 0;
     for chunk in merges.chunks(PIPELINE) {
         let mut pipe = redis::pipe();
-        for (track, user, key, like, stamp, event_id) in chunk {
-            let [pairs, count, user_keys, version] = script_keys(track, user);
-            pipe.cmd("EVALSHA")
-                .arg(script.get_hash())
-                .arg(4)
-                .arg(pairs)
-                .arg(count)
-                .arg(user_keys)
-                .arg(version)
-                .arg(*user)
-                .arg(*key)
-                .arg(if *like { "1" } else { "0" })
-                .arg(*stamp)
-                .arg(*event_id)
-                .arg("1");
+        for merge in chunk {
+            merge.push(&mut pipe, script.get_hash());
         }
         let results: Vec<(i64, u8, u64, String)> = pipe.query_async(&mut conn).await?;
         changed += results.iter().filter(|r| r.1 == 0).count() as u64;
@@ -129,9 +116,16 @@ async fn refill_if_lost(link: &RedisLink, archive: &MongoArchive) -> anyhow::Res
                 }
             }
         }
-        let merges: Vec<Merge<'_>> = page
+        let merges: Vec<Replay<'_>> = page
             .iter()
-            .map(|(track, user, r)| (&**track, &**user, &*r.key, r.liked, r.stamp, &*r.event_id))
+            .map(|(track, user, r)| Replay {
+                track,
+                user,
+                key: &r.key,
+                like: r.liked,
+                stamp: r.stamp,
+                event_id: &r.event_id,
+            })
             .collect();
         if !merges.is_empty() {
             merge_all(link, &merges).await?;
