@@ -420,7 +420,7 @@ impl MongoArchive {
 
     /// Rebuilds a track's registers from its stored events (each user's newest by stamp, then
     /// event id) and sets its count from them (`repair`: only while no other worker writes
-    /// the track).
+    /// the track; the worker's own loop runs it, between batches).
     pub async fn rebuild_track(&self, track: &str) -> anyhow::Result<()> {
         let mut events = self
             .likes
@@ -445,11 +445,19 @@ impl MongoArchive {
                 }
             }
         }
-        let merges = newest
+        // Set, not merged: the registers are exactly what the events say (a lost or refused
+        // conditional upsert is what a rebuild is for).
+        let sets = newest
             .iter()
-            .map(|(user, r)| r.merge_statement(track, user))
+            .map(|(user, r)| {
+                doc! {
+                    "q": { "_id": pair_id(track, user) },
+                    "u": { "$set": r.document(track, user) },
+                    "upsert": true,
+                }
+            })
             .collect();
-        self.update_many_statements("pairs", merges).await?;
+        self.update_many_statements("pairs", sets).await?;
         let count = self.liked_pairs(&[track]).await?[0];
         self.update_many_statements(
             "track_counts",
