@@ -89,6 +89,7 @@ async fn run(
         )
     })?;
 
+    let unchanged = matches!(decision.outcome, Outcome::Unchanged(_));
     match decision.outcome {
         Outcome::Applied(event) => {
             // 4. Broadcast now; it does not wait for durability.
@@ -120,28 +121,22 @@ async fn run(
                 duplicate: false,
             })
         }
-        Outcome::Restored(event) => {
-            // A re-sent like whose first attempt this node cannot vouch for: store it again
-            // under its original event id (idempotent everywhere), then ack as a re-send.
+        Outcome::Restored(event) | Outcome::Unchanged(event) => {
+            // Restored: a re-sent like whose first attempt this node cannot vouch for, stored
+            // again under its original event id (idempotent everywhere), acked as a re-send.
+            // Unchanged: already in that state, nothing to broadcast, but the action is the
+            // pair's newest and is stored like any other, acked as a duplicate.
             store(node, event)
                 .await
                 .map_err(|err| durability_error(node, err))?;
-            node.metrics.like(LikeOutcome::Resent);
+            node.metrics.like(if unchanged {
+                LikeOutcome::Duplicate
+            } else {
+                LikeOutcome::Resent
+            });
             Ok(Ack {
                 count: decision.count,
-                duplicate: false,
-            })
-        }
-        Outcome::Unchanged(event) => {
-            // Already in that state: nothing to broadcast, but the action is the pair's newest
-            // and is stored like any other before the ack.
-            store(node, event)
-                .await
-                .map_err(|err| durability_error(node, err))?;
-            node.metrics.like(LikeOutcome::Duplicate);
-            Ok(Ack {
-                count: decision.count,
-                duplicate: true,
+                duplicate: unchanged,
             })
         }
         Outcome::Resent => {
