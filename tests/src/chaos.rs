@@ -496,6 +496,10 @@ async fn audit(
             ));
         }
     }
+    // Early in the output (CI shows its head): what disagreed, before the long broker log.
+    for m in &report.mismatched {
+        eprintln!("chaos: mismatch: {m}");
+    }
     Ok(())
 }
 

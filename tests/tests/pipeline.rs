@@ -445,3 +445,75 @@ async fn a_key_resent_while_redis_forgot_it_is_stored_once() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// A worker that lost a track's partition before it could rebuild the track writes a request
+/// to `rebuilds`; whoever holds the partition rebuilds the track from its events. Here the
+/// stored register of one user is made wrong after the worker's own idle rebuild, and only
+/// the request can set it right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Result<()> {
+    let p = Pipeline::start().await?;
+    let dir = tempfile::tempdir()?;
+    let a = p.node(dir.path()).await?;
+    let _worker = p.worker(&[]).await?;
+    let track = TRACKS[0];
+    for user in ["h0", "h1"] {
+        let mut ws = a.connect(user).await?;
+        ws.like("like", track, &format!("{user}-1")).await?;
+    }
+    let db = p.db().await?;
+    wait_stored(&db, 2, Duration::from_secs(30)).await?;
+    // Past the worker's idle rebuild (5 s after its last batch).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let counts = db.collection::<Document>("track_counts");
+    let stored = counts
+        .find_one(doc! { "_id": track })
+        .await?
+        .context("no count stored")?;
+    let partition: i32 = stored
+        .keys()
+        .find_map(|k| k.strip_prefix("log.")?.parse().ok())
+        .or_else(|| {
+            let log = stored.get_document("log").ok()?;
+            log.keys().find_map(|k| k.parse().ok())
+        })
+        .context("the count records no partition")?;
+    db.collection::<Document>("pairs")
+        .update_one(
+            doc! { "_id": format!("{track}\nh1") },
+            doc! { "$set": { "liked": false } },
+        )
+        .await?;
+    counts
+        .update_one(doc! { "_id": track }, doc! { "$set": { "count": 1 } })
+        .await?;
+    db.collection::<Document>("rebuilds")
+        .insert_one(doc! { "_id": track, "partition": partition, "asked_at_ms": 1_i64 })
+        .await?;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while db
+        .collection::<Document>("rebuilds")
+        .count_documents(doc! {})
+        .await?
+        > 0
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the request was never taken up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut expected = BTreeMap::new();
+    expected.insert(
+        track.to_owned(),
+        Expected {
+            likes: 2,
+            unlikes: 0,
+            actions: 2,
+            count: 2,
+        },
+    );
+    assert_eq!(stored_totals(&db, &[track]).await?, expected);
+    Ok(())
+}

@@ -47,9 +47,9 @@ const READS_IN_FLIGHT: usize = 16;
 
 #[derive(Clone)]
 pub struct MongoArchive {
-    db: Database,
-    likes: Collection<Document>,
-    pairs: Collection<Document>,
+    pub(super) db: Database,
+    pub(super) likes: Collection<Document>,
+    pub(super) pairs: Collection<Document>,
     minutes: Collection<Document>,
 }
 
@@ -101,7 +101,7 @@ impl Register {
         }
     }
 
-    fn document(&self, track: &str, user: &str) -> Document {
+    pub(super) fn document(&self, track: &str, user: &str) -> Document {
         doc! { "track": track, "user": user, "liked": self.liked, "stamp": self.stamp,
         "event": &self.event_id, "key": &self.key }
     }
@@ -170,7 +170,7 @@ impl Span {
     }
 }
 
-fn pair_id(track: &str, user: &str) -> String {
+pub(super) fn pair_id(track: &str, user: &str) -> String {
     // Neither ids may contain a newline, so the joined id is unambiguous.
     format!("{track}\n{user}")
 }
@@ -323,7 +323,7 @@ impl MongoArchive {
     }
 
     /// Each track's number of liked registers, a few queries in flight.
-    async fn liked_pairs(&self, tracks: &[&str]) -> anyhow::Result<Vec<i64>> {
+    pub(super) async fn liked_pairs(&self, tracks: &[&str]) -> anyhow::Result<Vec<i64>> {
         futures_util::stream::iter(tracks)
             .map(|track| async move {
                 let liked = self
@@ -359,7 +359,7 @@ impl MongoArchive {
     /// `update` commands of at most `STATEMENTS_PER_UPDATE` statements, `UPDATES_IN_FLIGHT`
     /// at a time; duplicate-key errors of upserts that lost to a newer version are expected
     /// and ignored. Returns the requests sent.
-    async fn update_many_statements(
+    pub(super) async fn update_many_statements(
         &self,
         collection: &str,
         updates: Vec<Document>,
@@ -416,57 +416,6 @@ impl MongoArchive {
             anyhow::bail!("MongoDB write concern failed on {collection}: {error}");
         }
         Ok(refused)
-    }
-
-    /// Rebuilds a track's registers from its stored events (each user's newest by stamp, then
-    /// event id) and sets its count from them (`repair`: only while no other worker writes
-    /// the track; the worker's own loop runs it, between batches).
-    pub async fn rebuild_track(&self, track: &str) -> anyhow::Result<()> {
-        let mut events = self
-            .likes
-            .find(doc! { "track": track })
-            .projection(doc! { "user": 1, "action": 1, "accepted_at_ms": 1, "key": 1 })
-            .await?;
-        let mut newest: std::collections::HashMap<String, Register> = Default::default();
-        while let Some(d) = events.try_next().await? {
-            let (Ok(user), Ok(id)) = (d.get_str("user"), d.get_str("_id")) else {
-                continue;
-            };
-            let register = Register {
-                liked: d.get_str("action") == Ok("like"),
-                stamp: number(&d, "accepted_at_ms"),
-                event_id: id.to_owned(),
-                key: d.get_str("key").unwrap_or_default().to_owned(),
-            };
-            match newest.get(user) {
-                Some(old) if !register.newer_than(old) => {}
-                _ => {
-                    newest.insert(user.to_owned(), register);
-                }
-            }
-        }
-        // Set, not merged: the registers are exactly what the events say (a lost or refused
-        // conditional upsert is what a rebuild is for).
-        let sets = newest
-            .iter()
-            .map(|(user, r)| {
-                doc! {
-                    "q": { "_id": pair_id(track, user) },
-                    "u": { "$set": r.document(track, user) },
-                    "upsert": true,
-                }
-            })
-            .collect();
-        self.update_many_statements("pairs", sets).await?;
-        let count = self.liked_pairs(&[track]).await?[0];
-        self.update_many_statements(
-            "track_counts",
-            vec![
-                doc! { "q": { "_id": track }, "u": { "$set": { "count": count } }, "upsert": true },
-            ],
-        )
-        .await?;
-        Ok(())
     }
 
     async fn recount_minute(&self, track: &str, minute: i64, span: &Span) -> anyhow::Result<usize> {
@@ -603,7 +552,7 @@ fn duplicate_indexes(err: &mongodb::error::Error) -> Option<HashSet<usize>> {
 }
 
 /// Integer fields may come back as int32, int64 or double depending on the server.
-fn number(d: &Document, key: &str) -> i64 {
+pub(super) fn number(d: &Document, key: &str) -> i64 {
     match d.get(key) {
         Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
         Some(mongodb::bson::Bson::Int64(v)) => *v,

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod consumer_watch;
+pub mod rebuild;
 pub mod redis_merge;
 pub mod repair;
 

@@ -11,7 +11,8 @@
 //! seconds it rebuilds every track it stored since its last rebuild: the backstop that makes
 //! the stored counts exact in the end whatever the store did (a fault run on FerretDB once
 //! ended with one track's registers 40 s behind its events, cause not found; docs/
-//! reliability.md). Both happen rarely: around faults, and when traffic pauses.
+//! reliability.md). Both happen rarely: around faults, and when traffic pauses. Tracks of a
+//! partition the worker lost before their rebuild are handed to its new holder (`rebuild`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,6 +29,8 @@ const DELAY: Duration = Duration::from_secs(20);
 const AFTER_ASSIGNMENT: Duration = Duration::from_secs(30);
 /// Idle time after which the tracks stored since the last rebuild are rebuilt.
 const IDLE: Duration = Duration::from_secs(5);
+/// How often the worker looks for rebuilds handed to it (one small query).
+const LOOK_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 pub struct Repairs {
@@ -38,6 +41,10 @@ pub struct Repairs {
     /// Tracks stored since the last idle rebuild, with their partition.
     touched: BTreeMap<String, i32>,
     last_batch: Option<Instant>,
+    /// Rebuilds of partitions this worker lost, to hand to their new holder.
+    hand_over: BTreeMap<String, i32>,
+    /// When the `rebuilds` requests were last looked at.
+    last_look: Option<Instant>,
 }
 
 impl Repairs {
@@ -73,16 +80,26 @@ impl Repairs {
         }
     }
 
-    /// When the next rebuild is due, if any (the idle rebuild counts from the last batch).
+    /// When the loop should next call [`Repairs::run_due`]: the first due rebuild, the idle
+    /// rebuild (counted from the last batch), or the next look at handed-over requests.
     pub fn next_due(&self) -> Option<Instant> {
         let idle = match (self.touched.is_empty(), self.last_batch) {
             (false, Some(at)) => Some(at + IDLE),
             _ => None,
         };
-        self.due.values().map(|(_, at)| *at).chain(idle).min()
+        let look = self
+            .last_look
+            .map_or_else(Instant::now, |at| at + LOOK_EVERY);
+        self.due
+            .values()
+            .map(|(_, at)| *at)
+            .chain(idle)
+            .chain(Some(look))
+            .min()
     }
 
-    /// Rebuilds the due tracks whose partition this worker still holds; returns how many.
+    /// Rebuilds the due tracks of partitions this worker holds, hands the others to their
+    /// holder, and takes up what other workers handed over; returns the tracks rebuilt.
     pub async fn run_due<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
         &mut self,
         archive: &MongoArchive,
@@ -106,25 +123,51 @@ impl Repairs {
         {
             due.extend(std::mem::take(&mut self.touched));
         }
-        if due.is_empty() {
-            return Ok(0);
-        }
         let held: Vec<i32> = consumer
             .assignment()
             .map(|list| list.elements().iter().map(|e| e.partition()).collect())
             .unwrap_or_default();
-        let mut rebuilt = 0;
         due.sort();
         due.dedup();
-        for (i, (track, partition)) in due.iter().enumerate() {
-            if !held.contains(partition) {
-                continue;
-            }
+        let (mine, lost): (Vec<_>, Vec<_>) = due.into_iter().partition(|(_, p)| held.contains(p));
+        self.hand_over.extend(lost);
+        let mut rebuilt = 0;
+        for (i, (track, _)) in mine.iter().enumerate() {
             if let Err(err) = archive.rebuild_track(track).await {
                 // What is left waits for the next idle moment.
-                self.touched.extend(due[i..].iter().cloned());
+                self.touched.extend(mine[i..].iter().cloned());
                 return Err(err);
             }
+            rebuilt += 1;
+        }
+        if self.last_look.is_some_and(|at| now < at + LOOK_EVERY) {
+            return Ok(rebuilt);
+        }
+        self.last_look = Some(now);
+        if !self.hand_over.is_empty() {
+            let mut tracks = Vec::new();
+            for (track, partition) in std::mem::take(&mut self.hand_over) {
+                if held.contains(&partition) {
+                    // Regained since: rebuilt here at the next idle moment.
+                    self.touched.insert(track, partition);
+                } else {
+                    tracks.push((track, partition));
+                }
+            }
+            if !tracks.is_empty() {
+                if let Err(err) = archive.request_rebuilds(&tracks).await {
+                    self.hand_over.extend(tracks);
+                    return Err(err);
+                }
+                tracing::info!(
+                    tracks = tracks.len(),
+                    "rebuilds handed to the partitions' holders"
+                );
+            }
+        }
+        for request in archive.requested_rebuilds(&held).await? {
+            archive.rebuild_track(&request.track).await?;
+            archive.rebuild_done(&request).await?;
             rebuilt += 1;
         }
         Ok(rebuilt)
