@@ -255,6 +255,18 @@ impl Pipeline {
             acked as f64 / all_stored.as_secs_f64(),
             lag.as_secs_f64()
         );
+        // Where the workers' MongoDB time went (summed over workers).
+        let mut steps = Vec::new();
+        for step in ["insert_events", "merge_registers", "count_registers", "set_totals"] {
+            let series = format!("fanfare_worker_store_seconds_total{{step=\"{step}\"}}");
+            steps.push((step, sum_of(&self.metrics, &series).await.unwrap_or(0.0)));
+        }
+        let total: f64 = steps.iter().map(|(_, s)| s).sum();
+        let shares: Vec<String> = steps
+            .iter()
+            .map(|(step, s)| format!("{step} {s:.1} s ({:.0}%)", 100.0 * s / total.max(1e-9)))
+            .collect();
+        println!("worker store time: {}", shares.join(", "));
         for (name, dir) in [
             ("Apache Kafka", self.kafka.dir()),
             ("FerretDB + PostgreSQL", self.mongo.dir()),

@@ -60,7 +60,12 @@ pub struct Stored {
     pub duplicates: usize,
     /// Requests this batch sent to MongoDB.
     pub round_trips: usize,
+    /// Time spent per step, in [`STEPS`] order.
+    pub step_times: [std::time::Duration; 4],
 }
+
+/// The steps of [`MongoArchive::store`], for the worker's time-per-step metric.
+pub const STEPS: [&str; 4] = ["insert_events", "merge_registers", "count_registers", "set_totals"];
 
 /// A pair's register: its newest event, ordered by (stamp, event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,7 +248,13 @@ impl MongoArchive {
             return Ok(stored);
         }
         anyhow::ensure!(batch.len() == positions.len(), "one position per event");
+        let mut step = std::time::Instant::now();
+        let mut lap = |stored: &mut Stored, i: usize| {
+            stored.step_times[i] += step.elapsed();
+            step = std::time::Instant::now();
+        };
         let duplicate = self.insert_events(batch).await?;
+        lap(&mut stored, 0);
         stored.round_trips += 1;
         stored.duplicates = duplicate.len();
         stored.inserted = batch.len() - duplicate.len();
@@ -284,10 +295,12 @@ impl MongoArchive {
         stored.round_trips += self
             .update_many_statements("pairs", register_updates)
             .await?;
+        lap(&mut stored, 1);
 
         let tracks: Vec<&str> = track_spans.keys().copied().collect();
         let counts = self.liked_pairs(&tracks).await?;
         stored.round_trips += tracks.len();
+        lap(&mut stored, 2);
         let count_updates = tracks
             .iter()
             .zip(&counts)
@@ -319,6 +332,7 @@ impl MongoArchive {
         for ((track, minute), span) in &recount_minutes {
             stored.round_trips += self.recount_minute(track, *minute, span).await?;
         }
+        lap(&mut stored, 3);
         Ok(stored)
     }
 

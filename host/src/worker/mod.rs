@@ -14,12 +14,13 @@ pub mod repair;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -112,6 +113,8 @@ struct WorkerMetrics {
     mongo_failures: Counter,
     mongo_requests: Counter,
     redis_corrections: Counter,
+    /// Seconds spent storing batches, per step of `archive::MongoArchive::store`.
+    store_seconds: Family<[(&'static str, &'static str); 1], Counter<f64, AtomicU64>>,
     /// Sum over assigned partitions of (high watermark − committed offset), from librdkafka
     /// statistics (refreshed every second).
     consumer_lag: Gauge<i64, AtomicI64>,
@@ -129,6 +132,7 @@ impl WorkerMetrics {
             mongo_failures: Counter::default(),
             mongo_requests: Counter::default(),
             redis_corrections: Counter::default(),
+            store_seconds: Family::default(),
             consumer_lag: Gauge::default(),
         };
         let counters = [
@@ -171,6 +175,11 @@ impl WorkerMetrics {
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "fanfare_worker_store_seconds",
+            "Seconds spent storing batches, per step (where MongoDB time goes)",
+            m.store_seconds.clone(),
+        );
         registry.register(
             "fanfare_worker_consumer_lag",
             "Events on the topic not yet committed by this worker's partitions",
@@ -301,6 +310,12 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         metrics.events_inserted.inc_by(stored.inserted as u64);
         metrics.mongo_requests.inc_by(stored.round_trips as u64);
         metrics.events_duplicate.inc_by(stored.duplicates as u64);
+        for (step, time) in archive::STEPS.iter().zip(stored.step_times) {
+            metrics
+                .store_seconds
+                .get_or_create(&[("step", *step)])
+                .inc_by(time.as_secs_f64());
+        }
         // Asynchronous: a broker that does not answer must not block the worker; a commit
         // that is lost only means a replay, and replays change nothing.
         if let Err(err) = consumer.commit(&batch.offsets, CommitMode::Async) {
