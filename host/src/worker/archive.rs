@@ -40,6 +40,8 @@ const STATEMENTS_PER_UPDATE: usize = 16;
 /// `update` commands one collection's totals keep in flight: FerretDB answers each with a
 /// few PostgreSQL round trips, so one at a time leaves both servers mostly waiting. With the
 /// two totals collections written together a worker holds ≤ 2 × 2 × 16 pool connections.
+/// Not more: at 4, two workers' totals (2 × 2 × 4 × 16 = 256 > 200) emptied FerretDB's pool
+/// in the benchmark and both workers hung for good (200 idle PostgreSQL connections).
 const UPDATES_IN_FLIGHT: usize = 2;
 
 /// Count queries in flight per batch (one per touched track).
