@@ -257,7 +257,12 @@ impl Pipeline {
         );
         // Where the workers' MongoDB time went (summed over workers).
         let mut steps = Vec::new();
-        for step in ["insert_events", "merge_registers", "count_registers", "set_totals"] {
+        for step in [
+            "insert_events",
+            "merge_registers",
+            "count_registers",
+            "set_totals",
+        ] {
             let series = format!("fanfare_worker_store_seconds_total{{step=\"{step}\"}}");
             steps.push((step, sum_of(&self.metrics, &series).await.unwrap_or(0.0)));
         }

@@ -67,7 +67,12 @@ pub struct Stored {
 }
 
 /// The steps of [`MongoArchive::store`], for the worker's time-per-step metric.
-pub const STEPS: [&str; 4] = ["insert_events", "merge_registers", "count_registers", "set_totals"];
+pub const STEPS: [&str; 4] = [
+    "insert_events",
+    "merge_registers",
+    "count_registers",
+    "set_totals",
+];
 
 /// A pair's register: its newest event, ordered by (stamp, event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
