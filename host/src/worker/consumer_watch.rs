@@ -77,6 +77,10 @@ pub struct WatchContext {
     /// Assignments received so far: a change means another worker may still be storing a
     /// batch of a partition this one now holds (or the other way round).
     assignments: std::sync::atomic::AtomicU64,
+    /// Partitions held since the last rebalance: librdkafka's statistics keep listing
+    /// partitions it no longer fetches (state "stopped", positions frozen), which read as a
+    /// stall of partitions another worker is consuming.
+    held: Mutex<std::collections::BTreeSet<i32>>,
 }
 
 impl WatchContext {
@@ -100,12 +104,13 @@ impl ClientContext for WatchContext {
     fn stats(&self, statistics: Statistics) {
         let mut lagging = BTreeMap::new();
         let mut states = Vec::new();
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for p in statistics
             .topics
             .values()
             .flat_map(|t| t.partitions.values())
         {
-            if p.partition < 0 || !p.desired || p.hi_offset < 0 {
+            if p.partition < 0 || !p.desired || p.hi_offset < 0 || !held.contains(&p.partition) {
                 continue;
             }
             let done = if p.committed_offset >= 0 {
@@ -142,8 +147,14 @@ impl ConsumerContext for WatchContext {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
                 tracing::info!(?partitions, "partitions assigned");
+                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                held.extend(partitions);
             }
             Rebalance::Revoke(list) => {
+                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                for e in list.elements() {
+                    held.remove(&e.partition());
+                }
                 tracing::info!(partitions = list.count(), "partitions revoked");
             }
             Rebalance::Error(err) => tracing::warn!(error = %err, "rebalance failed"),
