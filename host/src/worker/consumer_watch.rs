@@ -89,11 +89,12 @@ impl WatchContext {
     }
 }
 
-/// Fetch positions of lagging partitions at the last statistics, and for how many
+/// Fetch and committed positions of lagging partitions at the last statistics (either moving
+/// is progress: a long batch fetches nothing new but commits at its end), and for how many
 /// statistics intervals they have not moved.
 #[derive(Default)]
 struct StallWatch {
-    positions: BTreeMap<i32, i64>,
+    positions: BTreeMap<i32, (i64, i64)>,
     still_for: u32,
 }
 
@@ -119,7 +120,7 @@ impl ClientContext for WatchContext {
                 p.lo_offset.max(0)
             };
             if p.hi_offset > done {
-                lagging.insert(p.partition, p.next_offset);
+                lagging.insert(p.partition, (p.next_offset, p.committed_offset));
                 states.push(format!(
                     "p{} {} next {} committed {} high {}",
                     p.partition, p.fetch_state, p.next_offset, p.committed_offset, p.hi_offset
