@@ -62,6 +62,9 @@ pub struct Stored {
     pub duplicates: usize,
     /// Requests this batch sent to MongoDB.
     pub round_trips: usize,
+    /// Pairs whose stored register was already newer than the batch's newest event for them
+    /// (events out of order: a replay, a late spill, two writers).
+    pub stale_registers: usize,
     /// Time spent per step, in [`STEPS`] order.
     pub step_times: [std::time::Duration; 4],
 }
@@ -299,9 +302,9 @@ impl MongoArchive {
             .iter()
             .map(|((track, user), e)| Register::of(e).merge_statement(track, user))
             .collect();
-        stored.round_trips += self
-            .update_many_statements("pairs", register_updates)
-            .await?;
+        let (requests, stale) = self.update_guarded("pairs", register_updates).await?;
+        stored.round_trips += requests;
+        stored.stale_registers = stale.len();
         lap(&mut stored, 1);
 
         let tracks: Vec<&str> = track_spans.keys().copied().collect();

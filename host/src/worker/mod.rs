@@ -290,6 +290,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             &batch.events,
             &batch.positions,
             attempts > 1,
+            stored.duplicates > 0 || stored.stale_registers > 0,
             consumer.context().assignments(),
         );
         if let Some(link) = &redis {

@@ -8,11 +8,13 @@
 //! So the tracks of a batch that needed retries, or that was stored soon after an assignment
 //! changed, are rebuilt from their stored events a while later, once such a straggler is
 //! done, by the worker that holds their partition. And once a worker has been idle for a few
-//! seconds it rebuilds every track it stored since its last rebuild: the backstop that makes
-//! the stored counts exact in the end whatever the store did (a fault run on FerretDB once
-//! ended with one track's registers 40 s behind its events, cause not found; docs/
-//! reliability.md). Both happen rarely: around faults, and when traffic pauses. Tracks of a
-//! partition the worker lost before their rebuild are handed to its new holder (`rebuild`).
+//! seconds it rebuilds every track it stored since its last rebuild — if anything unusual
+//! happened since (a retried batch, an assignment change, events already stored, registers
+//! already newer): the backstop that makes the stored counts exact in the end whatever the
+//! store did (a fault run on FerretDB once ended with one track's registers 40 s behind its
+//! events, cause not found; docs/reliability.md). A healthy farm never pays for it (a rebuild
+//! reads a track's whole history). Tracks of a partition the worker lost before their
+//! rebuild are handed to its new holder (`rebuild`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -45,19 +47,25 @@ pub struct Repairs {
     hand_over: BTreeMap<String, i32>,
     /// When the `rebuilds` requests were last looked at.
     last_look: Option<Instant>,
+    /// Something unusual since the last idle rebuild (see `note`): without it an idle moment
+    /// rebuilds nothing, so a healthy farm never pays for reading whole track histories.
+    unusual_seen: bool,
 }
 
 impl Repairs {
-    /// Notes a stored batch; `retried`: it needed more than one attempt.
+    /// Notes a stored batch; `retried`: it needed more than one attempt; `unusual`: it met
+    /// events already stored or registers already newer (replays, late or concurrent writes).
     pub fn note(
         &mut self,
         events: &[EventRecord],
         positions: &[LogPosition],
         retried: bool,
+        unusual: bool,
         assignments: u64,
     ) {
         let now = Instant::now();
         self.last_batch = Some(now);
+        self.unusual_seen |= retried || unusual;
         for (e, at) in events.iter().zip(positions) {
             if !self.touched.contains_key(&e.track) {
                 self.touched.insert(e.track.clone(), at.partition);
@@ -66,6 +74,7 @@ impl Repairs {
         if assignments != self.assignments_seen {
             self.assignments_seen = assignments;
             self.assignment_changed = Some(now);
+            self.unusual_seen = true;
         }
         let recent_assignment = self
             .assignment_changed
@@ -98,14 +107,9 @@ impl Repairs {
             .min()
     }
 
-    /// Rebuilds the due tracks of partitions this worker holds, hands the others to their
-    /// holder, and takes up what other workers handed over; returns the tracks rebuilt.
-    pub async fn run_due<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
-        &mut self,
-        archive: &MongoArchive,
-        consumer: &C,
-    ) -> anyhow::Result<usize> {
-        let now = Instant::now();
+    /// The rebuilds due at `now` (taken off the lists): due tracks, and after an idle moment
+    /// the tracks stored since the last one, if anything unusual happened meanwhile.
+    fn take_due(&mut self, now: Instant) -> Vec<(String, i32)> {
         let mut due: Vec<(String, i32)> = self
             .due
             .iter()
@@ -121,8 +125,23 @@ impl Repairs {
             .last_batch
             .is_some_and(|at| now.duration_since(at) >= IDLE)
         {
-            due.extend(std::mem::take(&mut self.touched));
+            let touched = std::mem::take(&mut self.touched);
+            if std::mem::take(&mut self.unusual_seen) {
+                due.extend(touched);
+            }
         }
+        due
+    }
+
+    /// Rebuilds the due tracks of partitions this worker holds, hands the others to their
+    /// holder, and takes up what other workers handed over; returns the tracks rebuilt.
+    pub async fn run_due<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        archive: &MongoArchive,
+        consumer: &C,
+    ) -> anyhow::Result<usize> {
+        let now = Instant::now();
+        let mut due = self.take_due(now);
         let held: Vec<i32> = consumer
             .assignment()
             .map(|list| list.elements().iter().map(|e| e.partition()).collect())
@@ -136,6 +155,7 @@ impl Repairs {
             if let Err(err) = archive.rebuild_track(track).await {
                 // What is left waits for the next idle moment.
                 self.touched.extend(mine[i..].iter().cloned());
+                self.unusual_seen = true;
                 return Err(err);
             }
             rebuilt += 1;
@@ -150,6 +170,7 @@ impl Repairs {
                 if held.contains(&partition) {
                     // Regained since: rebuilt here at the next idle moment.
                     self.touched.insert(track, partition);
+                    self.unusual_seen = true;
                 } else {
                     tracks.push((track, partition));
                 }
@@ -171,5 +192,74 @@ impl Repairs {
             rebuilt += 1;
         }
         Ok(rebuilt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(track: &str) -> EventRecord {
+        EventRecord {
+            event_id: format!("e-{track}"),
+            user: "u".to_owned(),
+            track: track.to_owned(),
+            action: "like".to_owned(),
+            accepted_at_ms: 1,
+            node: "n".to_owned(),
+            version: 1,
+            key: "k".to_owned(),
+            changed: true,
+        }
+    }
+
+    fn stored(repairs: &mut Repairs, track: &str, retried: bool, unusual: bool, assignments: u64) {
+        let at = LogPosition {
+            partition: 3,
+            offset: 7,
+        };
+        repairs.note(&[event(track)], &[at], retried, unusual, assignments);
+    }
+
+    #[test]
+    fn a_healthy_worker_rebuilds_nothing_when_idle() {
+        let mut repairs = Repairs::default();
+        stored(&mut repairs, "a", false, false, 0);
+        stored(&mut repairs, "b", false, false, 0);
+        let later = Instant::now() + IDLE + Duration::from_millis(10);
+        assert!(repairs.take_due(later).is_empty());
+        assert!(
+            repairs.touched.is_empty(),
+            "the idle list is cleared either way"
+        );
+    }
+
+    #[test]
+    fn after_anything_unusual_an_idle_moment_rebuilds_every_track_stored_since() {
+        let mut repairs = Repairs::default();
+        stored(&mut repairs, "a", false, false, 0);
+        stored(&mut repairs, "b", false, true, 0); // met a stored event or a newer register
+        let later = Instant::now() + IDLE + Duration::from_millis(10);
+        let due = repairs.take_due(later);
+        assert_eq!(due, vec![("a".to_owned(), 3), ("b".to_owned(), 3)]);
+        // The next idle moment, with nothing unusual in between, rebuilds nothing.
+        stored(&mut repairs, "c", false, false, 0);
+        let much_later = later + IDLE + Duration::from_secs(1);
+        assert!(repairs.take_due(much_later).is_empty());
+    }
+
+    #[test]
+    fn a_retried_batch_is_rebuilt_after_the_delay_and_an_assignment_change_counts_as_unusual() {
+        let mut repairs = Repairs::default();
+        stored(&mut repairs, "a", true, false, 0);
+        assert!(
+            repairs.take_due(Instant::now()).is_empty(),
+            "not before the delay"
+        );
+        let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
+        assert!(due.contains(&("a".to_owned(), 3)));
+        stored(&mut repairs, "b", false, false, 1);
+        let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
+        assert!(due.contains(&("b".to_owned(), 3)), "{due:?}");
     }
 }
