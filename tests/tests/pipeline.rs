@@ -455,7 +455,8 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
     let p = Pipeline::start().await?;
     let dir = tempfile::tempdir()?;
     let a = p.node(dir.path()).await?;
-    let _worker = p.worker(&[]).await?;
+    let metrics_addr = format!("127.0.0.1:{}", fanfare_tests::free_port()?);
+    let _worker = p.worker(&["--metrics-listen", &metrics_addr]).await?;
     let track = TRACKS[0];
     for user in ["h0", "h1"] {
         let mut ws = a.connect(user).await?;
@@ -463,8 +464,16 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
     }
     let db = p.db().await?;
     wait_stored(&db, 2, Duration::from_secs(30)).await?;
-    // Past the worker's idle rebuild (5 s after its last batch).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The worker's first batch followed its assignment, so it rebuilds the track once it is
+    // idle; break the register only after that.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while worker_metric(&metrics_addr, "fanfare_worker_tracks_rebuilt_total").await? < 1.0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never rebuilt the track when idle"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let counts = db.collection::<Document>("track_counts");
     let stored = counts
         .find_one(doc! { "_id": track })

@@ -113,6 +113,7 @@ struct WorkerMetrics {
     mongo_failures: Counter,
     mongo_requests: Counter,
     redis_corrections: Counter,
+    tracks_rebuilt: Counter,
     /// Seconds spent storing batches, per step of `archive::MongoArchive::store`.
     store_seconds: Family<[(&'static str, &'static str); 1], Counter<f64, AtomicU64>>,
     /// Sum over assigned partitions of (high watermark − committed offset), from librdkafka
@@ -132,6 +133,7 @@ impl WorkerMetrics {
             mongo_failures: Counter::default(),
             mongo_requests: Counter::default(),
             redis_corrections: Counter::default(),
+            tracks_rebuilt: Counter::default(),
             store_seconds: Family::default(),
             consumer_lag: Gauge::default(),
         };
@@ -170,6 +172,11 @@ impl WorkerMetrics {
                 "fanfare_worker_redis_corrections",
                 "Stored events whose merge changed a Redis register (no node had merged them)",
                 &m.redis_corrections,
+            ),
+            (
+                "fanfare_worker_tracks_rebuilt",
+                "Tracks whose registers and count were rebuilt from their stored events",
+                &m.tracks_rebuilt,
             ),
         ];
         for (name, help, counter) in counters {
@@ -276,9 +283,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         };
         if batch.events.is_empty() {
             // Woken for due repairs (in this loop: they must not race its own batches).
-            if let Err(err) = repairs.run_due(&archive, &*consumer).await {
-                tracing::warn!(error = %format!("{err:#}"), "track rebuild failed");
-            }
+            run_repairs(&mut repairs, &archive, &consumer, &metrics).await;
             continue;
         }
         let Some((stored, attempts)) =
@@ -328,14 +333,27 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             duplicates = stored.duplicates,
             "batch stored"
         );
-        match repairs.run_due(&archive, &*consumer).await {
-            Ok(0) => {}
-            Ok(rebuilt) => tracing::info!(rebuilt, "tracks rebuilt from stored events"),
-            Err(err) => tracing::warn!(error = %format!("{err:#}"), "track rebuild failed"),
-        }
+        run_repairs(&mut repairs, &archive, &consumer, &metrics).await;
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Runs the rebuilds that are due; a failure is logged and left for a later round.
+async fn run_repairs(
+    repairs: &mut repair::Repairs,
+    archive: &MongoArchive,
+    consumer: &StreamConsumer<WatchContext>,
+    metrics: &WorkerMetrics,
+) {
+    match repairs.run_due(archive, consumer).await {
+        Ok(0) => {}
+        Ok(rebuilt) => {
+            metrics.tracks_rebuilt.inc_by(rebuilt as u64);
+            tracing::info!(rebuilt, "tracks rebuilt from stored events");
+        }
+        Err(err) => tracing::warn!(error = %format!("{err:#}"), "track rebuild failed"),
+    }
 }
 
 struct Batch {
