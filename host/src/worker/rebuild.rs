@@ -1,13 +1,13 @@
-//! Rebuilding a track's stored registers and count from its events, and the requests by
-//! which a worker hands such a rebuild to the partition's new holder.
+//! Rebuilding a track's stored registers and count from its events, and the `rebuilds`
+//! collection of requests for it.
 //!
-//! A rebuild is only safe while no other worker writes the track, so it runs in the loop of
-//! the worker that holds the track's partition. A worker that meant to rebuild tracks of a
-//! partition it has since lost (a rebalance between the risky batch and its rebuild) writes
-//! them to the `rebuilds` collection instead; whoever holds the partition picks them up when
-//! it is idle. Without the hand-off such tracks were never rebuilt: the new holder had stored
-//! nothing of them, the old one no longer held them (a CI fault run ended with counts that
-//! disagreed with their events for 30 s).
+//! A rebuild is only safe while no other worker writes the track, so it is done by the worker
+//! that holds the track's partition, in its loop. Whoever decides a rebuild is due writes a
+//! request; whoever holds the partition takes it up. Before requests, a worker rebuilt only
+//! tracks of partitions it still held, so tracks marked just before a rebalance moved their
+//! partition were rebuilt by nobody: the new holder had stored nothing of them, the old one
+//! no longer held them (a CI fault run ended with counts that disagreed with their events for
+//! 30 s). A request also outlives a worker killed before its rebuild.
 
 use anyhow::Context;
 use futures_util::TryStreamExt;

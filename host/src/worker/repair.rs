@@ -13,8 +13,9 @@
 //! already newer): the backstop that makes the stored counts exact in the end whatever the
 //! store did (a fault run on FerretDB once ended with one track's registers 40 s behind its
 //! events, cause not found; docs/reliability.md). A healthy farm never pays for it (a rebuild
-//! reads a track's whole history). Tracks of a partition the worker lost before their
-//! rebuild are handed to its new holder (`rebuild`).
+//! reads a track's whole history). Due rebuilds are written to the `rebuilds` collection and
+//! done by whoever holds the track's partition (`rebuild`), so a rebalance or a killed worker
+//! between the risky batch and its rebuild loses none.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,8 +44,8 @@ pub struct Repairs {
     /// Tracks stored since the last idle rebuild, with their partition.
     touched: BTreeMap<String, i32>,
     last_batch: Option<Instant>,
-    /// Rebuilds of partitions this worker lost, to hand to their new holder.
-    hand_over: BTreeMap<String, i32>,
+    /// Due rebuilds not yet written to the `rebuilds` collection (its last write failed).
+    unrequested: BTreeMap<String, i32>,
     /// When the `rebuilds` requests were last looked at.
     last_look: Option<Instant>,
     /// Something unusual since the last idle rebuild (see `note`): without it an idle moment
@@ -116,8 +117,7 @@ impl Repairs {
             .filter(|(_, (_, at))| *at <= now)
             .map(|(track, (partition, _))| (track.clone(), *partition))
             .collect();
-        // Taken off the list whatever happens: a failing rebuild must not wake the loop again
-        // and again (the idle rebuild comes back to it).
+        // Taken off the list: from here on the `rebuilds` collection holds them.
         for (track, _) in &due {
             self.due.remove(track);
         }
@@ -133,59 +133,36 @@ impl Repairs {
         due
     }
 
-    /// Rebuilds the due tracks of partitions this worker holds, hands the others to their
-    /// holder, and takes up what other workers handed over; returns the tracks rebuilt.
+    /// Writes the due rebuilds as requests to the `rebuilds` collection, then rebuilds what is
+    /// requested in the partitions this worker holds (its own requests and those of workers
+    /// that lost a partition since); returns the tracks rebuilt. A request outlives a worker
+    /// killed before its rebuild, and one that fails stays for the next look.
     pub async fn run_due<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
         &mut self,
         archive: &MongoArchive,
         consumer: &C,
     ) -> anyhow::Result<usize> {
         let now = Instant::now();
-        let mut due = self.take_due(now);
+        let due = self.take_due(now);
+        self.unrequested.extend(due);
+        if !self.unrequested.is_empty() {
+            let tracks: Vec<(String, i32)> =
+                std::mem::take(&mut self.unrequested).into_iter().collect();
+            if let Err(err) = archive.request_rebuilds(&tracks).await {
+                self.unrequested.extend(tracks);
+                return Err(err);
+            }
+            self.last_look = None; // look at once
+        }
+        if self.last_look.is_some_and(|at| now < at + LOOK_EVERY) {
+            return Ok(0);
+        }
+        self.last_look = Some(now);
         let held: Vec<i32> = consumer
             .assignment()
             .map(|list| list.elements().iter().map(|e| e.partition()).collect())
             .unwrap_or_default();
-        due.sort();
-        due.dedup();
-        let (mine, lost): (Vec<_>, Vec<_>) = due.into_iter().partition(|(_, p)| held.contains(p));
-        self.hand_over.extend(lost);
         let mut rebuilt = 0;
-        for (i, (track, _)) in mine.iter().enumerate() {
-            if let Err(err) = archive.rebuild_track(track).await {
-                // What is left waits for the next idle moment.
-                self.touched.extend(mine[i..].iter().cloned());
-                self.unusual_seen = true;
-                return Err(err);
-            }
-            rebuilt += 1;
-        }
-        if self.last_look.is_some_and(|at| now < at + LOOK_EVERY) {
-            return Ok(rebuilt);
-        }
-        self.last_look = Some(now);
-        if !self.hand_over.is_empty() {
-            let mut tracks = Vec::new();
-            for (track, partition) in std::mem::take(&mut self.hand_over) {
-                if held.contains(&partition) {
-                    // Regained since: rebuilt here at the next idle moment.
-                    self.touched.insert(track, partition);
-                    self.unusual_seen = true;
-                } else {
-                    tracks.push((track, partition));
-                }
-            }
-            if !tracks.is_empty() {
-                if let Err(err) = archive.request_rebuilds(&tracks).await {
-                    self.hand_over.extend(tracks);
-                    return Err(err);
-                }
-                tracing::info!(
-                    tracks = tracks.len(),
-                    "rebuilds handed to the partitions' holders"
-                );
-            }
-        }
         for request in archive.requested_rebuilds(&held).await? {
             archive.rebuild_track(&request.track).await?;
             archive.rebuild_done(&request).await?;
