@@ -8,8 +8,11 @@
 //! and one `fanfare worker` writes FerretDB on PostgreSQL; the bench then also
 //! waits until MongoDB holds every acked like and reports the end-to-end rate and the bytes
 //! per event in both stores' files. `FANFARE_BENCH_TRACKS=N` draws tracks from a catalog of
-//! N (each connection likes them in turn, then unlikes them, …: every action is a change, so
-//! every ack is an event), as real traffic does; without it every like is on a new track.
+//! N, as real traffic does: each connection likes them in turn, then reconnects as a new
+//! listener, so every like is a first like of its (user, track) pair — the common case. With
+//! `FANFARE_BENCH_TOGGLE=1` each connection keeps its user and unlikes what it liked, then
+//! likes it again, …: every action changes an existing pair (the store's worst case). Without
+//! a catalog every like is on a new track.
 //! `FANFARE_BENCH_WORKERS=N` runs N workers (default 1). `FANFARE_BENCH_RATE=N` offers at
 //! most N likes/s in total (paced per connection) instead of as many as the node acks: the
 //! way to ask "does the pipeline sustain N/s with the store keeping up?".
@@ -43,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|t| t.parse().ok())
         .filter(|t| *t > 0);
+    let toggle = std::env::var("FANFARE_BENCH_TOGGLE").as_deref() == Ok("1");
     // Seconds between two likes of one connection, when the offered rate is capped.
     let pace: Option<f64> = std::env::var("FANFARE_BENCH_RATE")
         .ok()
@@ -71,9 +75,23 @@ async fn main() -> anyhow::Result<()> {
             let mut sent_at: HashMap<String, Instant> = HashMap::new();
             let mut latencies = Vec::new();
             let mut next = 0u64;
+            let mut listener = 0u64;
+            let mut changing_listener = false;
             loop {
-                // Keep `window` likes in flight; each (user, track) is new, so each is applied.
+                // Keep `window` likes in flight; every action changes its pair, so each is an
+                // event.
                 while sent_at.len() < window && Instant::now() < deadline {
+                    if let Some(n) = catalog.filter(|_| !toggle)
+                        && next / n != listener
+                    {
+                        if !sent_at.is_empty() {
+                            changing_listener = true;
+                            break; // the acks first, then a new listener
+                        }
+                        changing_listener = false;
+                        listener = next / n;
+                        client = node.connect(&format!("bench{c}-{listener}")).await?;
+                    }
                     if let Some(pace) = pace {
                         let due = started + Duration::from_secs_f64(pace * next as f64);
                         if due > Instant::now() {
@@ -86,7 +104,10 @@ async fn main() -> anyhow::Result<()> {
                     }
                     let key = format!("k{next}");
                     let (track, action) = match catalog {
-                        Some(n) => (next % n, ["like", "unlike"][(next / n % 2) as usize]),
+                        Some(n) if toggle => {
+                            (next % n, ["like", "unlike"][(next / n % 2) as usize])
+                        }
+                        Some(n) => (next % n, "like"),
                         None => (next, "like"),
                     };
                     client
@@ -99,7 +120,11 @@ async fn main() -> anyhow::Result<()> {
                     return anyhow::Ok(latencies);
                 }
                 let frame = match pace {
-                    Some(pace) if sent_at.len() < window && Instant::now() < deadline => {
+                    Some(pace)
+                        if !changing_listener
+                            && sent_at.len() < window
+                            && Instant::now() < deadline =>
+                    {
                         let due = started + Duration::from_secs_f64(pace * next as f64);
                         match tokio::time::timeout_at(due.into(), client.recv()).await {
                             Ok(frame) => frame?,
@@ -257,12 +282,7 @@ impl Pipeline {
         );
         // Where the workers' MongoDB time went (summed over workers).
         let mut steps = Vec::new();
-        for step in [
-            "insert_events",
-            "merge_registers",
-            "count_registers",
-            "set_totals",
-        ] {
+        for step in ["insert_events", "merge_registers", "set_totals"] {
             let series = format!("fanfare_worker_store_seconds_total{{step=\"{step}\"}}");
             steps.push((step, sum_of(&self.metrics, &series).await.unwrap_or(0.0)));
         }

@@ -16,18 +16,20 @@
 //! History minutes are incremented for newly inserted events and recounted from `likes` when
 //! a batch meets an already-stored one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use anyhow::Context;
 use async_trait::async_trait;
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
 use mongodb::error::ErrorKind;
+use mongodb::options::ReturnDocument;
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::seams::Part;
 use crate::seams::event_log::EventRecord;
 use crate::seams::history::{History, Query, Row, roll_up};
+use crate::worker::register::{Register, pair_id};
 
 const DUPLICATE_KEY: i32 = 11000;
 const MINUTE_MS: i64 = 60_000;
@@ -44,8 +46,11 @@ const STATEMENTS_PER_UPDATE: usize = 16;
 /// in the benchmark and both workers hung for good (200 idle PostgreSQL connections).
 const UPDATES_IN_FLIGHT: usize = 2;
 
-/// Count queries in flight per batch (one per touched track).
+/// Count queries in flight (a rebuild counts its track).
 const READS_IN_FLIGHT: usize = 16;
+/// Conditional register upserts in flight per batch: FerretDB runs each as a read and a
+/// write of its own (1 200/s at 4, 1 500/s at 8 against an idle FerretDB, measured).
+const MERGES_IN_FLIGHT: usize = 8;
 
 #[derive(Clone)]
 pub struct MongoArchive {
@@ -65,62 +70,24 @@ pub struct Stored {
     /// Pairs whose stored register was already newer than the batch's newest event for them
     /// (events out of order: a replay, a late spill, two writers).
     pub stale_registers: usize,
+    /// Tracks (with their partition) whose count this batch could not be sure of: to be
+    /// rebuilt from their events.
+    pub suspect: Vec<(String, i32)>,
     /// Time spent per step, in [`STEPS`] order.
-    pub step_times: [std::time::Duration; 4],
+    pub step_times: [std::time::Duration; 3],
+}
+
+/// What a conditional register upsert found.
+enum Merged {
+    Replaced(Register),
+    /// There was none (it was inserted by someone else's insert attempt meanwhile… or never).
+    Created,
+    /// The stored register is as new as ours, or newer.
+    Refused,
 }
 
 /// The steps of [`MongoArchive::store`], for the worker's time-per-step metric.
-pub const STEPS: [&str; 4] = [
-    "insert_events",
-    "merge_registers",
-    "count_registers",
-    "set_totals",
-];
-
-/// A pair's register: its newest event, ordered by (stamp, event id).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Register {
-    pub liked: bool,
-    pub stamp: i64,
-    pub event_id: String,
-    /// The client key of that event (so a refilled Redis still recognises its re-send).
-    pub key: String,
-}
-
-impl Register {
-    fn of(e: &EventRecord) -> Register {
-        Register {
-            liked: e.action == "like",
-            stamp: e.accepted_at_ms,
-            event_id: e.event_id.clone(),
-            key: e.key.clone(),
-        }
-    }
-
-    /// The last-writer-wins order (the Redis script compares the same way: stamps as numbers,
-    /// then event ids as byte strings).
-    pub fn newer_than(&self, other: &Register) -> bool {
-        (self.stamp, self.event_id.as_str()) > (other.stamp, other.event_id.as_str())
-    }
-
-    /// An upsert that takes this register only if it is newer than the stored one (a refused
-    /// upsert is a duplicate-key error, ignored): registers only move forward, whoever writes.
-    fn merge_statement(&self, track: &str, user: &str) -> Document {
-        doc! {
-            "q": { "_id": pair_id(track, user), "$or": [
-                { "stamp": { "$lt": self.stamp } },
-                { "stamp": self.stamp, "event": { "$lt": &self.event_id } },
-            ] },
-            "u": { "$set": self.document(track, user) },
-            "upsert": true,
-        }
-    }
-
-    pub(super) fn document(&self, track: &str, user: &str) -> Document {
-        doc! { "track": track, "user": user, "liked": self.liked, "stamp": self.stamp,
-        "event": &self.event_id, "key": &self.key }
-    }
-}
+pub const STEPS: [&str; 3] = ["insert_events", "merge_registers", "set_totals"];
 
 /// Where an event sits in the topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,11 +152,6 @@ impl Span {
     }
 }
 
-pub(super) fn pair_id(track: &str, user: &str) -> String {
-    // Neither ids may contain a newline, so the joined id is unambiguous.
-    format!("{track}\n{user}")
-}
-
 impl MongoArchive {
     /// Connects lazily (the driver retries); index creation is best effort.
     pub async fn connect(url: &str, database: &str) -> anyhow::Result<MongoArchive> {
@@ -239,15 +201,23 @@ impl MongoArchive {
     /// writes the same events (the moment of a rebalance):
     ///
     /// 1. the events are inserted (a duplicate key = already stored);
-    /// 2. each pair's newest event of the batch is merged into its register — an upsert that
-    ///    only takes a newer register, so any number of writers, in any order, replays
-    ///    included, leave the same registers;
-    /// 3. each touched track's count is then read from the registers (liked pairs) and set,
-    ///    guarded by the log offset the count was computed up to ([`Span`]), so a writer that
-    ///    read before another's newer merges cannot set an older count over a newer one.
+    /// 2. each pair's newest event of the batch becomes its register: one bulk insert for the
+    ///    pairs that have none (most: a first like), an upsert that only takes a newer
+    ///    register for the rest (a round trip and a PostgreSQL commit each in FerretDB), so
+    ///    any number of writers, in any order, replays included, leave the same registers;
+    /// 3. each touched track's count moves by the register changes step 2 made (an insert,
+    ///    or an upsert's previous register), guarded by the log offset the count was brought
+    ///    up to ([`Span`]), so a replayed batch cannot add twice.
     ///
-    /// The count is never incremented: two workers incrementing around one another's reads
-    /// is how it went wrong (docs/reliability.md, found 10).
+    /// A count is never read back per batch: FerretDB counts by decoding every matching
+    /// document, so a recount per batch grows with a track's likers (52 % of the store's
+    /// time at 300 000 pairs, docs/benchmarks.md). Whatever an increment cannot be sure of
+    /// — a register already as new as ours (a replay: did the first attempt add its
+    /// change?), a refused increment, a rebalance — names the track in
+    /// [`Stored::suspect`], and the worker rebuilds it from its events a while later
+    /// (`repair`). Two workers that read one count and incremented around each other is how
+    /// the first version of this went wrong (docs/reliability.md, found 10); an increment here
+    /// only ever adds changes that the same worker's register write made.
     pub async fn store(
         &self,
         batch: &[EventRecord],
@@ -298,23 +268,57 @@ impl MongoArchive {
             minute_inc.entry(minute).or_default()[usize::from(e.action != "like")] += 1;
         }
 
-        let register_updates = newest
-            .iter()
-            .map(|((track, user), e)| Register::of(e).merge_statement(track, user))
+        let newest: Vec<((&str, &str), Register)> = newest
+            .into_iter()
+            .map(|(pair, e)| (pair, Register::of(e)))
             .collect();
-        let (requests, stale) = self.update_guarded("pairs", register_updates).await?;
-        stored.round_trips += requests;
-        stored.stale_registers = stale.len();
+        let registers = newest.iter().map(|((track, user), register)| {
+            let mut d = register.document(track, user);
+            d.insert("_id", pair_id(track, user));
+            d
+        });
+        let existing = insert_unordered(&self.pairs, registers)
+            .await
+            .context("cannot insert pair registers")?;
+        stored.round_trips += 1 + existing.len();
+        let mut change: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut suspect: BTreeSet<&str> = BTreeSet::new();
+        for (i, ((track, _), register)) in newest.iter().enumerate() {
+            if !existing.contains(&i) {
+                *change.entry(track).or_default() += i64::from(register.liked);
+            }
+        }
+        let newest = &newest;
+        let merged: Vec<(&str, bool, Merged)> = futures_util::stream::iter(&existing)
+            .map(|&i| async move {
+                let ((track, user), register) = &newest[i];
+                let merged = self.merge_register(track, user, register).await?;
+                Ok::<_, anyhow::Error>((*track, register.liked, merged))
+            })
+            .buffer_unordered(MERGES_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        for (track, liked, merged) in merged {
+            let before = match merged {
+                Merged::Replaced(before) => before.liked,
+                Merged::Created => false,
+                Merged::Refused => {
+                    stored.stale_registers += 1;
+                    suspect.insert(track);
+                    continue;
+                }
+            };
+            *change.entry(track).or_default() += i64::from(liked) - i64::from(before);
+        }
         lap(&mut stored, 1);
 
-        let tracks: Vec<&str> = track_spans.keys().copied().collect();
-        let counts = self.liked_pairs(&tracks).await?;
-        stored.round_trips += tracks.len();
-        lap(&mut stored, 2);
-        let count_updates = tracks
+        change.retain(|_, by| *by != 0);
+        let count_keys: Vec<&str> = change.keys().copied().collect();
+        let count_updates = change
             .iter()
-            .zip(&counts)
-            .map(|(track, count)| track_spans[track].replace(track, doc! { "count": count }))
+            .map(|(track, by)| {
+                track_spans[track].increment(track, doc! { "count": by }, Document::new())
+            })
             .collect();
         let minute_keys: Vec<(&str, i64)> = minute_inc.keys().copied().collect();
         let minute_updates = minute_inc
@@ -327,11 +331,16 @@ impl MongoArchive {
                 )
             })
             .collect();
-        let (counts, (minutes, refused_minutes)) = futures_util::try_join!(
-            self.update_many_statements("track_counts", count_updates),
+        let ((counts, refused_counts), (minutes, refused_minutes)) = futures_util::try_join!(
+            self.update_guarded("track_counts", count_updates),
             self.update_guarded("track_minutes", minute_updates),
         )?;
         stored.round_trips += counts + minutes;
+        suspect.extend(refused_counts.iter().filter_map(|&i| count_keys.get(i)));
+        stored.suspect = suspect
+            .into_iter()
+            .map(|track| (track.to_owned(), track_spans[track].partition))
+            .collect();
         // A refused increment: another worker already brought that minute past this batch's
         // first event; recounting after our events are stored is right either way.
         for i in refused_minutes {
@@ -342,7 +351,7 @@ impl MongoArchive {
         for ((track, minute), span) in &recount_minutes {
             stored.round_trips += self.recount_minute(track, *minute, span).await?;
         }
-        lap(&mut stored, 3);
+        lap(&mut stored, 2);
         Ok(stored)
     }
 
@@ -362,6 +371,29 @@ impl MongoArchive {
             .await
     }
 
+    /// Takes `register` for the pair if it is newer than the stored one, returning what it
+    /// replaced.
+    async fn merge_register(
+        &self,
+        track: &str,
+        user: &str,
+        register: &Register,
+    ) -> anyhow::Result<Merged> {
+        let (filter, set) = register.merge(track, user);
+        match self
+            .pairs
+            .find_one_and_update(filter, set)
+            .upsert(true)
+            .return_document(ReturnDocument::Before)
+            .await
+        {
+            Ok(Some(before)) => Ok(Merged::Replaced(Register::from_document(&before))),
+            Ok(None) => Ok(Merged::Created),
+            Err(err) if is_duplicate_key(&err) => Ok(Merged::Refused),
+            Err(err) => Err(anyhow::Error::new(err).context("cannot merge a pair register")),
+        }
+    }
+
     /// Inserts the events unordered; returns the batch indexes that were already stored.
     async fn insert_events(&self, batch: &[EventRecord]) -> anyhow::Result<HashSet<usize>> {
         let docs = batch.iter().map(|e| {
@@ -371,13 +403,9 @@ impl MongoArchive {
                 "version": e.version as i64, "key": &e.key, "changed": e.changed,
             }
         });
-        match self.likes.insert_many(docs).ordered(false).await {
-            Ok(_) => Ok(HashSet::new()),
-            Err(err) => match duplicate_indexes(&err) {
-                Some(duplicates) => Ok(duplicates),
-                None => Err(anyhow::Error::new(err).context("cannot insert like events")),
-            },
-        }
+        insert_unordered(&self.likes, docs)
+            .await
+            .context("cannot insert like events")
     }
 
     /// `update` commands of at most `STATEMENTS_PER_UPDATE` statements, `UPDATES_IN_FLIGHT`
@@ -481,7 +509,7 @@ impl MongoArchive {
             let d = d.context("cannot read pair registers")?;
             let track = d.get_str("track").unwrap_or_default().to_owned();
             let user = d.get_str("user").unwrap_or_default().to_owned();
-            Ok((track, user, register_of(&d)))
+            Ok((track, user, Register::from_document(&d)))
         })))
     }
 
@@ -539,21 +567,24 @@ impl History for MongoArchive {
     }
 }
 
-fn register_of(d: &Document) -> Register {
-    Register {
-        liked: d.get_bool("liked").unwrap_or(false),
-        stamp: number(d, "stamp"),
-        event_id: d.get_str("event").unwrap_or_default().to_owned(),
-        key: d.get_str("key").unwrap_or_default().to_owned(),
-    }
-}
-
 fn minute_id(track: &str, minute: i64) -> String {
     format!("{track}/{minute}")
 }
 
 fn minute_of(e: &EventRecord) -> i64 {
     e.accepted_at_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+}
+
+/// Inserts unordered; returns the indexes of the documents whose `_id` (or another unique
+/// key) was already stored. Any other failure is an error.
+async fn insert_unordered(
+    collection: &Collection<Document>,
+    docs: impl IntoIterator<Item = Document>,
+) -> mongodb::error::Result<HashSet<usize>> {
+    match collection.insert_many(docs).ordered(false).await {
+        Ok(_) => Ok(HashSet::new()),
+        Err(err) => duplicate_indexes(&err).ok_or(err),
+    }
 }
 
 /// The batch indexes an unordered `insert_many` found already stored, when duplicate keys
@@ -573,6 +604,14 @@ fn duplicate_indexes(err: &mongodb::error::Error) -> Option<HashSet<usize>> {
         duplicates.insert(write.index);
     }
     Some(duplicates)
+}
+
+fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+    match &*err.kind {
+        ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
+        _ => false,
+    }
 }
 
 /// Integer fields may come back as int32, int64 or double depending on the server.

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod consumer_watch;
 pub mod rebuild;
 pub mod redis_merge;
+pub mod register;
 pub mod repair;
 
 use std::collections::HashMap;
@@ -296,6 +297,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             &batch.positions,
             attempts > 1,
             stored.duplicates > 0 || stored.stale_registers > 0,
+            &stored.suspect,
             consumer.context().assignments(),
         );
         if let Some(link) = &redis {

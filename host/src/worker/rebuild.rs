@@ -13,7 +13,8 @@ use anyhow::Context;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
 
-use crate::worker::archive::{MongoArchive, Register, number, pair_id};
+use crate::worker::archive::{MongoArchive, number};
+use crate::worker::register::{Register, pair_id};
 
 /// Most requests one idle moment takes up.
 const REQUESTS_PER_LOOK: i64 = 1_000;

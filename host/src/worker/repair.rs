@@ -55,18 +55,25 @@ pub struct Repairs {
 
 impl Repairs {
     /// Notes a stored batch; `retried`: it needed more than one attempt; `unusual`: it met
-    /// events already stored or registers already newer (replays, late or concurrent writes).
+    /// events already stored or registers already newer (replays, late or concurrent writes);
+    /// `suspect`: tracks whose count it could not be sure of (rebuilt after the delay).
     pub fn note(
         &mut self,
         events: &[EventRecord],
         positions: &[LogPosition],
         retried: bool,
         unusual: bool,
+        suspect: &[(String, i32)],
         assignments: u64,
     ) {
         let now = Instant::now();
         self.last_batch = Some(now);
-        self.unusual_seen |= retried || unusual;
+        self.unusual_seen |= retried || unusual || !suspect.is_empty();
+        for (track, partition) in suspect {
+            self.due
+                .entry(track.clone())
+                .or_insert((*partition, now + DELAY));
+        }
         for (e, at) in events.iter().zip(positions) {
             if !self.touched.contains_key(&e.track) {
                 self.touched.insert(e.track.clone(), at.partition);
@@ -195,7 +202,7 @@ mod tests {
             partition: 3,
             offset: 7,
         };
-        repairs.note(&[event(track)], &[at], retried, unusual, assignments);
+        repairs.note(&[event(track)], &[at], retried, unusual, &[], assignments);
     }
 
     #[test]
