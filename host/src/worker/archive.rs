@@ -87,7 +87,7 @@ pub struct Stored {
 /// What a conditional register upsert found.
 enum Merged {
     Replaced(Register),
-    /// There was none (it was inserted by someone else's insert attempt meanwhile… or never).
+    /// There was none after all (a pair the known-pairs cache named whose register is gone).
     Created,
     /// The stored register is as new as ours, or newer.
     Refused,
