@@ -9,10 +9,11 @@
 //! - `track_minutes`: likes/unlikes per track per UTC minute that changed a pair's state as
 //!   the deciding node saw it, for history.
 //!
-//! A batch merges each pair's newest event into its register (an upsert that only takes a
-//! newer one), then sets each touched track's count to its number of liked registers. Both
-//! steps are idempotent and commute, so replays after a crash, re-sent events and two workers
-//! storing one batch at a rebalance all end in the same registers and counts (see `store`).
+//! A batch merges each pair's newest event into its register (an insert for a new pair, else
+//! an upsert that only takes a newer one), then moves each touched track's count by the
+//! register changes it made, guarded so a replay cannot add twice; whatever it cannot be sure
+//! of is rebuilt later (see `store`). So replays after a crash, re-sent events and two
+//! workers storing one batch at a rebalance all end in the same registers and counts.
 //! History minutes are incremented for newly inserted events and recounted from `likes` when
 //! a batch meets an already-stored one.
 
