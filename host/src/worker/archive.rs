@@ -24,13 +24,12 @@ use async_trait::async_trait;
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{Document, doc};
 use mongodb::error::ErrorKind;
-use mongodb::options::ReturnDocument;
 use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::seams::Part;
 use crate::seams::event_log::EventRecord;
 use crate::seams::history::{History, Query, Row, roll_up};
-use crate::worker::register::{Register, pair_id};
+use crate::worker::register::{Register, number};
 
 const DUPLICATE_KEY: i32 = 11000;
 const MINUTE_MS: i64 = 60_000;
@@ -47,12 +46,6 @@ const STATEMENTS_PER_UPDATE: usize = 16;
 /// in the benchmark and both workers hung for good (200 idle PostgreSQL connections).
 const UPDATES_IN_FLIGHT: usize = 2;
 
-/// Count queries in flight (a rebuild counts its track).
-const READS_IN_FLIGHT: usize = 16;
-/// Conditional register upserts in flight per batch: FerretDB runs each as a read and a
-/// write of its own (1 200/s at 4, 1 500/s at 8 against an idle FerretDB, measured).
-const MERGES_IN_FLIGHT: usize = 8;
-
 #[derive(Clone)]
 pub struct MongoArchive {
     pub(super) db: Database,
@@ -62,7 +55,7 @@ pub struct MongoArchive {
     /// Pairs known to have a register (pairs are never deleted): their next register skips
     /// the bulk insert, which FerretDB retries row by row once any row of a hundred exists
     /// (≈1 500 rows/s). Only a hint: the conditional upsert is right either way.
-    known_pairs: moka::sync::Cache<String, ()>,
+    pub(super) known_pairs: moka::sync::Cache<String, ()>,
 }
 
 /// Pairs the worker remembers as stored (≈100 B each).
@@ -75,23 +68,11 @@ pub struct Stored {
     pub duplicates: usize,
     /// Requests this batch sent to MongoDB.
     pub round_trips: usize,
-    /// Pairs whose stored register was already newer than the batch's newest event for them
-    /// (events out of order: a replay, a late spill, two writers).
-    pub stale_registers: usize,
     /// Tracks (with their partition) whose count this batch could not be sure of: to be
     /// rebuilt from their events.
     pub suspect: Vec<(String, i32)>,
     /// Time spent per step, in [`STEPS`] order.
     pub step_times: [std::time::Duration; 3],
-}
-
-/// What a conditional register upsert found.
-enum Merged {
-    Replaced(Register),
-    /// There was none after all (a pair the known-pairs cache named whose register is gone).
-    Created,
-    /// The stored register is as new as ours, or newer.
-    Refused,
 }
 
 /// The steps of [`MongoArchive::store`], for the worker's time-per-step metric.
@@ -221,8 +202,8 @@ impl MongoArchive {
     /// A count is never read back per batch: FerretDB counts by decoding every matching
     /// document, so a recount per batch grows with a track's likers (52 % of the store's
     /// time at 300 000 pairs, docs/benchmarks.md). Whatever an increment cannot be sure of
-    /// — a register already as new as ours (a replay: did the first attempt add its
-    /// change?), a refused increment, a rebalance — names the track in
+    /// — an event already stored or a register already as new as ours (a replay: did the
+    /// first attempt add its change? a second writer?), a refused increment — names the track in
     /// [`Stored::suspect`], and the worker rebuilds it from its events a while later
     /// (`repair`). Two workers that read one count and incremented around each other is how
     /// the first version of this went wrong (docs/reliability.md, found 10); an increment here
@@ -281,62 +262,14 @@ impl MongoArchive {
             .into_iter()
             .map(|(pair, e)| (pair, Register::of(e)))
             .collect();
-        let ids: Vec<String> = newest
-            .iter()
-            .map(|((track, user), _)| pair_id(track, user))
-            .collect();
-        let (mut existing, fresh): (Vec<usize>, Vec<usize>) =
-            (0..newest.len()).partition(|&i| self.known_pairs.contains_key(&ids[i]));
-        if !fresh.is_empty() {
-            let registers = fresh.iter().map(|&i| {
-                let ((track, user), register) = &newest[i];
-                let mut d = register.document(track, user);
-                d.insert("_id", &ids[i]);
-                d
-            });
-            let stored_before = insert_unordered(&self.pairs, registers)
-                .await
-                .context("cannot insert pair registers")?;
-            stored.round_trips += 1;
-            existing.extend(stored_before.into_iter().map(|j| fresh[j]));
-        }
-        stored.round_trips += existing.len();
-        let existing: HashSet<usize> = existing.into_iter().collect();
-        let mut change: BTreeMap<&str, i64> = BTreeMap::new();
-        // An event already stored: a replay or a second writer, which may or may not have
-        // counted its change.
+        let registers = self.write_registers(&newest).await?;
+        stored.round_trips += registers.round_trips;
+        // An event already stored (a replay or a second writer, which may or may not have
+        // counted its change), or a register already as new as ours.
         let mut suspect: BTreeSet<&str> =
             duplicate.iter().map(|&i| batch[i].track.as_str()).collect();
-        for (i, ((track, _), register)) in newest.iter().enumerate() {
-            if !existing.contains(&i) {
-                *change.entry(track).or_default() += i64::from(register.liked);
-            }
-        }
-        let newest = &newest;
-        let merged: Vec<(&str, bool, Merged)> = futures_util::stream::iter(&existing)
-            .map(|&i| async move {
-                let ((track, user), register) = &newest[i];
-                let merged = self.merge_register(track, user, register).await?;
-                Ok::<_, anyhow::Error>((*track, register.liked, merged))
-            })
-            .buffer_unordered(MERGES_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        for (track, liked, merged) in merged {
-            let before = match merged {
-                Merged::Replaced(before) => before.liked,
-                Merged::Created => false,
-                Merged::Refused => {
-                    stored.stale_registers += 1;
-                    suspect.insert(track);
-                    continue;
-                }
-            };
-            *change.entry(track).or_default() += i64::from(liked) - i64::from(before);
-        }
-        for id in ids {
-            self.known_pairs.insert(id, ());
-        }
+        suspect.extend(registers.refused);
+        let mut change = registers.count_change;
         lap(&mut stored, 1);
 
         change.retain(|_, by| *by != 0);
@@ -380,45 +313,6 @@ impl MongoArchive {
         }
         lap(&mut stored, 2);
         Ok(stored)
-    }
-
-    /// Each track's number of liked registers, a few queries in flight.
-    pub(super) async fn liked_pairs(&self, tracks: &[&str]) -> anyhow::Result<Vec<i64>> {
-        futures_util::stream::iter(tracks)
-            .map(|track| async move {
-                let liked = self
-                    .pairs
-                    .count_documents(doc! { "track": *track, "liked": true })
-                    .await
-                    .context("cannot count liked pairs")?;
-                Ok::<_, anyhow::Error>(liked as i64)
-            })
-            .buffered(READS_IN_FLIGHT)
-            .try_collect()
-            .await
-    }
-
-    /// Takes `register` for the pair if it is newer than the stored one, returning what it
-    /// replaced.
-    async fn merge_register(
-        &self,
-        track: &str,
-        user: &str,
-        register: &Register,
-    ) -> anyhow::Result<Merged> {
-        let (filter, set) = register.merge(track, user);
-        match self
-            .pairs
-            .find_one_and_update(filter, set)
-            .upsert(true)
-            .return_document(ReturnDocument::Before)
-            .await
-        {
-            Ok(Some(before)) => Ok(Merged::Replaced(Register::from_document(&before))),
-            Ok(None) => Ok(Merged::Created),
-            Err(err) if is_duplicate_key(&err) => Ok(Merged::Refused),
-            Err(err) => Err(anyhow::Error::new(err).context("cannot merge a pair register")),
-        }
     }
 
     /// Inserts the events unordered; returns the batch indexes that were already stored.
@@ -604,7 +498,7 @@ fn minute_of(e: &EventRecord) -> i64 {
 
 /// Inserts unordered; returns the indexes of the documents whose `_id` (or another unique
 /// key) was already stored. Any other failure is an error.
-async fn insert_unordered(
+pub(super) async fn insert_unordered(
     collection: &Collection<Document>,
     docs: impl IntoIterator<Item = Document>,
 ) -> mongodb::error::Result<HashSet<usize>> {
@@ -633,20 +527,10 @@ fn duplicate_indexes(err: &mongodb::error::Error) -> Option<HashSet<usize>> {
     Some(duplicates)
 }
 
-fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
+pub(super) fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     match &*err.kind {
         ErrorKind::Command(e) => e.code == DUPLICATE_KEY,
         ErrorKind::Write(mongodb::error::WriteFailure::WriteError(e)) => e.code == DUPLICATE_KEY,
         _ => false,
-    }
-}
-
-/// Integer fields may come back as int32, int64 or double depending on the server.
-pub(super) fn number(d: &Document, key: &str) -> i64 {
-    match d.get(key) {
-        Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
-        Some(mongodb::bson::Bson::Int64(v)) => *v,
-        Some(mongodb::bson::Bson::Double(v)) => *v as i64,
-        _ => 0,
     }
 }

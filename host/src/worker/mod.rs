@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod consumer_watch;
+pub mod merge;
 pub mod rebuild;
 pub mod redis_merge;
 pub mod register;
@@ -298,7 +299,6 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             &batch.events,
             &batch.positions,
             attempts > 1,
-            stored.duplicates > 0 || stored.stale_registers > 0,
             &stored.suspect,
             consumer.context().assignments(),
         );

@@ -13,8 +13,8 @@ use anyhow::Context;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Document, doc};
 
-use crate::worker::archive::{MongoArchive, number};
-use crate::worker::register::{Register, pair_id};
+use crate::worker::archive::MongoArchive;
+use crate::worker::register::{Register, number, pair_id};
 
 /// Most requests one idle moment takes up.
 const REQUESTS_PER_LOOK: i64 = 1_000;
@@ -70,7 +70,11 @@ impl MongoArchive {
             })
             .collect();
         self.update_many_statements("pairs", sets).await?;
-        let count = self.liked_pairs(&[track]).await?[0];
+        let count = self
+            .pairs
+            .count_documents(doc! { "track": track, "liked": true })
+            .await
+            .context("cannot count liked pairs")? as i64;
         self.update_many_statements(
             "track_counts",
             vec![

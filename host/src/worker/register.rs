@@ -3,7 +3,6 @@
 use mongodb::bson::{Document, doc};
 
 use crate::seams::event_log::EventRecord;
-use crate::worker::archive::number;
 
 /// A pair's register: its newest event, ordered by (stamp, event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,4 +62,14 @@ impl Register {
 pub(super) fn pair_id(track: &str, user: &str) -> String {
     // Neither ids may contain a newline, so the joined id is unambiguous.
     format!("{track}\n{user}")
+}
+
+/// Integer fields may come back as int32, int64 or double depending on the server.
+pub(super) fn number(d: &Document, key: &str) -> i64 {
+    match d.get(key) {
+        Some(mongodb::bson::Bson::Int32(v)) => i64::from(*v),
+        Some(mongodb::bson::Bson::Int64(v)) => *v,
+        Some(mongodb::bson::Bson::Double(v)) => *v as i64,
+        _ => 0,
+    }
 }

@@ -16,10 +16,11 @@
 //! once a worker has been idle for a few seconds it rebuilds every track it stored since its
 //! last rebuild — if anything unusual happened since (a retried batch, an assignment change,
 //! events already stored, registers already newer): the backstop that makes the stored
-//! counts exact in the end whatever the store did (a fault run on FerretDB once ended with one track's registers 40 s behind its
-//! events, cause not found; docs/reliability.md). A healthy farm never pays for it (a rebuild
-//! reads a track's whole history). Due rebuilds are written to the `rebuilds` collection and
-//! done by whoever holds the track's partition (`rebuild`), so a rebalance or a killed worker
+//! counts exact in the end whatever the store did (a fault run on FerretDB once ended with
+//! one track's registers 40 s behind its events, cause not found; docs/reliability.md). A
+//! healthy farm never pays for it (a rebuild reads a track's whole history). Due rebuilds are
+//! written to the `rebuilds` collection and done by whoever holds the track's partition
+//! (`rebuild`), so a rebalance or a killed worker
 //! between the risky batch and its rebuild loses none.
 
 use std::collections::BTreeMap;
@@ -56,21 +57,20 @@ pub struct Repairs {
 }
 
 impl Repairs {
-    /// Notes a stored batch; `retried`: it needed more than one attempt; `unusual`: it met
-    /// events already stored or registers already newer (replays, late or concurrent writes);
-    /// `suspect`: tracks whose count it could not be sure of (rebuilt after the delay).
+    /// Notes a stored batch; `retried`: it needed more than one attempt; `suspect`: tracks
+    /// whose count it could not be sure of — events already stored, registers already as
+    /// new, refused increments (replays, late or concurrent writes) — rebuilt after the delay.
     pub fn note(
         &mut self,
         events: &[EventRecord],
         positions: &[LogPosition],
         retried: bool,
-        unusual: bool,
         suspect: &[(String, i32)],
         assignments: u64,
     ) {
         let now = Instant::now();
         self.last_batch = Some(now);
-        self.unusual_seen |= retried || unusual || !suspect.is_empty();
+        self.unusual_seen |= retried || !suspect.is_empty();
         for (track, partition) in suspect {
             self.due
                 .entry(track.clone())
@@ -195,12 +195,18 @@ mod tests {
         }
     }
 
-    fn stored(repairs: &mut Repairs, track: &str, retried: bool, unusual: bool, assignments: u64) {
+    /// Notes a batch of one event on `track`; `suspect`: the batch could not be sure of it.
+    fn stored(repairs: &mut Repairs, track: &str, retried: bool, suspect: bool, assignments: u64) {
         let at = LogPosition {
             partition: 3,
             offset: 7,
         };
-        repairs.note(&[event(track)], &[at], retried, unusual, &[], assignments);
+        let suspect: &[(String, i32)] = if suspect {
+            &[(track.to_owned(), 3)]
+        } else {
+            &[]
+        };
+        repairs.note(&[event(track)], &[at], retried, suspect, assignments);
     }
 
     #[test]
@@ -238,14 +244,7 @@ mod tests {
             offset: 7,
         };
         let suspect = [("b".to_owned(), 3)];
-        repairs.note(
-            &[event("a"), event("b")],
-            &[at, at],
-            false,
-            true,
-            &suspect,
-            0,
-        );
+        repairs.note(&[event("a"), event("b")], &[at, at], false, &suspect, 0);
         assert!(repairs.take_due(Instant::now()).is_empty());
         let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
         assert!(due.contains(&("b".to_owned(), 3)), "{due:?}");
