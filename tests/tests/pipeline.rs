@@ -524,5 +524,15 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
         },
     );
     assert_eq!(stored_totals(&db, &[track]).await?, expected);
+    let register = db
+        .collection::<Document>("pairs")
+        .find_one(doc! { "_id": format!("{track}\nh1") })
+        .await?
+        .context("the rebuild lost the register")?;
+    assert_eq!(
+        register.get_bool("liked").ok(),
+        Some(true),
+        "the rebuild set the register back to what the events say: {register}"
+    );
     Ok(())
 }

@@ -16,6 +16,10 @@
 //! `FANFARE_BENCH_WORKERS=N` runs N workers (default 1). `FANFARE_BENCH_RATE=N` offers at
 //! most N likes/s in total (paced per connection) instead of as many as the node acks: the
 //! way to ask "does the pipeline sustain N/s with the store keeping up?".
+//! `FANFARE_BENCH_WARMUP=S` (pipeline mode) first offers the same load for S seconds with other
+//! users and keys, waits until the store holds all of it, and measures only what follows: the
+//! steady state of a running deployment (JVM warmed up, consumer group settled, collections
+//! and indexes created) rather than its first seconds.
 //!
 //! Progress into the store is read from the workers' own counters (`/metrics`), not by
 //! counting documents: FerretDB answers `count` by decoding every stored document, so a
@@ -64,86 +68,30 @@ async fn main() -> anyhow::Result<()> {
     }
     let node_args: Vec<&str> = node_args.iter().map(String::as_str).collect();
     let node = NodeProcess::start(dir.path(), &node_args).await?;
-    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let traffic = Traffic {
+        connections,
+        window,
+        catalog,
+        toggle,
+        pace,
+    };
+    let warmup: u64 = std::env::var("FANFARE_BENCH_WARMUP")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    // What the store held before the measured minute (the warm-up's events).
+    let mut before = Baseline::default();
+    if let (Some(p), true) = (&pipeline, warmup > 0) {
+        let warm = traffic.offer(&node, "warm", warmup).await?.len() as u64;
+        p.wait_until_handled(warm).await?;
+        before = p.baseline(warm).await?;
+        println!("warm-up: {warm} likes over {warmup} s, all stored; measuring from here");
+    }
     let started = Instant::now();
-    let progress = pipeline.as_ref().map(|p| p.spawn_progress(started));
-
-    let clients = (0..connections).map(|c| {
-        let node = &node;
-        async move {
-            let mut client = node.connect(&format!("bench{c}")).await?;
-            let mut sent_at: HashMap<String, Instant> = HashMap::new();
-            let mut latencies = Vec::new();
-            let mut next = 0u64;
-            let mut listener = 0u64;
-            let mut changing_listener = false;
-            loop {
-                // Keep `window` likes in flight; every action changes its pair, so each is an
-                // event.
-                while sent_at.len() < window && Instant::now() < deadline {
-                    if let Some(n) = catalog.filter(|_| !toggle)
-                        && next / n != listener
-                    {
-                        if !sent_at.is_empty() {
-                            changing_listener = true;
-                            break; // the acks first, then a new listener
-                        }
-                        changing_listener = false;
-                        listener = next / n;
-                        client = node.connect(&format!("bench{c}-{listener}")).await?;
-                    }
-                    if let Some(pace) = pace {
-                        let due = started + Duration::from_secs_f64(pace * next as f64);
-                        if due > Instant::now() {
-                            if sent_at.is_empty() {
-                                tokio::time::sleep_until(due.into()).await;
-                            } else {
-                                break; // read acks meanwhile
-                            }
-                        }
-                    }
-                    let key = format!("k{next}");
-                    let (track, action) = match catalog {
-                        Some(n) if toggle => {
-                            (next % n, ["like", "unlike"][(next / n % 2) as usize])
-                        }
-                        Some(n) => (next % n, "like"),
-                        None => (next, "like"),
-                    };
-                    client
-                        .send(json!({"type":action,"track":format!("t{track}"),"id":key}))
-                        .await?;
-                    sent_at.insert(key, Instant::now());
-                    next += 1;
-                }
-                if sent_at.is_empty() {
-                    return anyhow::Ok(latencies);
-                }
-                let frame = match pace {
-                    Some(pace)
-                        if !changing_listener
-                            && sent_at.len() < window
-                            && Instant::now() < deadline =>
-                    {
-                        let due = started + Duration::from_secs_f64(pace * next as f64);
-                        match tokio::time::timeout_at(due.into(), client.recv()).await {
-                            Ok(frame) => frame?,
-                            Err(_) => continue, // time to send the next one
-                        }
-                    }
-                    _ => client.recv().await?,
-                };
-                anyhow::ensure!(
-                    frame["type"] == "ack" && frame["duplicate"] == false,
-                    "{frame}"
-                );
-                if let Some(at) = frame["id"].as_str().and_then(|k| sent_at.remove(k)) {
-                    latencies.push(at.elapsed());
-                }
-            }
-        }
-    });
-    let mut latencies: Vec<Duration> = try_join_all(clients).await?.into_iter().flatten().collect();
+    let progress = pipeline
+        .as_ref()
+        .map(|p| p.spawn_progress(started, before.handled));
+    let mut latencies = traffic.offer(&node, "bench", seconds).await?;
     let elapsed = started.elapsed();
     let last_ack = Instant::now();
     latencies.sort();
@@ -159,7 +107,8 @@ async fn main() -> anyhow::Result<()> {
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
     );
     if let Some(p) = &pipeline {
-        p.report(latencies.len() as u64, started, last_ack).await?;
+        p.report(latencies.len() as u64, started, last_ack, &before)
+            .await?;
     }
     if let Some(progress) = progress {
         progress.abort();
@@ -173,6 +122,126 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The offered load: `connections` clients keeping up to `window` likes in flight each.
+#[derive(Clone, Copy)]
+struct Traffic {
+    connections: usize,
+    window: usize,
+    catalog: Option<u64>,
+    toggle: bool,
+    /// Seconds between two likes of one connection, when the offered rate is capped.
+    pace: Option<f64>,
+}
+
+impl Traffic {
+    /// Offers the load for `seconds`; users and keys start with `tag`, so a second phase
+    /// still likes new pairs. Returns the ack latencies.
+    async fn offer(
+        &self,
+        node: &NodeProcess,
+        tag: &str,
+        seconds: u64,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let connections = self.connections;
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let started = Instant::now();
+        let clients = (0..connections).map(|c| {
+            let node = &node;
+            let Traffic {
+                window,
+                catalog,
+                toggle,
+                pace,
+                ..
+            } = *self;
+            async move {
+                let mut client = node.connect(&format!("{tag}{c}")).await?;
+                let mut sent_at: HashMap<String, Instant> = HashMap::new();
+                let mut latencies = Vec::new();
+                let mut next = 0u64;
+                let mut listener = 0u64;
+                let mut changing_listener = false;
+                loop {
+                    // Keep `window` likes in flight; every action changes its pair, so each is an
+                    // event.
+                    while sent_at.len() < window && Instant::now() < deadline {
+                        if let Some(n) = catalog.filter(|_| !toggle)
+                            && next / n != listener
+                        {
+                            if !sent_at.is_empty() {
+                                changing_listener = true;
+                                break; // the acks first, then a new listener
+                            }
+                            changing_listener = false;
+                            listener = next / n;
+                            client = node.connect(&format!("{tag}{c}-{listener}")).await?;
+                        }
+                        if let Some(pace) = pace {
+                            let due = started + Duration::from_secs_f64(pace * next as f64);
+                            if due > Instant::now() {
+                                if sent_at.is_empty() {
+                                    tokio::time::sleep_until(due.into()).await;
+                                } else {
+                                    break; // read acks meanwhile
+                                }
+                            }
+                        }
+                        let key = format!("{tag}{next}");
+                        let (track, action) = match catalog {
+                            Some(n) if toggle => {
+                                (next % n, ["like", "unlike"][(next / n % 2) as usize])
+                            }
+                            Some(n) => (next % n, "like"),
+                            None => (next, "like"),
+                        };
+                        client
+                            .send(json!({"type":action,"track":format!("t{track}"),"id":key}))
+                            .await?;
+                        sent_at.insert(key, Instant::now());
+                        next += 1;
+                    }
+                    if sent_at.is_empty() {
+                        return anyhow::Ok(latencies);
+                    }
+                    let frame = match pace {
+                        Some(pace)
+                            if !changing_listener
+                                && sent_at.len() < window
+                                && Instant::now() < deadline =>
+                        {
+                            let due = started + Duration::from_secs_f64(pace * next as f64);
+                            match tokio::time::timeout_at(due.into(), client.recv()).await {
+                                Ok(frame) => frame?,
+                                Err(_) => continue, // time to send the next one
+                            }
+                        }
+                        _ => client.recv().await?,
+                    };
+                    anyhow::ensure!(
+                        frame["type"] == "ack" && frame["duplicate"] == false,
+                        "{frame}"
+                    );
+                    if let Some(at) = frame["id"].as_str().and_then(|k| sent_at.remove(k)) {
+                        latencies.push(at.elapsed());
+                    }
+                }
+            }
+        });
+        Ok(try_join_all(clients).await?.into_iter().flatten().collect())
+    }
+}
+
+/// The workers' counters when the measured phase began.
+#[derive(Default)]
+struct Baseline {
+    handled: u64,
+    /// Likes acked in the warm-up.
+    acked: u64,
+    /// Store seconds per step.
+    steps: Vec<f64>,
+    batches: f64,
 }
 
 /// Broker, MongoDB and one worker for the pipeline mode.
@@ -226,10 +295,10 @@ impl Pipeline {
     }
 
     /// Prints the store's rate every 5 s while the bench runs.
-    fn spawn_progress(&self, started: Instant) -> tokio::task::JoinHandle<()> {
+    fn spawn_progress(&self, started: Instant, from: u64) -> tokio::task::JoinHandle<()> {
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let mut before = 0.0;
+            let mut before = from as f64;
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let Ok(now) = sum_of(&metrics, "fanfare_worker_events_inserted_total").await else {
@@ -245,32 +314,58 @@ impl Pipeline {
         })
     }
 
+    /// Waits (up to 10 minutes) until the workers have handled `total` events.
+    async fn wait_until_handled(&self, total: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let handled = self.handled().await?;
+            if handled >= total {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the workers handled {handled} of {total}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The counters the measured phase is compared with.
+    async fn baseline(&self, acked: u64) -> anyhow::Result<Baseline> {
+        let mut steps = Vec::new();
+        for step in STEPS {
+            steps.push(sum_of(&self.metrics, &step_series(step)).await?);
+        }
+        Ok(Baseline {
+            acked,
+            handled: self.handled().await?,
+            steps,
+            batches: sum_of(&self.metrics, "fanfare_worker_batches_total").await?,
+        })
+    }
+
     /// Waits until MongoDB holds every acked like; prints the end-to-end rate and sizes.
-    async fn report(&self, acked: u64, started: Instant, last_ack: Instant) -> anyhow::Result<()> {
+    async fn report(
+        &self,
+        acked: u64,
+        started: Instant,
+        last_ack: Instant,
+        before: &Baseline,
+    ) -> anyhow::Result<()> {
         let likes = self
             .mongo
             .database("fanfare")
             .await?
             .collection::<mongodb::bson::Document>("likes");
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let handled = self.handled().await?;
-            if handled >= acked {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the workers handled {handled} of {acked}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let acked_in_all = before.acked + acked;
+        self.wait_until_handled(before.handled + acked).await?;
         let all_stored = started.elapsed();
         let lag = last_ack.elapsed();
         // The counters say it; the store must agree.
         let stored = likes.estimated_document_count().await?;
         anyhow::ensure!(
-            stored >= acked,
-            "MongoDB holds {stored} of {acked} acked likes"
+            stored >= acked_in_all,
+            "MongoDB holds {stored} of {acked_in_all} acked likes"
         );
         println!();
         println!(
@@ -282,9 +377,11 @@ impl Pipeline {
         );
         // Where the workers' MongoDB time went (summed over workers).
         let mut steps = Vec::new();
-        for step in ["insert_events", "merge_registers", "set_totals"] {
-            let series = format!("fanfare_worker_store_seconds_total{{step=\"{step}\"}}");
-            steps.push((step, sum_of(&self.metrics, &series).await.unwrap_or(0.0)));
+        for (i, step) in STEPS.iter().enumerate() {
+            let now = sum_of(&self.metrics, &step_series(step))
+                .await
+                .unwrap_or(0.0);
+            steps.push((step, now - before.steps.get(i).copied().unwrap_or(0.0)));
         }
         let total: f64 = steps.iter().map(|(_, s)| s).sum();
         let shares: Vec<String> = steps
@@ -292,6 +389,11 @@ impl Pipeline {
             .map(|(step, s)| format!("{step} {s:.1} s ({:.0}%)", 100.0 * s / total.max(1e-9)))
             .collect();
         println!("worker store time: {}", shares.join(", "));
+        let batches = sum_of(&self.metrics, "fanfare_worker_batches_total").await? - before.batches;
+        println!(
+            "worker batches: {batches:.0}, {:.0} events each on average",
+            acked as f64 / batches.max(1.0)
+        );
         for (name, dir) in [
             ("Apache Kafka", self.kafka.dir()),
             ("FerretDB + PostgreSQL", self.mongo.dir()),
@@ -300,12 +402,19 @@ impl Pipeline {
                 let bytes = dir_bytes(dir);
                 println!(
                     "{name}: {bytes} bytes on disk → {:.0} bytes per event",
-                    bytes as f64 / acked as f64
+                    bytes as f64 / acked_in_all as f64
                 );
             }
         }
         Ok(())
     }
+}
+
+/// The workers' store steps, as `fanfare_worker_store_seconds_total` labels them.
+const STEPS: [&str; 3] = ["insert_events", "merge_registers", "set_totals"];
+
+fn step_series(step: &str) -> String {
+    format!("fanfare_worker_store_seconds_total{{step=\"{step}\"}}")
 }
 
 /// One series summed over the workers' `/metrics`.

@@ -38,6 +38,10 @@ const DELAY: Duration = Duration::from_secs(20);
 const IDLE: Duration = Duration::from_secs(5);
 /// How often the worker looks for rebuilds handed to it (one small query).
 const LOOK_EVERY: Duration = Duration::from_secs(5);
+/// Longest the loop rebuilds before it stores a batch again: a rebalance can make hundreds
+/// of tracks suspect, and rebuilding them in one go stopped a worker for 50 s in the
+/// benchmark while its lag grew.
+const TURN: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 pub struct Repairs {
@@ -169,6 +173,10 @@ impl Repairs {
             .unwrap_or_default();
         let mut rebuilt = 0;
         for request in archive.requested_rebuilds(&held).await? {
+            if now.elapsed() >= TURN {
+                self.last_look = None; // the rest after the next batch
+                break;
+            }
             archive.rebuild_track(&request.track).await?;
             archive.rebuild_done(&request).await?;
             rebuilt += 1;

@@ -465,7 +465,7 @@ fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
         .set("enable.idempotence", settings.idempotence.to_string())
         .set("acks", "all")
         .set("compression.type", "lz4")
-        .set("linger.ms", "2")
+        .set("linger.ms", "5")
         .set("message.timeout.ms", "10000")
         .set("queue.buffering.max.messages", "200000")
         .create()
