@@ -22,6 +22,8 @@ use fanfare_protocol::{Action, LikeRequest};
 const KEYS_PER_PAIR: usize = 4;
 /// Pairs kept in memory before committed ones are evicted.
 const PAIR_CAPACITY: usize = 1_000_000;
+/// Sequences remembered with their track before the committed ones are dropped.
+const PRUNE_PENDING_AT: usize = 4_096;
 
 pub struct EmbeddedLedger {
     state: Mutex<State>,
@@ -32,7 +34,13 @@ pub struct EmbeddedLedger {
 struct State {
     reader: Connection,
     next_seq: u64,
+    /// Counts of tracks this node changed, evicted with the pairs once every event of the
+    /// track is committed (the store then holds the count).
     counts: HashMap<Arc<str>, u64>,
+    /// The track of each sequence handed out and not known to be committed: appends commit
+    /// out of order, so a track's newest event being committed says nothing of its others.
+    pending_tracks: HashMap<u64, Arc<str>>,
+    prune_at: usize,
     pairs: HashMap<String, Pair>,
     capacity: usize,
     evict_at: usize,
@@ -71,6 +79,8 @@ impl EmbeddedLedger {
                 reader,
                 next_seq,
                 counts: HashMap::new(),
+                pending_tracks: HashMap::new(),
+                prune_at: PRUNE_PENDING_AT,
                 pairs: HashMap::new(),
                 capacity,
                 evict_at: capacity,
@@ -96,16 +106,14 @@ fn storage(err: rusqlite::Error) -> LedgerError {
 /// The count of a track, read from the store on first use; returns the shared track name too.
 fn load_count(
     reader: &Connection,
-    counts: &mut HashMap<Arc<str>, u64>,
+    counts: &HashMap<Arc<str>, u64>,
     track: &str,
 ) -> Result<(Arc<str>, u64), LedgerError> {
     if let Some((name, count)) = counts.get_key_value(track) {
         return Ok((name.clone(), *count));
     }
     let stored = crate::store::track_count(reader, track).map_err(storage)?;
-    let name: Arc<str> = Arc::from(track);
-    counts.insert(name.clone(), stored);
-    Ok((name, stored))
+    Ok((Arc::from(track), stored))
 }
 
 fn load_pair(reader: &Connection, user: &str, track: &str) -> Result<Pair, LedgerError> {
@@ -124,13 +132,23 @@ fn load_pair(reader: &Connection, user: &str, track: &str) -> Result<Pair, Ledge
 
 impl State {
     fn evict_committed(&mut self, uncommitted: &Uncommitted) {
+        if self.pending_tracks.len() >= self.prune_at {
+            // Toggling a few pairs never fills `pairs`, but hands out sequences all along.
+            let pending = uncommitted.lock();
+            self.pending_tracks.retain(|seq, _| pending.contains(seq));
+            drop(pending);
+            self.prune_at = (self.pending_tracks.len() * 2).max(PRUNE_PENDING_AT);
+        }
         if self.pairs.len() < self.evict_at {
             return;
         }
         let pending = uncommitted.lock();
         self.pairs
             .retain(|_, pair| pending.contains(&pair.last_seq));
+        self.pending_tracks.retain(|seq, _| pending.contains(seq));
         drop(pending);
+        let busy: std::collections::HashSet<&Arc<str>> = self.pending_tracks.values().collect();
+        self.counts.retain(|track, _| busy.contains(track));
         self.evict_at = (self.pairs.len() * 2).max(self.capacity);
         tracing::debug!(kept = self.pairs.len(), "evicted committed ledger pairs");
     }
@@ -189,10 +207,11 @@ impl EmbeddedLedger {
             reader,
             next_seq,
             counts,
+            pending_tracks,
             pairs,
             ..
         } = &mut *guard;
-        let (track_name, count) = load_count(reader, counts, track)?;
+        let (track_name, count) = load_count(reader, &*counts, track)?;
         let pair = match pairs.entry(pair_key) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => entry.insert(load_pair(reader, user, track)?),
@@ -229,6 +248,7 @@ impl EmbeddedLedger {
             (true, false) => count.saturating_sub(1),
         };
         counts.insert(track_name.clone(), count);
+        pending_tracks.insert(seq, track_name.clone());
         let event = LikeEvent {
             event_id,
             seq,
@@ -374,6 +394,90 @@ mod tests {
         );
         assert_eq!(again.count, 2);
         log.append(pending).await?;
+        log.close().await?;
+        Ok(())
+    }
+
+    /// Finding 4 of issue 16: the count of every track ever liked stayed in memory; now it
+    /// goes with the pairs once its events are committed, and is read back right.
+    #[tokio::test]
+    async fn counts_of_committed_tracks_are_evicted_and_read_back() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = SqliteEventLog::start(dir.path(), None)?;
+        let ledger = EmbeddedLedger::with_capacity(dir.path(), "n1".into(), log.uncommitted(), 50)?;
+        let ana: Arc<str> = Arc::from("ana");
+        for t in 0..200 {
+            let decision = ledger
+                .apply(
+                    &ana,
+                    &request(Action::Like, &format!("t{t}"), &format!("k{t}")),
+                )
+                .await?;
+            let Outcome::Applied(event) = decision.outcome else {
+                anyhow::bail!("like {t} was not applied");
+            };
+            log.append(event).await?;
+        }
+        let kept = ledger.lock().counts.len();
+        assert!(kept <= 100, "{kept} track counts kept for a capacity of 50");
+        // A track with an event not yet committed keeps its count, however old the event.
+        let held = ledger
+            .apply(&ana, &request(Action::Like, "held", "h"))
+            .await?;
+        let Outcome::Applied(held) = held.outcome else {
+            anyhow::bail!("the held like was not applied");
+        };
+        for t in 200..400 {
+            let decision = ledger
+                .apply(
+                    &ana,
+                    &request(Action::Like, &format!("t{t}"), &format!("k{t}")),
+                )
+                .await?;
+            if let Outcome::Applied(event) = decision.outcome {
+                log.append(event).await?;
+            }
+        }
+        assert_eq!(ledger.lock().counts.get("held"), Some(&1));
+        assert!(
+            ledger.lock().counts.len() <= 100,
+            "one pending event kept every count"
+        );
+        log.append(held).await?;
+        for t in 0..400 {
+            assert_eq!(ledger.count(&format!("t{t}")).await?, 1, "track t{t}");
+        }
+        // An evicted count moves on from the stored one.
+        let bob: Arc<str> = Arc::from("bob");
+        let again = ledger
+            .apply(&bob, &request(Action::Like, "t0", "b0"))
+            .await?;
+        assert_eq!(again.count, 2);
+        log.close().await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn toggling_one_pair_keeps_no_growing_list() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = SqliteEventLog::start(dir.path(), None)?;
+        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
+        let ana: Arc<str> = Arc::from("ana");
+        for n in 0..10_000 {
+            let action = [Action::Like, Action::Unlike][n % 2];
+            let decision = ledger
+                .apply(&ana, &request(action, "t", &format!("k{n}")))
+                .await?;
+            if let Outcome::Applied(event) = decision.outcome {
+                log.append(event).await?;
+            }
+        }
+        let remembered = ledger.lock().pending_tracks.len();
+        assert!(
+            remembered <= PRUNE_PENDING_AT,
+            "{remembered} sequences remembered"
+        );
+        assert_eq!(ledger.count("t").await?, 0);
         log.close().await?;
         Ok(())
     }
