@@ -21,6 +21,7 @@ use crate::seams::counters::MemoryCounters;
 use crate::seams::event_log::{EventLog, KafkaEventLog, SqliteEventLog};
 use crate::seams::history::{History, SqliteHistory};
 use crate::seams::ledger::EmbeddedLedger;
+use crate::store::Store;
 use crate::tasks::Tasks;
 use crate::worker::archive::MongoArchive;
 
@@ -37,30 +38,27 @@ pub struct Context<'a> {
 
 /// A node alone: SQLite decides and stores, likes go straight to this node's listeners.
 pub async fn embedded(cx: &Context<'_>) -> anyhow::Result<Parts> {
-    let (event_log, durable_seq) = event_log(cx)?;
-    let ledger = EmbeddedLedger::open(&cx.config.data_dir, cx.id.clone(), durable_seq)?;
+    let store = Store::open(&cx.config.data_dir)?;
+    let (event_log, durable_seq) = event_log(cx, &store)?;
+    let ledger = EmbeddedLedger::open(&store, cx.id.clone(), durable_seq)?;
     Ok(Parts {
         ledger: Arc::new(ledger),
         event_log,
         bus: Arc::new(LocalBus::default()),
         counters: Arc::new(MemoryCounters::default()),
-        history: history(cx.config).await?,
+        history: history(cx.config, store).await?,
     })
 }
 
 /// A node of a farm: Redis decides (with the embedded ledger as its fallback) and carries likes
 /// between nodes; plugin counters are shared.
 pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
-    let (event_log, durable_seq) = event_log(cx)?;
-    let local = EmbeddedLedger::open(&cx.config.data_dir, cx.id.clone(), durable_seq)?;
+    let store = Store::open(&cx.config.data_dir)?;
+    let (event_log, durable_seq) = event_log(cx, &store)?;
+    let local = EmbeddedLedger::open(&store, cx.id.clone(), durable_seq)?;
     let link = RedisLink::new(redis_url)?;
     link.spawn_maintainer(cx.tasks, cx.metrics.clone());
-    let ledger = FarmLedger::new(
-        link.clone(),
-        local,
-        cx.config.data_dir.clone(),
-        cx.config.max_clock_skew,
-    )?;
+    let ledger = FarmLedger::new(link.clone(), local, store.clone(), cx.config.max_clock_skew)?;
     ledger.spawn_reconciler(cx.tasks);
     let observer = ledger.clone();
     let bus = RedisBus::new(
@@ -75,7 +73,7 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
         event_log,
         bus: Arc::new(bus),
         counters: Arc::new(RedisCounters::new(link)),
-        history: history(cx.config).await?,
+        history: history(cx.config, store).await?,
     })
 }
 
@@ -83,15 +81,16 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
 /// watermark the ledger uses to know which events are durable.
 fn event_log(
     cx: &Context<'_>,
+    store: &Store,
 ) -> anyhow::Result<(Arc<dyn EventLog>, Arc<crate::seams::event_log::Uncommitted>)> {
     Ok(match cx.config.kafka_settings() {
         Some(kafka) => {
-            let log = KafkaEventLog::start(&cx.config.data_dir, kafka, cx.metrics.clone())?;
+            let log = KafkaEventLog::start(store, kafka, cx.metrics.clone())?;
             let durable = log.uncommitted();
             (Arc::new(log), durable)
         }
         None => {
-            let log = SqliteEventLog::start(&cx.config.data_dir, None)?;
+            let log = SqliteEventLog::start(store, None)?;
             let durable = log.uncommitted();
             (Arc::new(log), durable)
         }
@@ -99,10 +98,10 @@ fn event_log(
 }
 
 /// History from the workers' MongoDB when configured, else from this node's own events.
-async fn history(config: &Config) -> anyhow::Result<Arc<dyn History>> {
+async fn history(config: &Config, store: Store) -> anyhow::Result<Arc<dyn History>> {
     Ok(match &config.shared.mongo {
         Some(url) => Arc::new(MongoArchive::connect(url, &config.shared.mongo_database).await?),
-        None => Arc::new(SqliteHistory::new(config.data_dir.clone())),
+        None => Arc::new(SqliteHistory::new(store)),
     })
 }
 

@@ -10,7 +10,6 @@
 //! after a failover it replays its last minute, so counts converge without a restart.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +24,7 @@ use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
 use crate::seams::ledger::{Decided, Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::seams::{Health, Part};
-use crate::store::StoredEvent;
+use crate::store::{Store, StoredEvent};
 use crate::tasks::Tasks;
 use fanfare_protocol::{Action, LikeRequest};
 
@@ -54,7 +53,7 @@ pub struct FarmLedger {
     /// Wakes the reconciler when a like is owed while the link stays up (Redis answering but
     /// refusing writes), when no reconnect would.
     owed_added: tokio::sync::Notify,
-    data_dir: PathBuf,
+    store: Store,
     /// Beyond this clock difference with Redis (ms) the node reports not ready.
     max_clock_skew: u64,
 }
@@ -86,12 +85,15 @@ impl FarmLedger {
     pub fn new(
         link: Arc<RedisLink>,
         local: EmbeddedLedger,
-        data_dir: PathBuf,
+        store: Store,
         max_clock_skew: u64,
     ) -> anyhow::Result<Arc<FarmLedger>> {
-        let reader = crate::store::open_reader(&data_dir)?;
-        let degraded_from = crate::store::meta_get(&reader, "farm.degraded_from")?.unwrap_or(0);
-        let last_seq = crate::store::last_seq(&reader)?;
+        let (degraded_from, last_seq) = store.with(|r| {
+            Ok((
+                r.meta_get("farm.degraded_from")?.unwrap_or(0),
+                r.last_seq()?,
+            ))
+        })?;
         Ok(Arc::new(FarmLedger {
             link,
             local,
@@ -101,7 +103,7 @@ impl FarmLedger {
             last_seq: AtomicU64::new(last_seq),
             owed: Mutex::new(Vec::new()),
             owed_added: tokio::sync::Notify::new(),
-            data_dir,
+            store,
             max_clock_skew,
         }))
     }
@@ -250,8 +252,7 @@ impl FarmLedger {
     }
 
     fn persist_degraded(&self, seq: u64) {
-        let result = crate::store::open_reader(&self.data_dir)
-            .and_then(|conn| crate::store::meta_set(&conn, "farm.degraded_from", seq));
+        let result = self.store.with(|r| r.meta_set("farm.degraded_from", seq));
         if let Err(err) = result {
             tracing::error!(
                 error = format!("{err:#}"),
@@ -328,8 +329,7 @@ impl FarmLedger {
         let lost = match &seen.epoch {
             Some(epoch) => *epoch != current,
             None => {
-                let reader = crate::store::open_reader(&self.data_dir)?;
-                crate::store::meta_get(&reader, SYNCED_EPOCH_META)?
+                self.store.with(|r| r.meta_get(SYNCED_EPOCH_META))?
                     != Some(epoch_fingerprint(&current))
             }
         };
@@ -337,9 +337,8 @@ impl FarmLedger {
             seen.pending_from = Some(1); // Redis lost its data: replay everything.
         }
         if seen.addr.as_ref().is_some_and(|a| *a != session.addr) {
-            let reader = crate::store::open_reader(&self.data_dir)?;
             let since = now_ms() - FAILOVER_REPLAY.as_millis() as i64;
-            if let Some(recent) = crate::store::first_seq_since(&reader, since)? {
+            if let Some(recent) = self.store.with(|r| r.first_seq_since(since))? {
                 seen.pending_from = Some(seen.pending_from.map_or(recent, |p| p.min(recent)));
             }
         }
@@ -386,8 +385,8 @@ impl FarmLedger {
             .unwrap_or(0);
         seen.pending_from = None;
         self.degraded_from.store(still_owed, Ordering::Relaxed);
-        let reader = crate::store::open_reader(&self.data_dir)?;
-        crate::store::meta_set(&reader, "farm.degraded_from", still_owed)?;
+        self.store
+            .with(|r| r.meta_set("farm.degraded_from", still_owed))?;
         self.note_synced(&current)?;
         Ok(replayed)
     }
@@ -395,12 +394,13 @@ impl FarmLedger {
     /// Records that this Redis epoch holds the node's whole history (only after a replay
     /// succeeded, so a crash mid-replay replays again on the next start).
     fn note_synced(&self, epoch: &str) -> anyhow::Result<()> {
-        let reader = crate::store::open_reader(&self.data_dir)?;
         let fingerprint = epoch_fingerprint(epoch);
-        if crate::store::meta_get(&reader, SYNCED_EPOCH_META)? != Some(fingerprint) {
-            crate::store::meta_set(&reader, SYNCED_EPOCH_META, fingerprint)?;
-        }
-        Ok(())
+        self.store.with(|r| {
+            if r.meta_get(SYNCED_EPOCH_META)? != Some(fingerprint) {
+                r.meta_set(SYNCED_EPOCH_META, fingerprint)?;
+            }
+            Ok(())
+        })
     }
 
     /// Replays the store from `from_seq` to its end, then `owed`.
@@ -410,11 +410,10 @@ impl FarmLedger {
         from_seq: u64,
         owed: &[StoredEvent],
     ) -> anyhow::Result<u64> {
-        let reader = crate::store::open_reader(&self.data_dir)?;
         let mut replayed = 0u64;
         let mut next = from_seq;
         loop {
-            let batch = crate::store::events_from(&reader, next, REPLAY_BATCH)?;
+            let batch = self.store.with(|r| r.events_from(next, REPLAY_BATCH))?;
             let Some(last) = batch.last() else { break };
             next = last.seq + 1;
             replayed += self.replay(conn, &batch).await?;

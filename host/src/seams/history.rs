@@ -4,7 +4,6 @@
 //! the per-minute totals the persistence workers keep in MongoDB. Both round the range out to
 //! whole buckets (UTC), so the two give the same answer for the same events.
 
-use std::path::PathBuf;
 use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
@@ -12,6 +11,7 @@ use serde::Serialize;
 
 use super::Part;
 use crate::clock::now_ms;
+use crate::store::Store;
 
 /// At most this many buckets per request.
 pub const MAX_BUCKETS: i64 = 10_000;
@@ -117,12 +117,12 @@ pub trait History: Part {
 
 /// The node's own SQLite events (embedded mode, or a farm without `--mongo`).
 pub struct SqliteHistory {
-    data_dir: PathBuf,
+    store: Store,
 }
 
 impl SqliteHistory {
-    pub fn new(data_dir: PathBuf) -> SqliteHistory {
-        SqliteHistory { data_dir }
+    pub fn new(store: Store) -> SqliteHistory {
+        SqliteHistory { store }
     }
 }
 
@@ -135,31 +135,26 @@ impl Part for SqliteHistory {
 #[async_trait]
 impl History for SqliteHistory {
     async fn buckets(&self, query: &Query) -> anyhow::Result<Vec<Row>> {
-        let data_dir = self.data_dir.clone();
         let query = query.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Row>> {
-            let conn = crate::store::open_reader(&data_dir)?;
-            let size = query.bucket.millis();
-            let mut stmt = conn.prepare_cached(
-                "SELECT (accepted_at_ms / ?1) * ?1 AS b,
-                        SUM(action = 'like'), SUM(action = 'unlike')
-                 FROM like_events
-                 WHERE changed AND track = ?2 AND accepted_at_ms >= ?3 AND accepted_at_ms < ?4
-                 GROUP BY b ORDER BY b",
-            )?;
-            let rows = stmt.query_map(
-                rusqlite::params![size, query.track, query.start_ms, query.end_ms],
-                |row| {
-                    Ok(Row {
-                        start_ms: row.get(0)?,
-                        likes: row.get::<_, i64>(1)?.max(0) as u64,
-                        unlikes: row.get::<_, i64>(2)?.max(0) as u64,
-                    })
-                },
-            )?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
-        .await?
+        let rows = self
+            .store
+            .with_async(move |r| {
+                r.history(
+                    &query.track,
+                    query.bucket.millis(),
+                    query.start_ms,
+                    query.end_ms,
+                )
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Row {
+                start_ms: row.start_ms,
+                likes: row.likes,
+                unlikes: row.unlikes,
+            })
+            .collect())
     }
 }
 

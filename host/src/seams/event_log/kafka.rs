@@ -10,7 +10,6 @@
 //! twice after a failure; consumers are idempotent by event id.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +27,7 @@ use super::sqlite::{Committed, Forward, SqliteEventLog};
 use super::{EventLog, EventLogError, EventRecord, LikeEvent};
 use crate::metrics::Metrics;
 use crate::seams::{Health, Part};
+use crate::store::{SpilledEvent, Store};
 
 /// Meta key of the highest outbox position Kafka confirmed (everything up to it is shipped).
 const SHIPPED_POS: &str = "kafka_shipped_pos";
@@ -86,20 +86,16 @@ impl KafkaEventLog {
     /// Opens the local store and spill and starts shipping (first whatever a previous run
     /// left in the spill). Kafka does not have to be reachable.
     pub fn start(
-        data_dir: &Path,
+        store: &Store,
         settings: KafkaSettings,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<KafkaEventLog> {
-        let conn = crate::store::open(data_dir)?;
-        let shipped = crate::store::meta_get(&conn, SHIPPED_POS)?.unwrap_or(0);
-        let last: Option<i64> =
-            conn.query_row("SELECT MAX(pos) FROM kafka_outbox", [], |row| row.get(0))?;
-        let committed_pos = Arc::new(AtomicU64::new(
-            last.map_or(shipped, |p| p.max(0) as u64).max(shipped),
-        ));
+        let (shipped, last) =
+            store.with(|r| Ok((r.meta_get(SHIPPED_POS)?.unwrap_or(0), r.last_spill_pos()?)))?;
+        let committed_pos = Arc::new(AtomicU64::new(last.unwrap_or(shipped).max(shipped)));
         let (committed, inbox) = mpsc::unbounded_channel();
         let local = SqliteEventLog::start(
-            data_dir,
+            store,
             Some(Forward {
                 committed,
                 committed_pos: committed_pos.clone(),
@@ -122,7 +118,7 @@ impl KafkaEventLog {
         let shipper = Shipper {
             producer,
             shared: shared.clone(),
-            data_dir: data_dir.to_path_buf(),
+            store: store.clone(),
             inbox,
             in_flight: FuturesOrdered::new(),
             sent_through: shipped,
@@ -227,7 +223,7 @@ impl Part for KafkaEventLog {
 struct Shipper {
     producer: FutureProducer,
     shared: Arc<Shared>,
-    data_dir: PathBuf,
+    store: Store,
     inbox: mpsc::UnboundedReceiver<Committed>,
     in_flight: FuturesOrdered<DeliveryWait>,
     /// Highest outbox position handed to the producer.
@@ -359,11 +355,12 @@ impl Shipper {
         }
         loop {
             let from = self.confirmed;
-            let data_dir = self.data_dir.clone();
-            let page = tokio::task::spawn_blocking(move || read_spill(&data_dir, from))
+            let page = self
+                .store
+                .with_async(move |r| r.spill_after(from, REPLAY_PAGE))
                 .await
-                .map_err(|e| e.to_string())?
                 .map_err(|e| format!("{e:#}"))?;
+            let page: Vec<(u64, LikeEvent)> = page.into_iter().map(spilled_event).collect();
             if page.is_empty() {
                 return Ok(());
             }
@@ -387,25 +384,15 @@ impl Shipper {
         if confirmed == *persisted {
             return;
         }
-        let data_dir = self.data_dir.clone();
-        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut conn = crate::store::open_reader(&data_dir)?;
-            let tx = conn.transaction()?;
-            crate::store::meta_set(&tx, SHIPPED_POS, confirmed)?;
-            tx.execute(
-                "DELETE FROM kafka_outbox WHERE pos <= ?1",
-                [confirmed as i64],
-            )?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await;
+        let result = self
+            .store
+            .with_async(move |r| r.spill_shipped(SHIPPED_POS, confirmed))
+            .await;
         match result {
-            Ok(Ok(())) => *persisted = confirmed,
-            Ok(Err(err)) => {
+            Ok(()) => *persisted = confirmed,
+            Err(err) => {
                 tracing::warn!(error = %format!("{err:#}"), "cannot store the Kafka cursor")
             }
-            Err(err) => tracing::warn!(error = %err, "cannot store the Kafka cursor"),
         }
     }
 }
@@ -419,36 +406,25 @@ async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery
     (pos, seq, result)
 }
 
-/// The next page of the spill after `after`, in commit order.
-fn read_spill(data_dir: &Path, after: u64) -> anyhow::Result<Vec<(u64, LikeEvent)>> {
-    let conn = crate::store::open_reader(data_dir)?;
-    let mut stmt = conn.prepare(
-        "SELECT o.pos, e.event_id, e.seq, e.user, e.track, e.action, e.key, e.accepted_at_ms, e.node, o.version, e.changed
-         FROM kafka_outbox o JOIN like_events e ON e.seq = o.seq
-         WHERE o.pos > ?1 ORDER BY o.pos LIMIT ?2",
-    )?;
-    let rows = stmt.query_map([after as i64, REPLAY_PAGE as i64], |row| {
-        let action: String = row.get(5)?;
-        let seq = row.get::<_, i64>(2)?.max(0) as u64;
-        Ok((
-            row.get::<_, i64>(0)?.max(0) as u64,
-            LikeEvent {
-                event_id: row.get(1)?,
-                seq,
-                version: row.get::<_, i64>(9)?.max(0) as u64,
-                user: Arc::from(row.get::<_, String>(3)?),
-                track: Arc::from(row.get::<_, String>(4)?),
-                action: fanfare_protocol::Action::parse(&action)
-                    .unwrap_or(fanfare_protocol::Action::Like),
-                key: row.get(6)?,
-                accepted_at_ms: row.get(7)?,
-                node: Arc::from(row.get::<_, String>(8)?),
-                changed: row.get(10)?,
-            },
-        ))
-    })?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .context("cannot read the Kafka spill")
+/// A spilled event as the shipper sends it.
+fn spilled_event(spilled: SpilledEvent) -> (u64, LikeEvent) {
+    let e = spilled.event;
+    (
+        spilled.pos,
+        LikeEvent {
+            event_id: e.event_id,
+            seq: e.seq,
+            version: spilled.version,
+            user: Arc::from(e.user),
+            track: Arc::from(e.track),
+            action: fanfare_protocol::Action::parse(&e.action)
+                .unwrap_or(fanfare_protocol::Action::Like),
+            key: e.key,
+            accepted_at_ms: e.accepted_at_ms,
+            node: Arc::from(e.node),
+            changed: e.changed,
+        },
+    )
 }
 
 /// The idempotent producer: acks from all in-sync replicas, no duplicates or reordering from

@@ -4,18 +4,17 @@
 //! limit), writes it in one transaction, commits once (one fsync) and then answers every
 //! waiter. Under load batches grow by themselves, so throughput rises without raising latency.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EventLog, EventLogError, LikeEvent, Uncommitted};
 use crate::seams::{Health, Part};
+use crate::store::{NewEvent, Store};
 use fanfare_protocol::Action;
 
 const MAX_BATCH: usize = 4096;
@@ -50,8 +49,8 @@ pub struct SqliteEventLog {
 
 impl SqliteEventLog {
     /// Starts the writer thread on its own connection to the store.
-    pub fn start(data_dir: &Path, forward: Option<Forward>) -> anyhow::Result<SqliteEventLog> {
-        let conn = crate::store::open(data_dir)?;
+    pub fn start(store: &Store, forward: Option<Forward>) -> anyhow::Result<SqliteEventLog> {
+        let conn = store.writer()?;
         let uncommitted = Arc::new(Uncommitted::default());
         let (requests, inbox) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -124,7 +123,7 @@ impl Part for SqliteEventLog {
 }
 
 struct Writer {
-    conn: Connection,
+    conn: crate::store::Writer,
     uncommitted: Arc<Uncommitted>,
     healthy: Arc<AtomicBool>,
     forward: Option<Forward>,
@@ -210,77 +209,35 @@ fn appended_seq(request: &Request) -> Option<u64> {
 /// Commits the batch's events; with `spill`, also queues each new one in the outbox and
 /// returns (outbox position, batch index) pairs in commit order.
 fn commit(
-    conn: &mut Connection,
+    conn: &mut crate::store::Writer,
     batch: &[Request],
     spill: bool,
 ) -> Result<Vec<(u64, usize)>, String> {
-    let mut outboxed = Vec::new();
-    if !batch.iter().any(|r| matches!(r, Request::Append(..))) {
-        return Ok(outboxed);
-    }
-    let tx = conn.transaction().map_err(|e| e.to_string())?;
-    {
-        let mut insert = tx
-            .prepare_cached(
-                "INSERT OR IGNORE INTO like_events (seq, event_id, user, track, action, key, accepted_at_ms, node, changed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .map_err(|e| e.to_string())?;
-        let mut count = tx
-            .prepare_cached(
-                "INSERT INTO track_counts (track, count) VALUES (?1, MAX(?2, 0))
-                 ON CONFLICT (track) DO UPDATE SET count = MAX(count + ?2, 0)",
-            )
-            .map_err(|e| e.to_string())?;
-        let mut outbox = tx
-            .prepare_cached("INSERT INTO kafka_outbox (seq, version) VALUES (?1, ?2)")
-            .map_err(|e| e.to_string())?;
-        let mut existing = tx
-            .prepare_cached("SELECT seq FROM like_events WHERE event_id = ?1")
-            .map_err(|e| e.to_string())?;
-        for (index, request) in batch.iter().enumerate() {
-            let Request::Append(event, _) = request else {
-                continue;
-            };
-            let inserted = insert
-                .execute(params![
-                    event.seq as i64,
-                    event.event_id,
-                    &*event.user,
-                    &*event.track,
-                    event.action.as_str(),
-                    event.key,
-                    event.accepted_at_ms,
-                    &*event.node,
-                    event.changed,
-                ])
-                .map_err(|e| e.to_string())?;
-            if inserted == 1 && event.changed {
-                let delta: i64 = match event.action {
-                    Action::Like => 1,
-                    Action::Unlike => -1,
-                };
-                count
-                    .execute(params![&*event.track, delta])
-                    .map_err(|e| e.to_string())?;
-            }
-            // Shipped even when the row existed (a restored re-send): Kafka's consumers keep
-            // one copy per event id, and the appender is waiting for Kafka's confirmation.
-            if spill {
-                let stored_seq: i64 = if inserted == 1 {
-                    event.seq as i64
-                } else {
-                    existing
-                        .query_row(params![event.event_id], |row| row.get(0))
-                        .map_err(|e| e.to_string())?
-                };
-                let pos = outbox
-                    .insert(params![stored_seq, event.version as i64])
-                    .map_err(|e| e.to_string())?;
-                outboxed.push((pos.max(0) as u64, index));
-            }
-        }
-    }
-    tx.commit().map_err(|e| e.to_string())?;
-    Ok(outboxed)
+    let (indexes, events): (Vec<usize>, Vec<NewEvent<'_>>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(index, request)| match request {
+            Request::Append(e, _) => Some((
+                index,
+                NewEvent {
+                    seq: e.seq,
+                    version: e.version,
+                    event_id: &e.event_id,
+                    user: &e.user,
+                    track: &e.track,
+                    liked: e.action == Action::Like,
+                    key: &e.key,
+                    accepted_at_ms: e.accepted_at_ms,
+                    node: &e.node,
+                    changed: e.changed,
+                },
+            )),
+            _ => None,
+        })
+        .unzip();
+    let spilled = conn.commit(&events, spill).map_err(|e| e.to_string())?;
+    Ok(spilled
+        .into_iter()
+        .map(|(pos, i)| (pos, indexes[i]))
+        .collect())
 }

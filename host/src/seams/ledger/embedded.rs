@@ -7,15 +7,14 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::Connection;
 
 use super::{Decision, Ledger, LedgerError, Outcome};
 use crate::seams::Part;
 use crate::seams::event_log::{LikeEvent, Uncommitted};
+use crate::store::{Reader, Store};
 use fanfare_protocol::{Action, LikeRequest};
 
 /// Keys remembered per pair for resend detection.
@@ -32,7 +31,7 @@ pub struct EmbeddedLedger {
 }
 
 struct State {
-    reader: Connection,
+    reader: Reader,
     next_seq: u64,
     /// Counts of tracks this node changed, evicted with the pairs once every event of the
     /// track is committed (the store then holds the count).
@@ -58,22 +57,22 @@ struct Pair {
 impl EmbeddedLedger {
     /// `uncommitted` comes from the event log: a pair whose last event is in it stays.
     pub fn open(
-        data_dir: &Path,
+        store: &Store,
         node: Arc<str>,
         uncommitted: Arc<Uncommitted>,
     ) -> anyhow::Result<Self> {
-        Self::with_capacity(data_dir, node, uncommitted, PAIR_CAPACITY)
+        Self::with_capacity(store, node, uncommitted, PAIR_CAPACITY)
     }
 
     /// `open` with another number of pairs kept before eviction (tests).
     pub fn with_capacity(
-        data_dir: &Path,
+        store: &Store,
         node: Arc<str>,
         uncommitted: Arc<Uncommitted>,
         capacity: usize,
     ) -> anyhow::Result<Self> {
-        let reader = crate::store::open_reader(data_dir)?;
-        let next_seq = crate::store::last_seq(&reader)? + 1;
+        let reader = store.reader()?;
+        let next_seq = reader.last_seq()? + 1;
         Ok(EmbeddedLedger {
             state: Mutex::new(State {
                 reader,
@@ -105,20 +104,21 @@ fn storage(err: rusqlite::Error) -> LedgerError {
 
 /// The count of a track, read from the store on first use; returns the shared track name too.
 fn load_count(
-    reader: &Connection,
+    reader: &Reader,
     counts: &HashMap<Arc<str>, u64>,
     track: &str,
 ) -> Result<(Arc<str>, u64), LedgerError> {
     if let Some((name, count)) = counts.get_key_value(track) {
         return Ok((name.clone(), *count));
     }
-    let stored = crate::store::track_count(reader, track).map_err(storage)?;
+    let stored = reader.track_count(track).map_err(storage)?;
     Ok((Arc::from(track), stored))
 }
 
-fn load_pair(reader: &Connection, user: &str, track: &str) -> Result<Pair, LedgerError> {
-    let events =
-        crate::store::recent_pair_events(reader, user, track, KEYS_PER_PAIR).map_err(storage)?;
+fn load_pair(reader: &Reader, user: &str, track: &str) -> Result<Pair, LedgerError> {
+    let events = reader
+        .recent_pair_events(user, track, KEYS_PER_PAIR)
+        .map_err(storage)?;
     let liked = events.first().is_some_and(|e| e.action == "like");
     let stamp = events.iter().map(|e| e.accepted_at_ms).max().unwrap_or(0);
     let keys = events.into_iter().map(|e| e.key.into_boxed_str()).collect();
@@ -288,7 +288,7 @@ impl Ledger for EmbeddedLedger {
         // anyone asks about.
         match guard.counts.get(track) {
             Some(count) => Ok(*count),
-            None => crate::store::track_count(&guard.reader, track).map_err(storage),
+            None => guard.reader.track_count(track).map_err(storage),
         }
     }
 }
@@ -311,10 +311,11 @@ mod tests {
     #[tokio::test]
     async fn once_only_rule_keys_and_restart() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
         let ana: Arc<str> = Arc::from("ana");
         {
-            let log = SqliteEventLog::start(dir.path(), None)?;
-            let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
+            let log = SqliteEventLog::start(&store, None)?;
+            let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
             let first = ledger
                 .apply(&ana, &request(Action::Like, "t", "k1"))
                 .await?;
@@ -345,8 +346,8 @@ mod tests {
             log.close().await?;
         }
         // A new process sees the committed state: the like and its key.
-        let log = SqliteEventLog::start(dir.path(), None)?;
-        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
+        let log = SqliteEventLog::start(&store, None)?;
+        let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
         assert_eq!(ledger.count("t").await?, 1);
         let resent = ledger
             .apply(&ana, &request(Action::Like, "t", "k1"))
@@ -367,8 +368,9 @@ mod tests {
     #[tokio::test]
     async fn a_pair_whose_event_is_not_committed_is_never_forgotten() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let log = SqliteEventLog::start(dir.path(), None)?;
-        let ledger = EmbeddedLedger::with_capacity(dir.path(), "n1".into(), log.uncommitted(), 1)?;
+        let store = Store::open(dir.path())?;
+        let log = SqliteEventLog::start(&store, None)?;
+        let ledger = EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), 1)?;
         let (ana, ben): (Arc<str>, Arc<str>) = (Arc::from("ana"), Arc::from("ben"));
         let first = ledger
             .apply(&ana, &request(Action::Like, "t", "a1"))
@@ -403,8 +405,9 @@ mod tests {
     #[tokio::test]
     async fn counts_of_committed_tracks_are_evicted_and_read_back() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let log = SqliteEventLog::start(dir.path(), None)?;
-        let ledger = EmbeddedLedger::with_capacity(dir.path(), "n1".into(), log.uncommitted(), 50)?;
+        let store = Store::open(dir.path())?;
+        let log = SqliteEventLog::start(&store, None)?;
+        let ledger = EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), 50)?;
         let ana: Arc<str> = Arc::from("ana");
         for t in 0..200 {
             let decision = ledger
@@ -460,8 +463,9 @@ mod tests {
     #[tokio::test]
     async fn toggling_one_pair_keeps_no_growing_list() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let log = SqliteEventLog::start(dir.path(), None)?;
-        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
+        let store = Store::open(dir.path())?;
+        let log = SqliteEventLog::start(&store, None)?;
+        let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
         let ana: Arc<str> = Arc::from("ana");
         for n in 0..10_000 {
             let action = [Action::Like, Action::Unlike][n % 2];
@@ -486,8 +490,9 @@ mod tests {
     #[tokio::test]
     async fn counts_asked_for_are_not_kept() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let log = SqliteEventLog::start(dir.path(), None)?;
-        let ledger = EmbeddedLedger::open(dir.path(), "n1".into(), log.uncommitted())?;
+        let store = Store::open(dir.path())?;
+        let log = SqliteEventLog::start(&store, None)?;
+        let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
         for t in 0..1000 {
             assert_eq!(ledger.count(&format!("nobody-{t}")).await?, 0);
         }
