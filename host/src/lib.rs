@@ -12,6 +12,7 @@ pub mod clock;
 pub mod compose;
 pub mod config;
 pub mod edge;
+pub mod event;
 pub mod farm;
 pub mod like;
 pub mod metrics;

@@ -24,7 +24,7 @@ use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
 use crate::seams::ledger::{Decided, Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
 use crate::seams::{Health, Part};
-use crate::store::{Store, StoredEvent};
+use crate::store::Store;
 use crate::tasks::Tasks;
 use fanfare_protocol::{Action, LikeRequest};
 
@@ -49,7 +49,7 @@ pub struct FarmLedger {
     /// Likes decided while degraded and not yet replayed, recorded at decision time: the
     /// store may not have committed them when a replay reads it, and sequence numbers can
     /// commit out of order, so the store alone cannot say what is owed.
-    owed: Mutex<Vec<StoredEvent>>,
+    owed: Mutex<Vec<LikeEvent>>,
     /// Wakes the reconciler when a like is owed while the link stays up (Redis answering but
     /// refusing writes), when no reconnect would.
     owed_added: tokio::sync::Notify,
@@ -205,17 +205,7 @@ impl FarmLedger {
             self.owed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(StoredEvent {
-                    seq: event.seq,
-                    event_id: event.event_id.clone(),
-                    node: event.node.to_string(),
-                    user: event.user.to_string(),
-                    track: event.track.to_string(),
-                    action: event.action.as_str().to_owned(),
-                    key: event.key.clone(),
-                    accepted_at_ms: event.accepted_at_ms,
-                    changed: event.changed,
-                });
+                .push(event.clone());
             if self.degraded_from.load(Ordering::Relaxed) == 0 {
                 self.degraded_from.store(event.seq, Ordering::Relaxed);
                 self.persist_degraded(event.seq);
@@ -360,7 +350,7 @@ impl FarmLedger {
         self.script.prepare_invoke().load_async(&mut conn).await?;
         // The store first (it survives a crash), then the likes decided while degraded that
         // the store may not have had yet; replays are idempotent, so overlap is harmless.
-        let owed: Vec<StoredEvent> =
+        let owed: Vec<LikeEvent> =
             std::mem::take(&mut *self.owed.lock().unwrap_or_else(|p| p.into_inner()));
         let replayed = match self.replay_from(&mut conn, from_seq, &owed).await {
             Ok(replayed) => replayed,
@@ -408,7 +398,7 @@ impl FarmLedger {
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
         from_seq: u64,
-        owed: &[StoredEvent],
+        owed: &[LikeEvent],
     ) -> anyhow::Result<u64> {
         let mut replayed = 0u64;
         let mut next = from_seq;
@@ -428,7 +418,7 @@ impl FarmLedger {
     async fn replay(
         &self,
         conn: &mut redis::aio::MultiplexedConnection,
-        events: &[StoredEvent],
+        events: &[LikeEvent],
     ) -> anyhow::Result<u64> {
         let mut pipe = redis::pipe();
         for event in events {
@@ -436,7 +426,7 @@ impl FarmLedger {
                 track: &event.track,
                 user: &event.user,
                 key: &event.key,
-                like: event.action == "like",
+                like: event.liked(),
                 stamp: event.accepted_at_ms,
                 event_id: &event.event_id,
             };

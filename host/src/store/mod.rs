@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use rusqlite::Connection;
 
-pub use read::{HistoryRow, PairEvent, Reader, SpilledEvent, StoredEvent};
-pub use write::{NewEvent, Writer};
+pub use read::{HistoryRow, PairEvent, Reader, SpilledEvent};
+pub use write::Writer;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS like_events (

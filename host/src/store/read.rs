@@ -1,8 +1,13 @@
 //! Every read of the embedded database (and the few writes made beside the group commit:
 //! small settings, the Kafka spill's cursor).
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use fanfare_protocol::Action;
 use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::event::LikeEvent;
 
 /// A connection for reads; see [`super::Store`] for how one is had.
 pub struct Reader {
@@ -16,27 +21,11 @@ pub struct PairEvent {
     pub accepted_at_ms: i64,
 }
 
-/// An event as stored, for replays.
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    pub seq: u64,
-    pub event_id: String,
-    pub node: String,
-    pub user: String,
-    pub track: String,
-    pub action: String,
-    pub key: String,
-    pub accepted_at_ms: i64,
-    pub changed: bool,
-}
-
 /// An event waiting in the Kafka spill.
 pub struct SpilledEvent {
     /// Its position in the spill (commit order).
     pub pos: u64,
-    /// The version it is shipped with.
-    pub version: u64,
-    pub event: StoredEvent,
+    pub event: LikeEvent,
 }
 
 /// Likes and unlikes that changed a pair, in one time bucket of a track.
@@ -49,16 +38,26 @@ pub struct HistoryRow {
 const EVENT_COLUMNS: &str =
     "e.seq, e.user, e.track, e.action, e.key, e.accepted_at_ms, e.event_id, e.node, e.changed";
 
-fn stored_event(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<StoredEvent> {
-    Ok(StoredEvent {
-        seq: row.get::<_, i64>(at)?.max(0) as u64,
-        user: row.get(at + 1)?,
-        track: row.get(at + 2)?,
-        action: row.get(at + 3)?,
+/// An event from its row; `version` where the row has none (`like_events` keeps no Redis
+/// version) is its local sequence, as the embedded ledger gives it.
+fn stored_event(
+    row: &rusqlite::Row<'_>,
+    at: usize,
+    version: Option<u64>,
+) -> rusqlite::Result<LikeEvent> {
+    let seq = row.get::<_, i64>(at)?.max(0) as u64;
+    let action: String = row.get(at + 3)?;
+    Ok(LikeEvent {
+        seq,
+        version: version.unwrap_or(seq),
+        user: Arc::from(row.get::<_, String>(at + 1)?),
+        track: Arc::from(row.get::<_, String>(at + 2)?),
+        // The schema's CHECK allows nothing else.
+        action: Action::parse(&action).unwrap_or(Action::Like),
         key: row.get(at + 4)?,
         accepted_at_ms: row.get(at + 5)?,
         event_id: row.get(at + 6)?,
-        node: row.get(at + 7)?,
+        node: Arc::from(row.get::<_, String>(at + 7)?),
         changed: row.get(at + 8)?,
     })
 }
@@ -128,12 +127,12 @@ impl Reader {
     }
 
     /// Up to `limit` events with `seq >= from`, in order.
-    pub fn events_from(&self, from: u64, limit: usize) -> anyhow::Result<Vec<StoredEvent>> {
+    pub fn events_from(&self, from: u64, limit: usize) -> anyhow::Result<Vec<LikeEvent>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {EVENT_COLUMNS} FROM like_events e WHERE e.seq >= ?1 ORDER BY e.seq LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![from as i64, limit as i64], |row| {
-            stored_event(row, 0)
+            stored_event(row, 0, None)
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -189,10 +188,10 @@ impl Reader {
              WHERE o.pos > ?1 ORDER BY o.pos LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![after as i64, limit as i64], |row| {
+            let version = row.get::<_, i64>(1)?.max(0) as u64;
             Ok(SpilledEvent {
                 pos: row.get::<_, i64>(0)?.max(0) as u64,
-                version: row.get::<_, i64>(1)?.max(0) as u64,
-                event: stored_event(row, 2)?,
+                event: stored_event(row, 2, Some(version))?,
             })
         })?;
         rows.collect::<Result<Vec<_>, _>>()

@@ -2,19 +2,7 @@
 
 use rusqlite::{Connection, params};
 
-/// An event to store, borrowed from the event log's own type.
-pub struct NewEvent<'a> {
-    pub seq: u64,
-    pub version: u64,
-    pub event_id: &'a str,
-    pub user: &'a str,
-    pub track: &'a str,
-    pub liked: bool,
-    pub key: &'a str,
-    pub accepted_at_ms: i64,
-    pub node: &'a str,
-    pub changed: bool,
-}
+use crate::event::LikeEvent;
 
 /// The one connection that writes events (the event log's writer thread owns it).
 pub struct Writer {
@@ -32,7 +20,7 @@ impl Writer {
     /// Kafka). Returns (spill position, index in `events`) in commit order.
     pub fn commit(
         &mut self,
-        events: &[NewEvent<'_>],
+        events: &[&LikeEvent],
         spill: bool,
     ) -> rusqlite::Result<Vec<(u64, usize)>> {
         let mut spilled = Vec::new();
@@ -57,17 +45,17 @@ impl Writer {
                 let inserted = insert.execute(params![
                     event.seq as i64,
                     event.event_id,
-                    event.user,
-                    event.track,
-                    if event.liked { "like" } else { "unlike" },
+                    &*event.user,
+                    &*event.track,
+                    event.action.as_str(),
                     event.key,
                     event.accepted_at_ms,
-                    event.node,
+                    &*event.node,
                     event.changed,
                 ])?;
                 if inserted == 1 && event.changed {
-                    let delta: i64 = if event.liked { 1 } else { -1 };
-                    count.execute(params![event.track, delta])?;
+                    let delta: i64 = if event.liked() { 1 } else { -1 };
+                    count.execute(params![&*event.track, delta])?;
                 }
                 if spill {
                     let stored_seq: i64 = if inserted == 1 {

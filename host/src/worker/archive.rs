@@ -26,8 +26,8 @@ use mongodb::bson::{Document, doc};
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection, Database, IndexModel};
 
+use crate::event::LikeEvent;
 use crate::seams::Part;
-use crate::seams::event_log::EventRecord;
 use crate::seams::history::{History, Query, Row, roll_up};
 use crate::worker::register::{Register, number};
 
@@ -225,7 +225,7 @@ impl MongoArchive {
     /// only ever adds changes that the same worker's register write made.
     pub async fn store(
         &self,
-        batch: &[EventRecord],
+        batch: &[LikeEvent],
         positions: &[LogPosition],
     ) -> anyhow::Result<Stored> {
         let mut stored = Stored::default();
@@ -246,7 +246,7 @@ impl MongoArchive {
 
         let mut track_spans: BTreeMap<&str, Span> = BTreeMap::new();
         let mut minute_spans: BTreeMap<(&str, i64), Span> = BTreeMap::new();
-        let mut newest: BTreeMap<(&str, &str), &EventRecord> = BTreeMap::new();
+        let mut newest: BTreeMap<(&str, &str), &LikeEvent> = BTreeMap::new();
         for (e, at) in batch.iter().zip(positions) {
             Span::widen(track_spans.entry(&e.track), at);
             Span::widen(minute_spans.entry((&e.track, minute_of(e))), at);
@@ -260,17 +260,17 @@ impl MongoArchive {
         for &i in &duplicate {
             let e = &batch[i];
             if e.changed {
-                let minute = (e.track.as_str(), minute_of(e));
+                let minute = (&*e.track, minute_of(e));
                 recount_minutes.insert(minute, minute_spans[&minute]);
             }
         }
         let mut minute_inc: BTreeMap<(&str, i64), [i64; 2]> = BTreeMap::new();
         for (i, e) in batch.iter().enumerate() {
-            let minute = (e.track.as_str(), minute_of(e));
+            let minute = (&*e.track, minute_of(e));
             if duplicate.contains(&i) || !e.changed || recount_minutes.contains_key(&minute) {
                 continue;
             }
-            minute_inc.entry(minute).or_default()[usize::from(e.action != "like")] += 1;
+            minute_inc.entry(minute).or_default()[usize::from(!e.liked())] += 1;
         }
 
         let newest: Vec<((&str, &str), Register)> = newest
@@ -281,8 +281,7 @@ impl MongoArchive {
         stored.round_trips += registers.round_trips;
         // An event already stored (a replay or a second writer, which may or may not have
         // counted its change), or a register already as new as ours.
-        let mut suspect: BTreeSet<&str> =
-            duplicate.iter().map(|&i| batch[i].track.as_str()).collect();
+        let mut suspect: BTreeSet<&str> = duplicate.iter().map(|&i| &*batch[i].track).collect();
         suspect.extend(registers.refused);
         let mut change = registers.count_change;
         lap(&mut stored, 1);
@@ -331,11 +330,11 @@ impl MongoArchive {
     }
 
     /// Inserts the events unordered; returns the batch indexes that were already stored.
-    async fn insert_events(&self, batch: &[EventRecord]) -> anyhow::Result<HashSet<usize>> {
+    async fn insert_events(&self, batch: &[LikeEvent]) -> anyhow::Result<HashSet<usize>> {
         let docs = batch.iter().map(|e| {
             doc! {
-                "_id": &e.event_id, "user": &e.user, "track": &e.track, "action": &e.action,
-                "accepted_at_ms": e.accepted_at_ms, "minute": minute_of(e), "node": &e.node,
+                "_id": &e.event_id, "user": &*e.user, "track": &*e.track, "action": e.action.as_str(),
+                "accepted_at_ms": e.accepted_at_ms, "minute": minute_of(e), "node": &*e.node,
                 "version": e.version as i64, "key": &e.key, "changed": e.changed,
             }
         });
@@ -507,7 +506,7 @@ fn minute_id(track: &str, minute: i64) -> String {
     format!("{track}/{minute}")
 }
 
-fn minute_of(e: &EventRecord) -> i64 {
+fn minute_of(e: &LikeEvent) -> i64 {
     e.accepted_at_ms.div_euclid(MINUTE_MS) * MINUTE_MS
 }
 

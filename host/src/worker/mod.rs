@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SharedArgs;
 use crate::tasks::Tasks;
 
+use crate::event::LikeEvent;
 use crate::farm::link::RedisLink;
-use crate::seams::event_log::EventRecord;
 use crate::worker::archive::{LogPosition, MongoArchive};
 use crate::worker::consumer_watch::{WatchContext, spawn_lag_sampler};
 
@@ -363,7 +363,7 @@ async fn run_repairs(
 }
 
 struct Batch {
-    events: Vec<EventRecord>,
+    events: Vec<LikeEvent>,
     /// Where each event sits in the topic (the totals' guard against a second worker).
     positions: Vec<LogPosition>,
     offsets: TopicPartitionList,
@@ -430,8 +430,8 @@ async fn next_batch(
             (message.topic().to_owned(), message.partition()),
             message.offset() + 1,
         );
-        match message.payload().map(serde_json::from_slice::<EventRecord>) {
-            Some(Ok(event)) if fanfare_protocol::Action::parse(&event.action).is_some() => {
+        match message.payload().map(serde_json::from_slice::<LikeEvent>) {
+            Some(Ok(event)) => {
                 events.push(event);
                 positions.push(LogPosition {
                     partition: message.partition(),

@@ -13,10 +13,10 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use redis::Script;
 
+use crate::event::LikeEvent;
 use crate::farm::keys;
 use crate::farm::ledger_script::{APPLY, Replay};
 use crate::farm::link::RedisLink;
-use crate::seams::event_log::EventRecord;
 use crate::tasks::Tasks;
 use crate::worker::archive::MongoArchive;
 
@@ -28,14 +28,14 @@ const EPOCH_CHECK: Duration = Duration::from_secs(5);
 
 /// Merges the events into Redis; returns how many changed a register's state (events no node
 /// had merged).
-pub async fn merge(link: &RedisLink, events: &[EventRecord]) -> anyhow::Result<u64> {
+pub async fn merge(link: &RedisLink, events: &[LikeEvent]) -> anyhow::Result<u64> {
     let merges: Vec<Replay<'_>> = events
         .iter()
         .map(|e| Replay {
             track: &e.track,
             user: &e.user,
             key: &e.key,
-            like: e.action == "like",
+            like: e.liked(),
             stamp: e.accepted_at_ms,
             event_id: &e.event_id,
         })

@@ -2,7 +2,7 @@
 
 use mongodb::bson::{Document, doc};
 
-use crate::seams::event_log::EventRecord;
+use crate::event::LikeEvent;
 
 /// A pair's register: its newest event, ordered by (stamp, event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,9 +15,9 @@ pub struct Register {
 }
 
 impl Register {
-    pub(super) fn of(e: &EventRecord) -> Register {
+    pub(super) fn of(e: &LikeEvent) -> Register {
         Register {
-            liked: e.action == "like",
+            liked: e.liked(),
             stamp: e.accepted_at_ms,
             event_id: e.event_id.clone(),
             key: e.key.clone(),

@@ -29,7 +29,7 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer;
 use tokio::time::Instant;
 
-use crate::seams::event_log::EventRecord;
+use crate::event::LikeEvent;
 use crate::worker::archive::{LogPosition, MongoArchive};
 
 /// How long after the risky batch its tracks are rebuilt (longer than a straggler's batch).
@@ -66,7 +66,7 @@ impl Repairs {
     /// new, refused increments (replays, late or concurrent writes) — rebuilt after the delay.
     pub fn note(
         &mut self,
-        events: &[EventRecord],
+        events: &[LikeEvent],
         positions: &[LogPosition],
         retried: bool,
         suspect: &[(String, i32)],
@@ -81,8 +81,8 @@ impl Repairs {
                 .or_insert((*partition, now + DELAY));
         }
         for (e, at) in events.iter().zip(positions) {
-            if !self.touched.contains_key(&e.track) {
-                self.touched.insert(e.track.clone(), at.partition);
+            if !self.touched.contains_key(&*e.track) {
+                self.touched.insert(e.track.to_string(), at.partition);
             }
         }
         if assignments != self.assignments_seen {
@@ -94,7 +94,7 @@ impl Repairs {
         }
         for (e, at) in events.iter().zip(positions) {
             self.due
-                .entry(e.track.clone())
+                .entry(e.track.to_string())
                 .or_insert((at.partition, now + DELAY));
         }
     }
@@ -189,14 +189,15 @@ impl Repairs {
 mod tests {
     use super::*;
 
-    fn event(track: &str) -> EventRecord {
-        EventRecord {
+    fn event(track: &str) -> LikeEvent {
+        LikeEvent {
             event_id: format!("e-{track}"),
-            user: "u".to_owned(),
-            track: track.to_owned(),
-            action: "like".to_owned(),
+            seq: 0,
+            user: "u".into(),
+            track: track.into(),
+            action: fanfare_protocol::Action::Like,
             accepted_at_ms: 1,
-            node: "n".to_owned(),
+            node: "n".into(),
             version: 1,
             key: "k".to_owned(),
             changed: true,

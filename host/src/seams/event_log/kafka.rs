@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::sqlite::{Committed, Forward, SqliteEventLog};
-use super::{EventLog, EventLogError, EventRecord, LikeEvent};
+use super::{EventLog, EventLogError, LikeEvent};
 use crate::metrics::Metrics;
 use crate::seams::{Health, Part};
 use crate::store::{SpilledEvent, Store};
@@ -310,7 +310,7 @@ impl Shipper {
     }
 
     fn send(&mut self, pos: u64, event: &LikeEvent) -> Result<(), String> {
-        let payload = serde_json::to_vec(&EventRecord::from(event)).map_err(|e| e.to_string())?;
+        let payload = serde_json::to_vec(event).map_err(|e| e.to_string())?;
         let record = FutureRecord::to(&self.shared.settings.topic)
             .key(&*event.track)
             .payload(&payload);
@@ -408,23 +408,7 @@ async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery
 
 /// A spilled event as the shipper sends it.
 fn spilled_event(spilled: SpilledEvent) -> (u64, LikeEvent) {
-    let e = spilled.event;
-    (
-        spilled.pos,
-        LikeEvent {
-            event_id: e.event_id,
-            seq: e.seq,
-            version: spilled.version,
-            user: Arc::from(e.user),
-            track: Arc::from(e.track),
-            action: fanfare_protocol::Action::parse(&e.action)
-                .unwrap_or(fanfare_protocol::Action::Like),
-            key: e.key,
-            accepted_at_ms: e.accepted_at_ms,
-            node: Arc::from(e.node),
-            changed: e.changed,
-        },
-    )
+    (spilled.pos, spilled.event)
 }
 
 /// The idempotent producer: acks from all in-sync replicas, no duplicates or reordering from

@@ -7,42 +7,16 @@ pub mod kafka;
 mod sqlite;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
 pub use kafka::{KafkaEventLog, KafkaSettings};
 pub use sqlite::{Committed, Forward, SqliteEventLog};
 
-use fanfare_protocol::Action;
+pub use crate::event::LikeEvent;
 
 use super::Part;
-
-/// One accepted action on a (user, track) pair: a change of its state, or an action that
-/// left the state as it was (`changed: false`, acked `duplicate: true`), which still moves the
-/// pair's last-writer-wins register forward (see docs/farm.md, "The pair register"). Only
-/// re-sent keys never become events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LikeEvent {
-    /// Globally unique id (UUIDv7), the idempotency key for every downstream store.
-    pub event_id: String,
-    /// Order of acceptance on this node's ledger.
-    pub seq: u64,
-    /// Orders updates of one track for broadcasts: the local sequence on one node, the
-    /// track's Redis version in a farm (the same on every node).
-    pub version: u64,
-    pub user: Arc<str>,
-    pub track: Arc<str>,
-    pub action: Action,
-    /// The client's idempotency key.
-    pub key: String,
-    /// The pair's stamp for this action (ms; hybrid: never below the pair's previous stamp
-    /// + 1 where the deciding ledger knew it). With the event id it orders a pair's actions.
-    pub accepted_at_ms: i64,
-    pub node: Arc<str>,
-    /// Whether the deciding ledger saw the pair's state change (history counts only these).
-    pub changed: bool,
-}
 
 /// Sequence numbers the ledger handed out whose events the store has not committed yet. The
 /// ledger forgets a pair only when the pair's last event is not among them. A batch's highest
@@ -67,47 +41,6 @@ impl Uncommitted {
 
     pub fn lock(&self) -> MutexGuard<'_, HashSet<u64>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// The wire form of an event on the Kafka topic (JSON; key = track). Documented in
-/// `docs/events.md`; consumers must ignore fields they do not know.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct EventRecord {
-    pub event_id: String,
-    pub user: String,
-    pub track: String,
-    /// `like` or `unlike`
-    pub action: String,
-    pub accepted_at_ms: i64,
-    pub node: String,
-    /// Per-track order of this event (the track's Redis version in a farm).
-    pub version: u64,
-    /// The client's idempotency key.
-    pub key: String,
-    /// False for an action that left the pair's state as it was (absent in records written
-    /// before it existed: those were all changes).
-    #[serde(default = "changed_by_default")]
-    pub changed: bool,
-}
-
-fn changed_by_default() -> bool {
-    true
-}
-
-impl From<&LikeEvent> for EventRecord {
-    fn from(event: &LikeEvent) -> EventRecord {
-        EventRecord {
-            event_id: event.event_id.clone(),
-            user: event.user.to_string(),
-            track: event.track.to_string(),
-            action: event.action.as_str().to_owned(),
-            accepted_at_ms: event.accepted_at_ms,
-            node: event.node.to_string(),
-            version: event.version,
-            key: event.key.clone(),
-            changed: event.changed,
-        }
     }
 }
 

@@ -14,8 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{EventLog, EventLogError, LikeEvent, Uncommitted};
 use crate::seams::{Health, Part};
-use crate::store::{NewEvent, Store};
-use fanfare_protocol::Action;
+use crate::store::Store;
 
 const MAX_BATCH: usize = 4096;
 const QUEUE_CAPACITY: usize = 16_384;
@@ -213,25 +212,11 @@ fn commit(
     batch: &[Request],
     spill: bool,
 ) -> Result<Vec<(u64, usize)>, String> {
-    let (indexes, events): (Vec<usize>, Vec<NewEvent<'_>>) = batch
+    let (indexes, events): (Vec<usize>, Vec<&LikeEvent>) = batch
         .iter()
         .enumerate()
         .filter_map(|(index, request)| match request {
-            Request::Append(e, _) => Some((
-                index,
-                NewEvent {
-                    seq: e.seq,
-                    version: e.version,
-                    event_id: &e.event_id,
-                    user: &e.user,
-                    track: &e.track,
-                    liked: e.action == Action::Like,
-                    key: &e.key,
-                    accepted_at_ms: e.accepted_at_ms,
-                    node: &e.node,
-                    changed: e.changed,
-                },
-            )),
+            Request::Append(event, _) => Some((index, event)),
             _ => None,
         })
         .unzip();
