@@ -81,18 +81,11 @@ pub struct WatchContext {
     /// partitions it no longer fetches (state "stopped", positions frozen), which read as a
     /// stall of partitions another worker is consuming.
     held: Mutex<std::collections::BTreeSet<i32>>,
-    /// Revocations received so far: a batch being gathered across one drops what it has (see
-    /// `next_batch`).
-    revocations: std::sync::atomic::AtomicU64,
 }
 
 impl WatchContext {
     pub fn assignments(&self) -> u64 {
         self.assignments.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn revocations(&self) -> u64 {
-        self.revocations.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -159,8 +152,6 @@ impl ConsumerContext for WatchContext {
                 held.extend(partitions);
             }
             Rebalance::Revoke(list) => {
-                self.revocations
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
                 for e in list.elements() {
                     held.remove(&e.partition());

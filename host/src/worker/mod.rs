@@ -258,6 +258,8 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.session_timeout.to_string())
         .set("statistics.interval.ms", "1000")
+        // Fewer, fuller fetches: the broker answers when 256 KiB are there or after 100 ms
+        // (Kafka's CPU in the benchmark: 0.32–0.69 → 0.17–0.23 cores; docs/benchmarks.md).
         .set("fetch.wait.max.ms", "100")
         .set("fetch.min.bytes", "262144")
         .create_with_context(WatchContext::default())
@@ -382,7 +384,6 @@ async fn next_batch(
     let mut positions = Vec::new();
     let mut next_offsets: HashMap<(String, i32), i64> = HashMap::new();
     let mut deadline = None;
-    let mut revocations = consumer.context().revocations();
     while events.len() < max {
         // Until the batch is full or `wait` after its first event; with no event yet, until
         // `wake` (repairs due) if given.
@@ -405,26 +406,6 @@ async fn next_batch(
                 continue;
             }
         };
-        if consumer.context().revocations() != revocations {
-            // A rebalance took effect while this batch was gathered: its partitions are
-            // fetched again from their committed offsets — by another worker, or by this one
-            // (librdkafka restarts even a partition it was given back). Storing what was
-            // gathered would make this worker a straggler that overlaps that fetch, and every
-            // track it touched suspect (the second worker joining at start made ≈600 tracks
-            // suspect in the benchmark, rebuilt for 100 s). Nothing is lost: none of it was
-            // committed.
-            revocations = consumer.context().revocations();
-            if !events.is_empty() {
-                tracing::debug!(
-                    events = events.len(),
-                    "dropped a batch being gathered across a rebalance"
-                );
-            }
-            events.clear();
-            positions.clear();
-            next_offsets.clear();
-            deadline = None;
-        }
         deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
         next_offsets.insert(
             (message.topic().to_owned(), message.partition()),
