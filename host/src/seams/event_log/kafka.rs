@@ -27,7 +27,7 @@ use super::sqlite::{Committed, Forward, SqliteEventLog};
 use super::{EventLog, EventLogError, LikeEvent};
 use crate::metrics::Metrics;
 use crate::seams::{Health, Part};
-use crate::store::{SpilledEvent, Store};
+use crate::store::Store;
 
 /// Meta key of the highest outbox position Kafka confirmed (everything up to it is shipped).
 const SHIPPED_POS: &str = "kafka_shipped_pos";
@@ -360,12 +360,11 @@ impl Shipper {
                 .with_async(move |r| r.spill_after(from, REPLAY_PAGE))
                 .await
                 .map_err(|e| format!("{e:#}"))?;
-            let page: Vec<(u64, LikeEvent)> = page.into_iter().map(spilled_event).collect();
             if page.is_empty() {
                 return Ok(());
             }
-            for (pos, event) in &page {
-                self.send(*pos, event)?;
+            for spilled in &page {
+                self.send(spilled.pos, &spilled.event)?;
             }
             while let Some((pos, seq, result)) = self.in_flight.next().await {
                 result?;
@@ -404,11 +403,6 @@ async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery
         Err(_) => Err("the producer dropped the message".to_owned()),
     };
     (pos, seq, result)
-}
-
-/// A spilled event as the shipper sends it.
-fn spilled_event(spilled: SpilledEvent) -> (u64, LikeEvent) {
-    (spilled.pos, spilled.event)
 }
 
 /// The idempotent producer: acks from all in-sync replicas, no duplicates or reordering from

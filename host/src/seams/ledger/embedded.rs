@@ -300,6 +300,18 @@ mod tests {
     use super::*;
     use crate::seams::event_log::{EventLog, SqliteEventLog};
 
+    /// A store, its event log and a ledger keeping `capacity` pairs, in a fresh directory.
+    fn node(
+        capacity: usize,
+    ) -> anyhow::Result<(tempfile::TempDir, SqliteEventLog, EmbeddedLedger)> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let log = SqliteEventLog::start(&store, None)?;
+        let ledger =
+            EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), capacity)?;
+        Ok((dir, log, ledger))
+    }
+
     fn request(action: Action, track: &str, key: &str) -> LikeRequest {
         LikeRequest {
             action,
@@ -404,10 +416,7 @@ mod tests {
     /// goes with the pairs once its events are committed, and is read back right.
     #[tokio::test]
     async fn counts_of_committed_tracks_are_evicted_and_read_back() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
-        let log = SqliteEventLog::start(&store, None)?;
-        let ledger = EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), 50)?;
+        let (_dir, log, ledger) = node(50)?;
         let ana: Arc<str> = Arc::from("ana");
         for t in 0..200 {
             let decision = ledger
@@ -462,10 +471,7 @@ mod tests {
 
     #[tokio::test]
     async fn toggling_one_pair_keeps_no_growing_list() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
-        let log = SqliteEventLog::start(&store, None)?;
-        let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
+        let (_dir, log, ledger) = node(PAIR_CAPACITY)?;
         let ana: Arc<str> = Arc::from("ana");
         for n in 0..10_000 {
             let action = [Action::Like, Action::Unlike][n % 2];
@@ -489,10 +495,7 @@ mod tests {
     /// Finding 4 of issue 16: asking for the count of any track id kept it in memory.
     #[tokio::test]
     async fn counts_asked_for_are_not_kept() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
-        let log = SqliteEventLog::start(&store, None)?;
-        let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
+        let (_dir, log, ledger) = node(PAIR_CAPACITY)?;
         for t in 0..1000 {
             assert_eq!(ledger.count(&format!("nobody-{t}")).await?, 0);
         }
