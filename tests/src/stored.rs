@@ -8,7 +8,7 @@ use anyhow::bail;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc};
 
-use crate::traffic::{Acks, Expected};
+use crate::traffic::{AckedLike, Acks, Expected};
 
 /// A numeric field whatever integer width the server chose.
 pub fn number(d: &Document, key: &str) -> i64 {
@@ -148,6 +148,8 @@ async fn totals_once(
 pub struct EventAudit {
     /// Acked, not stored.
     pub missing: u64,
+    /// The first few of those, to look up in logs and spills.
+    pub missing_examples: Vec<AckedLike>,
     /// One client key stored as more than one event.
     pub doubled: u64,
     /// Stored, neither acked nor in doubt.
@@ -178,6 +180,9 @@ pub async fn audit_events(db: &mongodb::Database, acks: &Acks) -> anyhow::Result
             .is_none()
         {
             audit.missing += 1;
+            if audit.missing_examples.len() < 10 {
+                audit.missing_examples.push(like.clone());
+            }
         }
     }
     for like in &acks.in_doubt {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fanfare_tests::pipeline::Pipeline;
-use fanfare_tests::stored::{stored_totals, wait_stored};
+use fanfare_tests::stored::{audit_events, stored_totals, wait_stored};
 use fanfare_tests::traffic::{Acks, Expected, Traffic, TrafficPlan};
 use fanfare_tests::{NodeProcess, wait_metric_at};
 use mongodb::bson::{Document, doc};
@@ -180,15 +180,25 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     tokio::time::sleep(Duration::from_secs(3)).await;
     p.kafka.restart().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (acked, in_doubt) = finish(traffic).await?;
-    let total: u64 = acked.values().map(|e| e.actions).sum();
+    let acks = traffic.finish().await?;
+    let acked = acks.per_track.clone();
+    let total = acks.total();
 
-    assert_eq!(in_doubt, 0, "every like was answered in the end");
+    assert_eq!(acks.in_doubt.len(), 0, "every like was answered in the end");
     let db = p.db().await?;
-    let stored = wait_stored(&db, total, Duration::from_secs(90)).await?;
+    if let Err(err) = wait_stored(&db, total, Duration::from_secs(90)).await {
+        let audit = audit_events(&db, &acks).await?;
+        let spill = node.metric("fanfare_kafka_spill_events").await?;
+        panic!("{err:#}: {audit:?}; the node's spill holds {spill} events");
+    }
     // A like cut off by the kill was re-sent by its client: stored once, whichever node
     // attempt got through.
-    assert_eq!(stored, total, "MongoDB holds exactly the acked events");
+    let audit = audit_events(&db, &acks).await?;
+    assert_eq!(
+        (audit.missing, audit.doubled, audit.unexplained),
+        (0, 0, 0),
+        "MongoDB holds exactly the acked events: {audit:?}"
+    );
     let totals = stored_totals(&db, &TRACKS).await?;
     assert_eq!(totals, acked, "per-track totals are exact");
     for track in TRACKS {
@@ -463,7 +473,10 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
         ws.like("like", track, &format!("{user}-1")).await?;
     }
     let db = p.db().await?;
-    wait_stored(&db, 2, Duration::from_secs(30)).await?;
+    if let Err(err) = wait_stored(&db, 2, Duration::from_secs(30)).await {
+        let spill = a.metric("fanfare_kafka_spill_events").await?;
+        anyhow::bail!("{err:#}; the node's spill holds {spill} events");
+    }
     // The worker's first batch followed its assignment, so it rebuilds the track once it is
     // idle; break the register only after that.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
