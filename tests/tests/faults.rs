@@ -1,5 +1,5 @@
 //! A short round of the fault suite (`fanfare_tests::chaos`): every fault once, then one round
-//! of 2–4 faults at once (Redis data loss only alone, see docs/reliability.md), under traffic
+//! of 2–4 faults at once drawn from every kind (the Redis data loss included), under traffic
 //! through HAProxy. Nothing acked may be lost or doubled and every count must agree at the
 //! end. `scripts/chaos` runs the long version.
 
