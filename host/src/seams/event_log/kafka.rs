@@ -318,6 +318,7 @@ impl Shipper {
             .producer
             .send_result(record)
             .map_err(|(err, _)| err.to_string())?;
+        tracing::trace!(pos, user = %event.user, key = %event.key, "sent to Kafka");
         self.sent_through = pos;
         self.in_flight
             .push_back(Box::pin(wait_delivery(pos, event.seq, delivery)));
@@ -396,9 +397,24 @@ impl Shipper {
     }
 }
 
+/// A delivery counts only with the offset Kafka stored it at. librdkafka's idempotent
+/// producer also reports success without one: for a batch it "implicitly acks" because a
+/// later batch of the partition succeeded, even when the broker had refused it (Not leader:
+/// a partition not yet loaded after its topic was created, or a leader change) — measured
+/// here as lost first likes, and an open upstream report (confluent-kafka-go#921). Such an
+/// event is sent again from the spill: at worst a second copy in Kafka, which the workers
+/// store once (by event id).
 async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery {
     let result = match delivery.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(delivery)) if delivery.offset < 0 => Err(format!(
+            "Kafka acked partition {} without an offset (an implicit ack, not proof)",
+            delivery.partition
+        )),
+        Ok(Ok(delivery)) => {
+            let (partition, offset) = (delivery.partition, delivery.offset);
+            tracing::trace!(pos, partition, offset, "Kafka holds the event");
+            Ok(())
+        }
         Ok(Err((err, _))) => Err(err.to_string()),
         Err(_) => Err("the producer dropped the message".to_owned()),
     };
@@ -421,9 +437,12 @@ fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
         .set("compression.type", "lz4")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .create()
-        .context("cannot create the Kafka producer")
+        .set("queue.buffering.max.messages", "200000");
+    // librdkafka's own debug contexts ("eos,msg,protocol"), for a look at what the broker said.
+    if let Ok(contexts) = std::env::var("FANFARE_KAFKA_DEBUG") {
+        config.set("debug", contexts);
+    }
+    config.create().context("cannot create the Kafka producer")
 }
 
 /// Partitions of a topic the node or worker creates (key = track spreads tracks over them,
