@@ -413,6 +413,7 @@ async fn next_batch(
         );
         match message.payload().map(serde_json::from_slice::<LikeEvent>) {
             Some(Ok(event)) => {
+                tracing::trace!(partition = message.partition(), offset = message.offset(), user = %event.user, key = %event.key, "consumed");
                 events.push(event);
                 positions.push(LogPosition {
                     partition: message.partition(),
