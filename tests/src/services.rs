@@ -95,7 +95,8 @@ impl KafkaBroker {
                     .args([OsStr::new("-cp"), lib.join("*").as_os_str()])
                     .args([OsStr::new("kafka.Kafka"), config.as_os_str()])
                     .log(Log::File(node_dir.join("stderr.log")))
-                    .patience(PATIENCE * 3),
+                    // A restart after kill -9 recovers every log first: slow on a busy machine.
+                    .patience(PATIENCE * 6),
             );
         }
         let nodes =
@@ -195,6 +196,18 @@ impl KafkaBroker {
             node.signal(name)?;
         }
         Ok(())
+    }
+}
+
+/// A failing test (or any, with `FANFARE_TEST_KEEP_KAFKA=1`) keeps what its brokers stored
+/// and logged (data, `broker.log`) for a look afterwards; a passing one leaves nothing behind.
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        let keep =
+            std::thread::panicking() || std::env::var_os("FANFARE_TEST_KEEP_KAFKA").is_some();
+        if keep && let Some(dir) = self.dir.take() {
+            eprintln!("Kafka's data and logs are kept in {}", dir.keep().display());
+        }
     }
 }
 
