@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use rdkafka::ClientConfig;
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -406,19 +407,24 @@ impl Shipper {
 /// store once (by event id).
 async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery {
     let result = match delivery.await {
-        Ok(Ok(delivery)) if delivery.offset < 0 => Err(format!(
-            "Kafka acked partition {} without an offset (an implicit ack, not proof)",
-            delivery.partition
-        )),
-        Ok(Ok(delivery)) => {
-            let (partition, offset) = (delivery.partition, delivery.offset);
+        Ok(report) => stored_at(report).map(|(partition, offset)| {
             tracing::trace!(pos, partition, offset, "Kafka holds the event");
-            Ok(())
-        }
-        Ok(Err((err, _))) => Err(err.to_string()),
+        }),
         Err(_) => Err("the producer dropped the message".to_owned()),
     };
     (pos, seq, result)
+}
+
+/// Where Kafka stored the event, or why the report is not proof that it did.
+fn stored_at(report: OwnedDeliveryResult) -> Result<(i32, i64), String> {
+    match report {
+        Ok(delivery) if delivery.offset < 0 => Err(format!(
+            "Kafka acked partition {} without an offset (an implicit ack, not proof)",
+            delivery.partition
+        )),
+        Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+        Err((err, _)) => Err(err.to_string()),
+    }
 }
 
 /// The idempotent producer: acks from all in-sync replicas, no duplicates or reordering from
@@ -477,4 +483,28 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+    use rdkafka::producer::future_producer::Delivery as Report;
+
+    use super::stored_at;
+
+    #[test]
+    fn a_report_without_an_offset_is_not_proof_of_storage() {
+        let implicit = Report {
+            partition: 4,
+            offset: -1001,
+            timestamp: Timestamp::NotAvailable,
+        };
+        assert!(stored_at(Ok(implicit)).is_err());
+        let stored = Report {
+            partition: 4,
+            offset: 7,
+            timestamp: Timestamp::CreateTime(1),
+        };
+        assert_eq!(stored_at(Ok(stored)), Ok((4, 7)));
+    }
 }
