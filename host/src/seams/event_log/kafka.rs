@@ -398,13 +398,7 @@ impl Shipper {
     }
 }
 
-/// A delivery counts only with the offset Kafka stored it at. librdkafka's idempotent
-/// producer also reports success without one: for a batch it "implicitly acks" because a
-/// later batch of the partition succeeded, even when the broker had refused it (Not leader:
-/// a partition not yet loaded after its topic was created, or a leader change) — measured
-/// here as lost first likes, and an open upstream report (confluent-kafka-go#921). Such an
-/// event is sent again from the spill: at worst a second copy in Kafka, which the workers
-/// store once (by event id).
+/// Waits for Kafka's report on one event and judges it ([`stored_at`]).
 async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery {
     let result = match delivery.await {
         Ok(report) => stored_at(report).map(|(partition, offset)| {
@@ -416,6 +410,14 @@ async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery
 }
 
 /// Where Kafka stored the event, or why the report is not proof that it did.
+///
+/// A delivery counts only with the offset Kafka stored it at. librdkafka's idempotent
+/// producer also reports success without one: for a batch it "implicitly acks" because a
+/// later batch of the partition succeeded, even when the broker had refused it (Not leader:
+/// a partition not yet loaded after its topic was created, or a leader change) — measured
+/// here as lost first likes, and an open upstream report (confluent-kafka-go#921). Such an
+/// event is sent again from the spill: at worst a second copy in Kafka, which the workers
+/// store once (by event id).
 fn stored_at(report: OwnedDeliveryResult) -> Result<(i32, i64), String> {
     match report {
         Ok(delivery) if delivery.offset < 0 => Err(format!(
