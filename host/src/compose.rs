@@ -112,6 +112,7 @@ pub async fn node(config: Config) -> anyhow::Result<Arc<Node>> {
         None => Arc::from(format!("node-{:08x}", rand::random::<u32>())),
     };
     crate::clock::set_test_offset_ms(config.test_clock_offset_ms);
+    crate::seams::event_log::set_test_commit_delay_ms(config.test_commit_delay_ms);
     let tasks = Tasks::new();
     let metrics = Arc::new(Metrics::new());
     let cx = Context {

@@ -100,6 +100,11 @@ pub struct Config {
     #[arg(long, hide = true, allow_hyphen_values = true, default_value_t = 0)]
     pub test_clock_offset_ms: i64,
 
+    /// Testing only: holds every SQLite commit this long (a node killed between deciding a
+    /// like and storing it, on purpose).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_commit_delay_ms: u64,
+
     /// Name of this node in events and logs (default: a random id per start).
     #[arg(long, env = "FANFARE_NODE_ID", value_name = "NAME")]
     pub node_id: Option<String>,

@@ -19,8 +19,9 @@ pub struct LikeEvent {
     /// from it).
     #[serde(skip)]
     pub seq: u64,
-    /// Orders updates of one track for broadcasts: the local sequence on one node, the
-    /// track's Redis version in a farm (the same on every node).
+    /// Orders updates of one track for broadcasts on one node (its local sequence). 0 for an
+    /// action decided in a farm: it is committed before its merge gives the track's Redis
+    /// version, which the broadcast carries.
     pub version: u64,
     pub user: Arc<str>,
     pub track: Arc<str>,

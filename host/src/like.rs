@@ -1,5 +1,6 @@
 //! The life of a like, top to bottom. Every like and unlike a client sends goes through
-//! [`handle`] and nowhere else.
+//! [`handle`] and nowhere else: gates, admission, decision, then durable first — committed,
+//! merged, broadcast — and the ack once shipped.
 
 use std::sync::Arc;
 
@@ -9,8 +10,8 @@ use crate::node::Node;
 use crate::plugins::Gate;
 use crate::seams::bus::Published;
 use crate::seams::event_log::{EventLogError, LikeEvent};
-use crate::seams::ledger::Outcome;
-use fanfare_protocol::{Action, ErrorCode, LikeRequest, RecentLike};
+use crate::seams::ledger::{Decision, Merged, Outcome};
+use fanfare_protocol::{ErrorCode, LikeRequest, RecentLike};
 
 /// What the liker is told: an ack, or a refusal.
 pub struct Reply {
@@ -45,7 +46,7 @@ pub async fn handle(node: Arc<Node>, user: Arc<str>, conn: ConnId, request: Like
 }
 
 async fn run(
-    node: &Node,
+    node: &Arc<Node>,
     user: &Arc<str>,
     conn: ConnId,
     request: &LikeRequest,
@@ -79,8 +80,9 @@ async fn run(
         .admit()
         .map_err(|err| durability_error(node, err))?;
 
-    // 3. The ledger applies the once-only rule and gives the new total, without waiting for disk.
-    let decision = node.ledger.apply(user, request).await.map_err(|err| {
+    // 3. The ledger decides what the action means (the once-only rule, the pair's stamp) and
+    //    the event that records it; nothing another node sees has changed yet.
+    let decision = node.ledger.decide(user, request).await.map_err(|err| {
         node.metrics.like(LikeOutcome::Failed);
         tracing::error!(error = %err, "ledger failed");
         Refusal::new(
@@ -89,55 +91,20 @@ async fn run(
         )
     })?;
 
-    let unchanged = matches!(decision.outcome, Outcome::Unchanged(_));
-    match decision.outcome {
-        Outcome::Applied(event) => {
-            // 4. Broadcast now; it does not wait for durability.
-            let published = Published {
-                track: event.track.clone(),
-                count: decision.count,
-                version: event.version,
-                delta: if request.action == Action::Like {
-                    1
-                } else {
-                    -1
-                },
-                like: RecentLike {
-                    user: user.to_string(),
-                    id: request.key.clone(),
-                    action: request.action,
-                },
-                origin: conn,
-            };
-            // This node's listeners at once, the other nodes' (in a farm) through the bus.
-            node.bus.publish(published);
-            // 5. The ack waits until the event is durable.
-            store(node, event)
+    let event = match &decision.outcome {
+        Outcome::Applied(event) | Outcome::Unchanged(event) => event.clone(),
+        Outcome::Restored(event) => {
+            // A re-sent like whose first attempt this node cannot vouch for (farm: merged by a
+            // node that may have died before shipping it), stored again under its original
+            // event id (idempotent everywhere), acked as a re-send.
+            store(node, event.clone())
                 .await
                 .map_err(|err| durability_error(node, err))?;
-            node.metrics.like(LikeOutcome::Accepted);
-            Ok(Ack {
+            node.metrics.like(LikeOutcome::Resent);
+            return Ok(Ack {
                 count: decision.count,
                 duplicate: false,
-            })
-        }
-        Outcome::Restored(event) | Outcome::Unchanged(event) => {
-            // Restored: a re-sent like whose first attempt this node cannot vouch for, stored
-            // again under its original event id (idempotent everywhere), acked as a re-send.
-            // Unchanged: already in that state, nothing to broadcast, but the action is the
-            // pair's newest and is stored like any other, acked as a duplicate.
-            store(node, event)
-                .await
-                .map_err(|err| durability_error(node, err))?;
-            node.metrics.like(if unchanged {
-                LikeOutcome::Duplicate
-            } else {
-                LikeOutcome::Resent
             });
-            Ok(Ack {
-                count: decision.count,
-                duplicate: unchanged,
-            })
         }
         Outcome::Resent => {
             // Nothing changes, but the state we confirm must itself be durable before the ack.
@@ -146,18 +113,76 @@ async fn run(
                 .await
                 .map_err(|err| durability_error(node, err))?;
             node.metrics.like(LikeOutcome::Resent);
-            Ok(Ack {
+            return Ok(Ack {
                 count: decision.count,
                 duplicate: false,
-            })
+            });
         }
-    }
+    };
+
+    // 4. Durable first: committed, 5. merged where every node sees it, 6. broadcast if the
+    //    pair's state changed; 7. the ack once the event is shipped.
+    let like = RecentLike {
+        user: user.to_string(),
+        id: request.key.clone(),
+        action: request.action,
+    };
+    let merged = settle(node, decision, event, like, conn)
+        .await
+        .map_err(|err| durability_error(node, err))?;
+    node.metrics.like(if merged.changed {
+        LikeOutcome::Accepted
+    } else {
+        LikeOutcome::Duplicate
+    });
+    Ok(Ack {
+        count: merged.count,
+        // Already in that state (or overtaken by the same user's newer action meanwhile): the
+        // action is still stored, as the pair's newest word at its stamp.
+        duplicate: !merged.changed,
+    })
 }
 
-/// Appends on a task of its own: once the ledger has decided (and remembered the key), the
-/// event reaches the log even if this future is dropped — a session cut at
+/// Steps 4–7 on a task of their own: once the ledger has decided (and remembered the key), the
+/// event is committed, merged and broadcast even if this future is dropped — a session cut at
 /// `--shutdown-timeout`, say — because a re-send of the key will be acked as re-sent, and only
 /// the stored event makes that ack true.
+async fn settle(
+    node: &Arc<Node>,
+    decision: Decision,
+    event: LikeEvent,
+    like: RecentLike,
+    origin: ConnId,
+) -> Result<Merged, EventLogError> {
+    let (done, settled) = tokio::sync::oneshot::channel();
+    let task_node = node.clone();
+    node.tasks.spawn(async move {
+        let node = task_node;
+        let result = async {
+            let shipped = node.event_log.commit(event.clone()).await?;
+            let merged = node.ledger.merge(&decision, &event).await;
+            if merged.changed {
+                // This node's listeners at once, the other nodes' (in a farm) through the bus.
+                node.bus.publish(Published {
+                    track: event.track.clone(),
+                    count: merged.count,
+                    version: merged.version,
+                    delta: if event.liked() { 1 } else { -1 },
+                    like,
+                    origin,
+                    announced: merged.announced,
+                });
+            }
+            shipped.await?;
+            Ok(merged)
+        }
+        .await;
+        let _ = done.send(result);
+    });
+    settled.await.unwrap_or(Err(EventLogError::Closed))
+}
+
+/// Appends on a task of its own, for the same reason as [`settle`].
 async fn store(node: &Node, event: LikeEvent) -> Result<(), EventLogError> {
     let (done, stored) = tokio::sync::oneshot::channel();
     let log = node.event_log.clone();

@@ -1,4 +1,4 @@
-//! The ledger script's merge, against a real `redis-server`: random histories of (user,
+//! The ledger's merge script, against a real `redis-server`: random histories of (user,
 //! track) actions — likes and unlikes in any pattern, no-ops included, stamps that tie —
 //! delivered as replays in random order, each event one to three times, with a wipe of Redis
 //! at a random point after which every event is replayed again (what the nodes do after a
@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::process::Stdio;
 
-use fanfare::farm::ledger_script::{APPLY, script_keys};
+use fanfare::farm::ledger_script::{MERGE, script_keys};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -125,7 +125,6 @@ async fn replay(
         .arg(if a.like { "1" } else { "0" })
         .arg(a.stamp)
         .arg(&a.event_id)
-        .arg("1")
         .invoke_async(conn)
         .await?;
     Ok(())
@@ -136,7 +135,7 @@ async fn replays_in_any_order_with_duplicates_and_a_wipe_end_in_the_newest_actio
 -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let mut conn = redis.connect().await?;
-    let script = redis::Script::new(APPLY);
+    let script = redis::Script::new(MERGE);
     for seed in 0..300u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         redis::cmd("FLUSHALL").query_async::<()>(&mut conn).await?;

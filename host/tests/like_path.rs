@@ -14,7 +14,8 @@ use fanfare::metrics::Metrics;
 use fanfare::node::Node;
 use fanfare::seams::Part;
 use fanfare::seams::Parts;
-use fanfare::seams::event_log::{EventLog, EventLogError, LikeEvent};
+use fanfare::seams::bus::{Bus, BusHandler, Published};
+use fanfare::seams::event_log::{EventLog, EventLogError, LikeEvent, Shipped};
 use fanfare::seams::ledger::{Decision, Ledger, LedgerError, Outcome};
 use fanfare::tasks::Tasks;
 use fanfare_protocol::{Action, ErrorCode, LikeRequest};
@@ -136,7 +137,7 @@ impl Part for FullLog {
 
 #[async_trait]
 impl EventLog for FullLog {
-    async fn append(&self, _event: LikeEvent) -> Result<(), EventLogError> {
+    async fn commit(&self, _event: LikeEvent) -> Result<Shipped, EventLogError> {
         Err(EventLogError::Overloaded(1))
     }
     async fn barrier(&self) -> Result<(), EventLogError> {
@@ -174,9 +175,14 @@ impl Part for RestoringLedger {
 
 #[async_trait]
 impl Ledger for RestoringLedger {
-    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
+    async fn decide(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+    ) -> Result<Decision, LedgerError> {
         Ok(Decision {
             count: 7,
+            to_merge: false,
             outcome: Outcome::Restored(LikeEvent {
                 event_id: "original-event".to_owned(),
                 seq: 1,
@@ -207,9 +213,9 @@ impl Part for RecordingLog {
 
 #[async_trait]
 impl EventLog for RecordingLog {
-    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
+    async fn commit(&self, event: LikeEvent) -> Result<Shipped, EventLogError> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(event);
-        Ok(())
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
     async fn barrier(&self) -> Result<(), EventLogError> {
         Ok(())
@@ -249,7 +255,7 @@ impl Part for GatedLog {
 
 #[async_trait]
 impl EventLog for GatedLog {
-    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
+    async fn commit(&self, event: LikeEvent) -> Result<Shipped, EventLogError> {
         let _pass = self
             .gate
             .acquire()
@@ -259,7 +265,7 @@ impl EventLog for GatedLog {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(event);
-        Ok(())
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
     async fn barrier(&self) -> Result<(), EventLogError> {
         Ok(())
@@ -304,6 +310,57 @@ async fn a_like_dropped_after_the_decision_is_still_stored() -> anyhow::Result<(
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    Ok(())
+}
+
+/// A bus that records what it is asked to publish.
+#[derive(Default)]
+struct RecordingBus(Mutex<Vec<Published>>);
+
+impl Part for RecordingBus {
+    fn name(&self) -> &'static str {
+        "bus (recording)"
+    }
+}
+
+impl Bus for RecordingBus {
+    fn start(&self, _handler: Arc<dyn BusHandler>, _tasks: &Tasks) {}
+    fn publish(&self, like: Published) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(like);
+    }
+    fn interest_changed(&self, _track: &Arc<str>) {}
+}
+
+/// Durable first: nothing is broadcast before the event log has committed the event.
+#[tokio::test]
+async fn a_like_is_broadcast_only_once_committed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = Arc::new(GatedLog {
+        gate: tokio::sync::Semaphore::new(0),
+        taken: Mutex::new(Vec::new()),
+    });
+    let bus = Arc::new(RecordingBus::default());
+    let (gated, recording) = (log.clone(), bus.clone());
+    let node = node_with(dir.path(), &[], move |parts| {
+        parts.event_log = gated;
+        parts.bus = recording;
+    })
+    .await?;
+    let like = tokio::spawn({
+        let node = node.clone();
+        async move { send(&node, "ana", Action::Like, "k1").await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        bus.0.lock().unwrap_or_else(|p| p.into_inner()).is_empty(),
+        "published before the commit"
+    );
+    log.gate.add_permits(1);
+    let acked = ack(like.await?)?;
+    assert_eq!((acked.count, acked.duplicate), (1, false));
+    let published = bus.0.lock().unwrap_or_else(|p| p.into_inner());
+    assert_eq!(published.len(), 1);
+    assert_eq!((published[0].count, published[0].delta), (1, 1));
     Ok(())
 }
 

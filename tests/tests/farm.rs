@@ -379,3 +379,63 @@ async fn redis_out_of_memory_is_reported_degraded_and_converges() -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Durable first (issue 16, finding 4): a like is merged into Redis and broadcast only once its
+/// event is committed. The deciding node holds its commits for 3 s and is killed -9 in that
+/// window: no other node ever saw the like, Redis never counted it, and after the restart it is
+/// still nowhere (it was never acked: the client re-sends). Before, Redis counted it at once
+/// and kept it, a state no store had.
+#[tokio::test]
+async fn a_like_counts_nowhere_until_its_node_has_stored_it() -> anyhow::Result<()> {
+    let redis = RedisProcess::start().await?;
+    let url = redis.url();
+    let slow_dir = tempfile::tempdir()?;
+    let mut slow = NodeProcess::start(
+        slow_dir.path(),
+        &[
+            "--redis",
+            &url,
+            "--node-id",
+            "slow",
+            "--test-commit-delay-ms=3000",
+        ],
+    )
+    .await?;
+    let (_dirs, others) = farm(&url, 1).await?;
+    let mut listener = listeners(&others, "durable:first", 1).await?.remove(0);
+
+    let mut ana = slow.connect("ana").await?;
+    ana.send(json!({"type": "like", "track": "durable:first", "id": "a1"}))
+        .await?;
+    // Well inside the held commit: nothing may have left the deciding node.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let count_key = "ff:{durable:first}:count";
+    assert_eq!(
+        redis.get(count_key).await?,
+        None,
+        "Redis counted a like no store holds"
+    );
+    if let Ok(frame) = listener.recv_message(Duration::from_millis(100)).await {
+        anyhow::bail!("another node saw a like that was not stored: {frame:?}");
+    }
+    slow.kill().await?;
+
+    slow.restart().await?;
+    let mut fresh = others[0].connect("fresh").await?;
+    assert_eq!(fresh.subscribe("durable:first").await?, 0);
+    assert_eq!(slow.track_count("durable:first").await?, 0);
+    assert_eq!(redis.get(count_key).await?, None);
+
+    // The same path, not killed: acked after the commit, seen on the other node.
+    let mut ben = slow.connect("ben").await?;
+    let ack = ben.like("like", "durable:first", "b1").await?;
+    assert_eq!(
+        (ack["type"].as_str(), ack["count"].as_u64()),
+        (Some("ack"), Some(1))
+    );
+    let update = listener.recv_until(|f| f["type"] == "likes").await?;
+    assert_eq!(update["count"], 1);
+    assert_eq!(update["recent"][0]["user"], "ben");
+    assert_eq!(redis.get(count_key).await?.as_deref(), Some("1"));
+    Ok(())
+}

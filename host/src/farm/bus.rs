@@ -2,9 +2,10 @@
 //!
 //! A node subscribes to a track's channel only while it has local listeners for that track
 //! (the registry reports audiences appearing and vanishing), so traffic scales with interest,
-//! not with the farm. Each accepted like is published once; receiving nodes fold it into
-//! their own per-track window, so every node sends its listeners one update per window with
-//! the newest global count. Publishing never blocks the like path: a bounded queue feeds one
+//! not with the farm. Each accepted like is published once — by the ledger's merge script,
+//! atomically with the count it changed, or (decided while Redis was away) by this bus;
+//! receiving nodes fold it into their own per-track window, so every node sends its listeners
+//! one update per window with the newest global count. Publishing never blocks the like path: a bounded queue feeds one
 //! publisher task, and while Redis is down updates for other nodes are dropped (and counted);
 //! local fan-out goes on.
 
@@ -31,7 +32,8 @@ const PUBLISH_BATCH: usize = 512;
 /// Told of every global count seen on the bus (keeps degraded-mode counts fresh).
 pub type CountObserver = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
-/// The wire form of one like between nodes (short keys: it is sent for every like).
+/// The wire form of one like between nodes (short keys: it is sent for every like). The
+/// ledger's merge script (`farm::ledger_script::MERGE`) publishes the same JSON for live likes.
 #[derive(Debug, Serialize, Deserialize)]
 struct Wire {
     n: String,
@@ -126,20 +128,25 @@ impl Bus for RedisBus {
         tasks.spawn(subscriber.run(tasks.shutdown().clone()));
     }
 
-    /// This node's listeners at once; the other nodes through the publisher (never waits).
+    /// This node's listeners at once; the other nodes through the publisher (never waits),
+    /// unless the ledger's merge already published it.
     fn publish(&self, like: Published) {
-        let wire = Wire {
-            n: self.node.to_string(),
-            t: like.track.to_string(),
-            c: like.count,
-            v: like.version,
-            d: like.delta,
-            u: like.like.user.clone(),
-            k: like.like.id.clone(),
-            a: like.like.action,
-        };
-        if self.outgoing.try_send(wire).is_err() {
-            self.metrics.bus_event("dropped");
+        if like.announced {
+            self.metrics.bus_event("published");
+        } else {
+            let wire = Wire {
+                n: self.node.to_string(),
+                t: like.track.to_string(),
+                c: like.count,
+                v: like.version,
+                d: like.delta,
+                u: like.like.user.clone(),
+                k: like.like.id.clone(),
+                a: like.like.action,
+            };
+            if self.outgoing.try_send(wire).is_err() {
+                self.metrics.bus_event("dropped");
+            }
         }
         if let Some(handler) = self.handler.get() {
             handler.deliver(like);
@@ -319,6 +326,23 @@ impl Subscriber {
                 action: wire.a,
             },
             origin: 0,
+            announced: true,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Wire;
+
+    #[test]
+    fn the_merge_scripts_json_is_the_wire_form() {
+        // As Redis' cjson writes it for MERGE (keys in any order, integers without a point).
+        let json =
+            r#"{"v":7,"u":"ana","t":"album:x","n":"node0","k":"k1","d":-1,"c":3,"a":"unlike"}"#;
+        let wire: Wire = serde_json::from_str(json).expect("the wire form");
+        assert_eq!((wire.c, wire.v, wire.d), (3, 7, -1));
+        assert_eq!((wire.t.as_str(), wire.u.as_str()), ("album:x", "ana"));
+        assert_eq!(wire.a, fanfare_protocol::Action::Unlike);
     }
 }

@@ -1,5 +1,10 @@
-//! The farm ledger: Redis decides the once-only rule and holds the global counts, atomically
-//! in one server-side script, so every node broadcasts the same totals.
+//! The farm ledger: Redis holds the once-only rule's keys, the pair registers and the global
+//! counts, so every node broadcasts the same totals.
+//!
+//! Durable first: a live like reads the pair (one script: remembered key, register, count), is
+//! stamped after the register, committed to the node's store, and only then merged into Redis
+//! (the second script) — Redis never holds an action no store has, so it is a cache that can be
+//! rebuilt from the stores. The merge is the same one replays and workers use.
 //!
 //! While Redis is unreachable the node keeps deciding with its embedded ledger (its own
 //! history) and shows the last global counts it saw, adjusted; every accepted like is still
@@ -18,11 +23,13 @@ use async_trait::async_trait;
 use redis::Script;
 
 use super::keys;
-use super::ledger_script::{APPLY, Kind, Original, Replay, script_keys};
+use super::ledger_script::{EventMerge, Found, MERGE, Original, READ, Register, script_keys};
 use super::link::RedisLink;
 use crate::clock::now_ms;
 use crate::seams::event_log::LikeEvent;
-use crate::seams::ledger::{Decided, Decision, EmbeddedLedger, Ledger, LedgerError, Outcome};
+use crate::seams::ledger::{
+    Decided, Decision, EmbeddedLedger, Ledger, LedgerError, Merged, Outcome,
+};
 use crate::seams::{Health, Part};
 use crate::store::Store;
 use crate::tasks::Tasks;
@@ -39,6 +46,7 @@ const RETRY_OWED: Duration = Duration::from_millis(250);
 pub struct FarmLedger {
     link: Arc<RedisLink>,
     local: EmbeddedLedger,
+    read: Script,
     script: Script,
     /// Last global count seen per track (from Redis replies and the bus).
     known: Mutex<HashMap<Arc<str>, u64>>,
@@ -97,7 +105,8 @@ impl FarmLedger {
         Ok(Arc::new(FarmLedger {
             link,
             local,
-            script: Script::new(APPLY),
+            read: Script::new(READ),
+            script: Script::new(MERGE),
             known: Mutex::new(HashMap::new()),
             degraded_from: AtomicU64::new(degraded_from),
             last_seq: AtomicU64::new(last_seq),
@@ -136,60 +145,64 @@ impl FarmLedger {
             .copied()
     }
 
-    async fn run_script(
+    /// The pair as Redis has it: a remembered key, or the register (one `EVALSHA`, no writes).
+    async fn read_pair(
         &self,
         user: &str,
-        track: &str,
-        key: &str,
-        action: Action,
-        at_ms: i64,
-        event_id: &str,
-    ) -> Result<(u64, Kind), redis::RedisError> {
-        let Some(mut conn) = self.link.connection() else {
-            return Err(redis::RedisError::from((
-                redis::ErrorKind::IoError,
-                "redis is down",
-            )));
-        };
-        let [pairs, count, keys, version] = script_keys(track, user);
-        let want = if action == Action::Like { "1" } else { "0" };
-        let result: Result<(u64, u8, u64, String), _> = self
-            .script
+        request: &LikeRequest,
+    ) -> Result<(u64, Found), redis::RedisError> {
+        let mut conn = self.connection()?;
+        let [pairs, count, keys, _] = script_keys(&request.track, user);
+        let result: Result<(u64, u8, String), _> = self
+            .read
             .key(pairs)
             .key(count)
             .key(keys)
-            .key(version)
             .arg(user)
-            .arg(key)
-            .arg(want)
-            .arg(at_ms)
-            .arg(event_id)
-            .arg("0")
+            .arg(&request.key)
             .invoke_async(&mut conn)
             .await;
-        if result.is_ok() {
-            self.link.write_accepted();
-        }
         match result {
-            Ok((count, 0, version, stamp)) => Ok((
-                count,
-                Kind::Changed {
-                    version,
-                    stamp: stamp.parse().unwrap_or(at_ms),
-                },
-            )),
-            Ok((count, 2, _, original)) => Ok((count, Kind::Resent(Original::parse(&original)))),
-            Ok((count, _, _, stamp)) => Ok((
-                count,
-                Kind::Unchanged {
-                    stamp: stamp.parse().unwrap_or(at_ms),
-                },
-            )),
+            Ok((count, 2, original)) => Ok((count, Found::Resent(Original::parse(&original)))),
+            Ok((count, _, register)) => Ok((count, Found::Pair(Register::parse(&register)))),
             Err(err) => {
                 self.link.report(&err);
                 Err(err)
             }
         }
+    }
+
+    /// Merges a committed event into Redis: (count, changed, version). A change is published to
+    /// the other nodes by the script itself.
+    async fn merge_event(&self, event: &LikeEvent) -> Result<(u64, bool, u64), redis::RedisError> {
+        let mut conn = self.connection()?;
+        let merge = EventMerge {
+            track: &event.track,
+            user: &event.user,
+            key: &event.key,
+            like: event.liked(),
+            stamp: event.accepted_at_ms,
+            event_id: &event.event_id,
+            announce_as: Some(&event.node),
+        };
+        let result: Result<(u64, u8, u64, String), _> =
+            merge.invocation(&self.script).invoke_async(&mut conn).await;
+        match result {
+            Ok((count, kind, version, _)) => {
+                self.link.write_accepted();
+                Ok((count, kind == 0, version))
+            }
+            Err(err) => {
+                self.link.report(&err);
+                Err(err)
+            }
+        }
+    }
+
+    fn connection(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+        self.link
+            .connection()
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::IoError, "redis is down")))
     }
 
     /// Redis is unreachable: decide locally, remember where the gap began.
@@ -198,19 +211,11 @@ impl FarmLedger {
         user: &Arc<str>,
         request: &LikeRequest,
     ) -> Result<Decision, LedgerError> {
-        let local = self.local.apply(user, request).await?;
+        let local = self.local.decide(user, request).await?;
         let mut count = self.known(&request.track).unwrap_or(local.count);
         if let Outcome::Applied(event) | Outcome::Unchanged(event) = &local.outcome {
             self.note_seq(event.seq);
-            self.owed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(event.clone());
-            if self.degraded_from.load(Ordering::Relaxed) == 0 {
-                self.degraded_from.store(event.seq, Ordering::Relaxed);
-                self.persist_degraded(event.seq);
-            }
-            self.owed_added.notify_one();
+            self.owe(event);
             if event.changed {
                 count = match request.action {
                     Action::Like => count + 1,
@@ -222,18 +227,35 @@ impl FarmLedger {
         Ok(Decision {
             count,
             outcome: local.outcome,
+            to_merge: false,
         })
     }
 
-    /// Records locally what Redis decided (the pair memory stays informed for degraded mode).
+    /// An event Redis has not merged: the reconciler replays it (and the store from it on).
+    fn owe(&self, event: &LikeEvent) {
+        self.owed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event.clone());
+        if self.degraded_from.load(Ordering::Relaxed) == 0 {
+            self.degraded_from.store(event.seq, Ordering::Relaxed);
+            self.persist_degraded(event.seq);
+        }
+        self.owed_added.notify_one();
+    }
+
+    /// Records locally what this node decided from Redis' answer (the pair memory stays
+    /// informed for degraded mode); `None` if this node recorded the key already.
     fn record(
         &self,
         user: &Arc<str>,
         request: &LikeRequest,
         decided: Decided,
-    ) -> Result<LikeEvent, LedgerError> {
+    ) -> Result<Option<LikeEvent>, LedgerError> {
         let event = self.local.record(user, request, decided)?;
-        self.note_seq(event.seq);
+        if let Some(event) = &event {
+            self.note_seq(event.seq);
+        }
         Ok(event)
     }
 
@@ -346,7 +368,7 @@ impl FarmLedger {
             (g, Some(p)) => g.min(p),
         };
         seen.pending_from = Some(from_seq);
-        // Replays pipeline EVALSHA, so the script must be in Redis' cache first.
+        // Replays pipeline EVALSHA, so the merge script must be in Redis' cache first.
         self.script.prepare_invoke().load_async(&mut conn).await?;
         // The store first (it survives a crash), then the likes decided while degraded that
         // the store may not have had yet; replays are idempotent, so overlap is harmless.
@@ -422,15 +444,16 @@ impl FarmLedger {
     ) -> anyhow::Result<u64> {
         let mut pipe = redis::pipe();
         for event in events {
-            let replay = Replay {
+            let merge = EventMerge {
                 track: &event.track,
                 user: &event.user,
                 key: &event.key,
                 like: event.liked(),
                 stamp: event.accepted_at_ms,
                 event_id: &event.event_id,
+                announce_as: None,
             };
-            replay.push(&mut pipe, self.script.get_hash());
+            merge.push(&mut pipe, self.script.get_hash());
         }
         let results: Vec<(u64, u8, u64, String)> = match pipe.query_async(conn).await {
             Ok(results) => {
@@ -469,63 +492,109 @@ impl Part for FarmLedger {
 
 #[async_trait]
 impl Ledger for FarmLedger {
-    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
+    async fn decide(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+    ) -> Result<Decision, LedgerError> {
         if !self.link.is_up() {
             return self.apply_degraded(user, request).await;
         }
-        let at = now_ms();
-        let event_id = uuid::Uuid::now_v7().to_string();
-        match self
-            .run_script(
-                user,
-                &request.track,
-                &request.key,
-                request.action,
-                at,
-                &event_id,
-            )
-            .await
-        {
-            Ok((count, kind)) => {
-                self.remember(&request.track, count);
-                let decided = |changed, stamp, event_id, version| Decided {
-                    changed,
-                    stamp,
-                    event_id,
-                    version,
+        let Ok((count, found)) = self.read_pair(user, request).await else {
+            return self.apply_degraded(user, request).await;
+        };
+        self.remember(&request.track, count);
+        let decided = |changed, stamp, event_id, version| Decided {
+            changed,
+            stamp,
+            event_id,
+            version,
+        };
+        let (count, outcome, to_merge) = match found {
+            Found::Pair(register) => {
+                // Stamped after the register, never against another node's clock: the user's
+                // latest action is the newest whatever the skew. The version comes with the
+                // merge (0 in the stored event).
+                let (liked, last) = register.map_or((false, 0), |r| (r.liked, r.stamp));
+                let wants_liked = request.action == Action::Like;
+                let changed = liked != wants_liked;
+                let stamp = now_ms().max(last + 1);
+                let event_id = uuid::Uuid::now_v7().to_string();
+                let recorded = self.record(user, request, decided(changed, stamp, event_id, 0))?;
+                // A re-send pipelined behind its first attempt on this node (both read before
+                // either merged): the first one's event is the one.
+                let Some(event) = recorded else {
+                    return Ok(Decision {
+                        count,
+                        outcome: Outcome::Resent,
+                        to_merge: false,
+                    });
                 };
-                let outcome = match kind {
-                    Kind::Changed { version, stamp } => Outcome::Applied(self.record(
-                        user,
-                        request,
-                        decided(true, stamp, event_id, version),
-                    )?),
-                    // The pair's state is as asked; the action still advanced its register
-                    // and is stored (`changed: false`), so a replay compares as Redis did.
-                    Kind::Unchanged { stamp } => Outcome::Unchanged(self.record(
-                        user,
-                        request,
-                        decided(false, stamp, event_id, 0),
-                    )?),
-                    Kind::Resent(Some(original))
-                        if !self.local.knows_key(user, &request.track, &request.key)? =>
-                    {
-                        // Accepted in Redis by a node that may have died before storing it:
-                        // store it again under its original id (stores downstream keep one).
-                        let mut replayed = request.clone();
-                        replayed.action = original.action;
-                        let changed = original.version > 0;
-                        Outcome::Restored(self.record(
-                            user,
-                            &replayed,
-                            decided(changed, original.at_ms, original.event_id, original.version),
-                        )?)
-                    }
-                    Kind::Resent(_) => Outcome::Resent,
-                };
-                Ok(Decision { count, outcome })
+                match (changed, wants_liked) {
+                    (false, _) => (count, Outcome::Unchanged(event), true),
+                    (true, true) => (count + 1, Outcome::Applied(event), true),
+                    (true, false) => (count.saturating_sub(1), Outcome::Applied(event), true),
+                }
             }
-            Err(_) => self.apply_degraded(user, request).await,
+            Found::Resent(Some(original))
+                if !self.local.knows_key(user, &request.track, &request.key)? =>
+            {
+                // Merged in Redis by a node that may have died before shipping it: store it
+                // again under its original id (stores downstream keep one).
+                let mut replayed = request.clone();
+                replayed.action = original.action;
+                let changed = original.version > 0;
+                let recorded = self.record(
+                    user,
+                    &replayed,
+                    decided(changed, original.at_ms, original.event_id, original.version),
+                )?;
+                match recorded {
+                    Some(event) => (count, Outcome::Restored(event), false),
+                    None => (count, Outcome::Resent, false),
+                }
+            }
+            Found::Resent(_) => (count, Outcome::Resent, false),
+        };
+        Ok(Decision {
+            count,
+            outcome,
+            to_merge,
+        })
+    }
+
+    async fn merge(&self, decision: &Decision, event: &LikeEvent) -> Merged {
+        if !decision.to_merge {
+            return Merged {
+                count: decision.count,
+                changed: event.changed,
+                version: event.version,
+                announced: false,
+            };
+        }
+        match self.merge_event(event).await {
+            Ok((count, changed, version)) => {
+                self.remember(&event.track, count);
+                Merged {
+                    count,
+                    changed,
+                    version,
+                    announced: true,
+                }
+            }
+            Err(err) => {
+                // Committed but not merged (Redis went away since the read): owed, replayed on
+                // its return; meanwhile the count is the one expected.
+                tracing::warn!(error = %err, "merge failed; the like is replayed when Redis answers");
+                self.owe(event);
+                self.remember(&event.track, decision.count);
+                Merged {
+                    count: decision.count,
+                    changed: event.changed,
+                    version: event.version,
+                    announced: false,
+                }
+            }
         }
     }
 

@@ -28,6 +28,9 @@ pub struct Published {
     pub like: RecentLike,
     /// The liker's connection, which is not sent an update holding only its own likes.
     pub origin: ConnId,
+    /// The other nodes have it already (farm: the ledger's merge published it atomically with
+    /// the count); the bus delivers it to this node only.
+    pub announced: bool,
 }
 
 /// Where the bus delivers likes: this node's broadcast, registered once at start.
@@ -122,6 +125,7 @@ mod tests {
                 action: Action::Like,
             },
             origin: 7,
+            announced: false,
         });
         let delivered = recorder.0.lock().unwrap_or_else(|p| p.into_inner());
         assert_eq!(delivered.len(), 1);

@@ -15,7 +15,7 @@ use redis::Script;
 
 use crate::event::LikeEvent;
 use crate::farm::keys;
-use crate::farm::ledger_script::{APPLY, Replay};
+use crate::farm::ledger_script::{EventMerge, MERGE};
 use crate::farm::link::RedisLink;
 use crate::tasks::Tasks;
 use crate::worker::archive::MongoArchive;
@@ -29,23 +29,24 @@ const EPOCH_CHECK: Duration = Duration::from_secs(5);
 /// Merges the events into Redis; returns how many changed a register's state (events no node
 /// had merged).
 pub async fn merge(link: &RedisLink, events: &[LikeEvent]) -> anyhow::Result<u64> {
-    let merges: Vec<Replay<'_>> = events
+    let merges: Vec<EventMerge<'_>> = events
         .iter()
-        .map(|e| Replay {
+        .map(|e| EventMerge {
             track: &e.track,
             user: &e.user,
             key: &e.key,
             like: e.liked(),
             stamp: e.accepted_at_ms,
             event_id: &e.event_id,
+            announce_as: None,
         })
         .collect();
     merge_all(link, &merges).await
 }
 
-async fn merge_all(link: &RedisLink, merges: &[Replay<'_>]) -> anyhow::Result<u64> {
+async fn merge_all(link: &RedisLink, merges: &[EventMerge<'_>]) -> anyhow::Result<u64> {
     let mut conn = link.connection().context("redis is down")?;
-    let script = Script::new(APPLY);
+    let script = Script::new(MERGE);
     script.prepare_invoke().load_async(&mut conn).await?;
     let mut changed = 0;
     for chunk in merges.chunks(PIPELINE) {
@@ -116,15 +117,16 @@ async fn refill_if_lost(link: &RedisLink, archive: &MongoArchive) -> anyhow::Res
                 }
             }
         }
-        let merges: Vec<Replay<'_>> = page
+        let merges: Vec<EventMerge<'_>> = page
             .iter()
-            .map(|(track, user, r)| Replay {
+            .map(|(track, user, r)| EventMerge {
                 track,
                 user,
                 key: &r.key,
                 like: r.liked,
                 stamp: r.stamp,
                 event_id: &r.event_id,
+                announce_as: None,
             })
             .collect();
         if !merges.is_empty() {

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::sqlite::{Committed, Forward, SqliteEventLog};
-use super::{EventLog, EventLogError, LikeEvent};
+use super::{EventLog, EventLogError, LikeEvent, Shipped};
 use crate::metrics::Metrics;
 use crate::seams::{Health, Part};
 use crate::store::Store;
@@ -142,7 +142,7 @@ impl KafkaEventLog {
 
 #[async_trait]
 impl EventLog for KafkaEventLog {
-    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
+    async fn commit(&self, event: LikeEvent) -> Result<Shipped, EventLogError> {
         let seq = event.seq;
         let (delivered, wait) = oneshot::channel();
         lock(&self.shared.waiters).insert(seq, delivered);
@@ -152,22 +152,25 @@ impl EventLog for KafkaEventLog {
         }
         // Committed to the spill: durable. Normally Kafka confirms within milliseconds; when it
         // does not, the spill is the ack and the shipper catches up later.
-        if self.shared.kafka_ok.load(Ordering::Relaxed)
-            && tokio::time::timeout(self.shared.settings.ack_timeout, wait)
-                .await
-                .is_ok_and(|r| r.is_ok())
-        {
-            self.shared.metrics.durable_ack("kafka");
-            return Ok(());
-        }
-        if lock(&self.shared.waiters).remove(&seq).is_some()
-            && self.shared.kafka_ok.swap(false, Ordering::Relaxed)
-        {
-            self.shared.metrics.kafka_up.set(0);
-            tracing::warn!(timeout = ?self.shared.settings.ack_timeout, "Kafka is slow: acking from the local spill");
-        }
-        self.shared.metrics.durable_ack("spill");
-        Ok(())
+        let shared = self.shared.clone();
+        Ok(Box::pin(async move {
+            if shared.kafka_ok.load(Ordering::Relaxed)
+                && tokio::time::timeout(shared.settings.ack_timeout, wait)
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                shared.metrics.durable_ack("kafka");
+                return Ok(());
+            }
+            if lock(&shared.waiters).remove(&seq).is_some()
+                && shared.kafka_ok.swap(false, Ordering::Relaxed)
+            {
+                shared.metrics.kafka_up.set(0);
+                tracing::warn!(timeout = ?shared.settings.ack_timeout, "Kafka is slow: acking from the local spill");
+            }
+            shared.metrics.durable_ack("spill");
+            Ok(())
+        }))
     }
 
     async fn barrier(&self) -> Result<(), EventLogError> {

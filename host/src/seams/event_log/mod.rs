@@ -10,9 +10,10 @@ use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 
 pub use kafka::{KafkaEventLog, KafkaSettings};
-pub use sqlite::{Committed, Forward, SqliteEventLog};
+pub use sqlite::{Committed, Forward, SqliteEventLog, set_test_commit_delay_ms};
 
 pub use crate::event::LikeEvent;
 
@@ -56,10 +57,21 @@ pub enum EventLogError {
 /// Also a [`Part`]: its `close` makes everything appended durable and stops (later appends
 /// fail with `Closed`); its health is unavailable while writes are failing (and retried), and
 /// degraded while acks come from the local spill.
+/// The second half of an append: resolves once the ack may rely on the event (embedded: it is
+/// already; Kafka: its delivery report, or the spill after the ack timeout).
+pub type Shipped = BoxFuture<'static, Result<(), EventLogError>>;
+
 #[async_trait]
 pub trait EventLog: Part {
-    /// Resolves once the event is durable.
-    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError>;
+    /// Resolves once the event is committed on this node's disk (it survives a crash of the
+    /// process and is shipped from there): the point after which the ledger may make it count
+    /// where other nodes see it. The returned [`Shipped`] is what the client's ack waits for.
+    async fn commit(&self, event: LikeEvent) -> Result<Shipped, EventLogError>;
+
+    /// Resolves once the event is durable: committed, then shipped.
+    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
+        self.commit(event).await?.await
+    }
 
     /// Resolves once everything appended before this call is durable.
     async fn barrier(&self) -> Result<(), EventLogError>;

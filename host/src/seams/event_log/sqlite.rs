@@ -12,11 +12,19 @@ use anyhow::Context;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{EventLog, EventLogError, LikeEvent, Uncommitted};
+use super::{EventLog, EventLogError, LikeEvent, Shipped, Uncommitted};
 use crate::seams::{Health, Part};
 use crate::store::Store;
 
 const MAX_BATCH: usize = 4096;
+
+/// Set only by the hidden `--test-commit-delay-ms` flag (tests of a node killed mid-like).
+static TEST_COMMIT_DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Holds every commit of this process for `ms` (testing only).
+pub fn set_test_commit_delay_ms(ms: u64) {
+    TEST_COMMIT_DELAY_MS.store(ms, Ordering::Relaxed);
+}
 const QUEUE_CAPACITY: usize = 16_384;
 
 enum Request {
@@ -90,8 +98,9 @@ impl SqliteEventLog {
 
 #[async_trait]
 impl EventLog for SqliteEventLog {
-    async fn append(&self, event: LikeEvent) -> Result<(), EventLogError> {
-        self.request(|done| Request::Append(event, done)).await
+    async fn commit(&self, event: LikeEvent) -> Result<Shipped, EventLogError> {
+        self.request(|done| Request::Append(event, done)).await?;
+        Ok(Box::pin(std::future::ready(Ok(()))))
     }
 
     async fn barrier(&self) -> Result<(), EventLogError> {
@@ -162,6 +171,10 @@ impl Writer {
     fn commit_until_done(&mut self, batch: &[Request]) {
         let mut backoff = Duration::from_millis(10);
         let spill = self.forward.is_some();
+        let delay = TEST_COMMIT_DELAY_MS.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         let outboxed = loop {
             match commit(&mut self.conn, batch, spill) {
                 Ok(outboxed) => break outboxed,

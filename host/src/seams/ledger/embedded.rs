@@ -163,20 +163,19 @@ pub struct Decided {
 }
 
 impl EmbeddedLedger {
-    /// Records an action another authority already decided: no once-only check, but the pair
-    /// memory (state, stamp, keys) and the sequence move as if it had been decided here, so
-    /// local decisions stay informed if that authority becomes unreachable.
+    /// Records an action another authority already decided: the pair memory (state, stamp,
+    /// keys) and the sequence move as if it had been decided here, so local decisions stay
+    /// informed if that authority becomes unreachable. `None` when this node has recorded the
+    /// key for the pair already (a re-send pipelined behind its first attempt).
     pub fn record(
         &self,
         user: &Arc<str>,
         request: &LikeRequest,
         decided: Decided,
-    ) -> Result<LikeEvent, LedgerError> {
-        match self.decide(user, request, Some(decided))?.outcome {
-            Outcome::Applied(event) | Outcome::Unchanged(event) => Ok(event),
-            _ => Err(LedgerError::Storage(
-                "a decided action was not recorded".into(),
-            )),
+    ) -> Result<Option<LikeEvent>, LedgerError> {
+        match self.decide_with(user, request, Some(decided))?.outcome {
+            Outcome::Applied(event) | Outcome::Unchanged(event) => Ok(Some(event)),
+            _ => Ok(None),
         }
     }
 
@@ -192,7 +191,7 @@ impl EmbeddedLedger {
         Ok(pair.keys.iter().any(|k| **k == *key))
     }
 
-    fn decide(
+    fn decide_with(
         &self,
         user: &Arc<str>,
         request: &LikeRequest,
@@ -217,10 +216,11 @@ impl EmbeddedLedger {
             Entry::Vacant(entry) => entry.insert(load_pair(reader, user, track)?),
         };
 
-        if decided.is_none() && pair.keys.iter().any(|k| **k == *request.key) {
+        if pair.keys.iter().any(|k| **k == *request.key) {
             return Ok(Decision {
                 count,
                 outcome: Outcome::Resent,
+                to_merge: false,
             });
         }
         let wants_liked = request.action == Action::Like;
@@ -266,7 +266,11 @@ impl EmbeddedLedger {
         } else {
             Outcome::Unchanged(event)
         };
-        Ok(Decision { count, outcome })
+        Ok(Decision {
+            count,
+            outcome,
+            to_merge: false,
+        })
     }
 }
 
@@ -278,8 +282,12 @@ impl Part for EmbeddedLedger {
 
 #[async_trait]
 impl Ledger for EmbeddedLedger {
-    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError> {
-        self.decide(user, request, None)
+    async fn decide(
+        &self,
+        user: &Arc<str>,
+        request: &LikeRequest,
+    ) -> Result<Decision, LedgerError> {
+        self.decide_with(user, request, None)
     }
 
     async fn count(&self, track: &str) -> Result<u64, LedgerError> {
@@ -329,7 +337,7 @@ mod tests {
             let log = SqliteEventLog::start(&store, None)?;
             let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
             let first = ledger
-                .apply(&ana, &request(Action::Like, "t", "k1"))
+                .decide(&ana, &request(Action::Like, "t", "k1"))
                 .await?;
             assert_eq!(first.count, 1);
             let Outcome::Applied(event) = first.outcome else {
@@ -337,7 +345,7 @@ mod tests {
             };
             log.append(event.clone()).await?;
             let again = ledger
-                .apply(&ana, &request(Action::Like, "t", "k2"))
+                .decide(&ana, &request(Action::Like, "t", "k2"))
                 .await?;
             assert_eq!(again.count, 1);
             let Outcome::Unchanged(again) = again.outcome else {
@@ -346,13 +354,14 @@ mod tests {
             assert!(!again.changed && again.accepted_at_ms > event.accepted_at_ms);
             log.append(again).await?;
             let resent = ledger
-                .apply(&ana, &request(Action::Like, "t", "k1"))
+                .decide(&ana, &request(Action::Like, "t", "k1"))
                 .await?;
             assert_eq!(
                 resent,
                 Decision {
                     count: 1,
-                    outcome: Outcome::Resent
+                    outcome: Outcome::Resent,
+                    to_merge: false,
                 }
             );
             log.close().await?;
@@ -362,11 +371,11 @@ mod tests {
         let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
         assert_eq!(ledger.count("t").await?, 1);
         let resent = ledger
-            .apply(&ana, &request(Action::Like, "t", "k1"))
+            .decide(&ana, &request(Action::Like, "t", "k1"))
             .await?;
         assert_eq!(resent.outcome, Outcome::Resent);
         let unlike = ledger
-            .apply(&ana, &request(Action::Unlike, "t", "k3"))
+            .decide(&ana, &request(Action::Unlike, "t", "k3"))
             .await?;
         assert_eq!(unlike.count, 0);
         assert!(matches!(unlike.outcome, Outcome::Applied(ref e) if e.seq == 3));
@@ -385,13 +394,13 @@ mod tests {
         let ledger = EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), 1)?;
         let (ana, ben): (Arc<str>, Arc<str>) = (Arc::from("ana"), Arc::from("ben"));
         let first = ledger
-            .apply(&ana, &request(Action::Like, "t", "a1"))
+            .decide(&ana, &request(Action::Like, "t", "a1"))
             .await?;
         let Outcome::Applied(pending) = first.outcome else {
             panic!("expected applied")
         };
         let other = ledger
-            .apply(&ben, &request(Action::Like, "t", "b1"))
+            .decide(&ben, &request(Action::Like, "t", "b1"))
             .await?;
         let Outcome::Applied(committed) = other.outcome else {
             panic!("expected applied")
@@ -399,7 +408,7 @@ mod tests {
         log.append(committed).await?;
         // The cap is reached: eviction runs before this decision.
         let again = ledger
-            .apply(&ana, &request(Action::Like, "t", "a2"))
+            .decide(&ana, &request(Action::Like, "t", "a2"))
             .await?;
         assert!(
             matches!(again.outcome, Outcome::Unchanged(_)),
@@ -420,7 +429,7 @@ mod tests {
         let ana: Arc<str> = Arc::from("ana");
         for t in 0..200 {
             let decision = ledger
-                .apply(
+                .decide(
                     &ana,
                     &request(Action::Like, &format!("t{t}"), &format!("k{t}")),
                 )
@@ -434,14 +443,14 @@ mod tests {
         assert!(kept <= 100, "{kept} track counts kept for a capacity of 50");
         // A track with an event not yet committed keeps its count, however old the event.
         let held = ledger
-            .apply(&ana, &request(Action::Like, "held", "h"))
+            .decide(&ana, &request(Action::Like, "held", "h"))
             .await?;
         let Outcome::Applied(held) = held.outcome else {
             anyhow::bail!("the held like was not applied");
         };
         for t in 200..400 {
             let decision = ledger
-                .apply(
+                .decide(
                     &ana,
                     &request(Action::Like, &format!("t{t}"), &format!("k{t}")),
                 )
@@ -462,7 +471,7 @@ mod tests {
         // An evicted count moves on from the stored one.
         let bob: Arc<str> = Arc::from("bob");
         let again = ledger
-            .apply(&bob, &request(Action::Like, "t0", "b0"))
+            .decide(&bob, &request(Action::Like, "t0", "b0"))
             .await?;
         assert_eq!(again.count, 2);
         log.close().await?;
@@ -476,7 +485,7 @@ mod tests {
         for n in 0..10_000 {
             let action = [Action::Like, Action::Unlike][n % 2];
             let decision = ledger
-                .apply(&ana, &request(action, "t", &format!("k{n}")))
+                .decide(&ana, &request(action, "t", &format!("k{n}")))
                 .await?;
             if let Outcome::Applied(event) = decision.outcome {
                 log.append(event).await?;

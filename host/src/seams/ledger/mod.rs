@@ -1,5 +1,7 @@
 //! The ledger decides what a like means: the once-only rule per (user, track), idempotency
-//! keys, and the live count. It answers immediately; durability is the event log's job.
+//! keys, the pair's stamp, and the live count. Durability is the event log's job, and it comes
+//! first: a decided action is committed, then merged where every node sees it, then published
+//! (`like.rs`), so no shared state ever holds an action no store has.
 //!
 //! The embedded ledger keeps state in memory over the SQLite store; the farm ledger (Redis,
 //! server-side script) sits beside it behind the same trait.
@@ -35,9 +37,26 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// Track total after this request.
+    /// Track total after this request (in a farm, as expected until the merge says).
     pub count: u64,
     pub outcome: Outcome,
+    /// The event still has to be merged into the shared state once committed (a farm
+    /// decision Redis answered); false where the decision is already final (embedded, or
+    /// decided locally while Redis is away: those are replayed by the reconciler).
+    pub to_merge: bool,
+}
+
+/// What merging a committed event did to the shared state: what to publish and ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    pub count: u64,
+    /// The pair's state changed (publish); false for an action that left it as it was, or
+    /// one a newer action of the same user overtook between decision and merge.
+    pub changed: bool,
+    /// The track's version after the merge (orders broadcasts).
+    pub version: u64,
+    /// The merge itself told the other nodes (farm: the script published the change).
+    pub announced: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +67,21 @@ pub enum LedgerError {
 
 #[async_trait]
 pub trait Ledger: Part {
-    /// Applies a like/unlike by `user` atomically with respect to every other request.
-    async fn apply(&self, user: &Arc<str>, request: &LikeRequest) -> Result<Decision, LedgerError>;
+    /// Decides a like/unlike by `user` atomically with respect to every other request: what it
+    /// means and the event that records it. Nothing another node sees changes yet.
+    async fn decide(&self, user: &Arc<str>, request: &LikeRequest)
+    -> Result<Decision, LedgerError>;
+
+    /// Makes a decided event count everywhere, once the event log has committed it. Never
+    /// fails: a merge that cannot reach the shared state is owed and replayed later.
+    async fn merge(&self, decision: &Decision, event: &LikeEvent) -> Merged {
+        Merged {
+            count: decision.count,
+            changed: event.changed,
+            version: event.version,
+            announced: false,
+        }
+    }
 
     /// The current total of a track.
     async fn count(&self, track: &str) -> Result<u64, LedgerError>;
