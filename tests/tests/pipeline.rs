@@ -509,23 +509,12 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
     counts
         .update_one(doc! { "_id": track }, doc! { "$set": { "count": 1 } })
         .await?;
-    db.collection::<Document>("rebuilds")
-        .insert_one(doc! { "_id": track, "partition": partition, "asked_at_ms": 1_i64 })
-        .await?;
-
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while db
-        .collection::<Document>("rebuilds")
-        .count_documents(doc! {})
-        .await?
-        > 0
-    {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the request was never taken up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // A request of an older worker (no window): the whole history is read.
+    rebuild(
+        &db,
+        doc! { "_id": track, "partition": partition, "asked_at_ms": 1_i64 },
+    )
+    .await?;
     let mut expected = BTreeMap::new();
     expected.insert(
         track.to_owned(),
@@ -537,9 +526,10 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
         },
     );
     assert_eq!(stored_totals(&db, &[track]).await?, expected);
-    let register = db
-        .collection::<Document>("pairs")
-        .find_one(doc! { "_id": format!("{track}\nh1") })
+    let pairs = db.collection::<Document>("pairs");
+    let h1 = doc! { "_id": format!("{track}\nh1") };
+    let register = pairs
+        .find_one(h1.clone())
         .await?
         .context("the rebuild lost the register")?;
     assert_eq!(
@@ -547,5 +537,46 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
         Some(true),
         "the rebuild set the register back to what the events say: {register}"
     );
+
+    // A windowed request reads only events stamped from its start: a register behind an
+    // event of the window is brought up to it, and the count is the registers' liked ones.
+    let stamp = register.get_i64("stamp")?;
+    pairs
+        .update_one(
+            h1.clone(),
+            doc! { "$set": { "liked": false, "stamp": 1_i64, "event": "0-older" } },
+        )
+        .await?;
+    counts
+        .update_one(doc! { "_id": track }, doc! { "$set": { "count": 7 } })
+        .await?;
+    let window =
+        doc! { "_id": track, "partition": partition, "asked_at_ms": 2_i64, "since_ms": stamp };
+    rebuild(&db, window).await?;
+    assert_eq!(stored_totals(&db, &[track]).await?, expected);
+    let register = pairs.find_one(h1).await?.context("no register")?;
+    assert_eq!(
+        (
+            register.get_bool("liked").ok(),
+            register.get_i64("stamp").ok()
+        ),
+        (Some(true), Some(stamp)),
+        "the window's event set the register: {register}"
+    );
+    Ok(())
+}
+
+/// Writes a rebuild request and waits until the partition's holder has taken it off.
+async fn rebuild(db: &mongodb::Database, request: Document) -> anyhow::Result<()> {
+    let requests = db.collection::<Document>("rebuilds");
+    requests.insert_one(request).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while requests.count_documents(doc! {}).await? > 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the request was never taken up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }

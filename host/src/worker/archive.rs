@@ -184,6 +184,10 @@ impl MongoArchive {
         self.likes
             .create_index(index(doc! { "track": 1, "action": 1, "minute": 1 }))
             .await?;
+        // A rebuild reads a track's events from a stamp on (`rebuild`).
+        self.likes
+            .create_index(index(doc! { "track": 1, "accepted_at_ms": 1 }))
+            .await?;
         self.minutes
             .create_index(index(doc! { "track": 1, "minute": 1 }))
             .await?;

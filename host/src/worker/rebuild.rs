@@ -1,6 +1,13 @@
 //! Rebuilding a track's stored registers and count from its events, and the `rebuilds`
 //! collection of requests for it.
 //!
+//! A rebuild reads only the events of its window: those stamped at or after the lowest stamp
+//! among the events of the batches that made it due. Registers only move forward (every write
+//! is a merge), so a register can only be behind what the events say, and only by an event
+//! whose write was lost — one of those batches' events. The rest of the history is already in
+//! the registers. (Until 2026-12-02 a rebuild read every event of its track: O(history) for a
+//! hot track, docs/reliability.md.) A request without a window (older workers) reads it all.
+//!
 //! A rebuild is only safe while no other worker writes the track, so it is done by the worker
 //! that holds the track's partition, in its loop. Whoever decides a rebuild is due writes a
 //! request; whoever holds the partition takes it up. Before requests, a worker rebuilt only
@@ -19,24 +26,47 @@ use crate::worker::register::{Register, number, pair_id};
 /// Most requests one idle moment takes up.
 const REQUESTS_PER_LOOK: i64 = 1_000;
 
+/// Where a track's rebuild is done (the holder of its partition) and what it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub partition: i32,
+    /// Events stamped at or after this are read (`i64::MIN`: the whole history).
+    pub since_ms: i64,
+}
+
+impl Window {
+    /// Takes in another reason for the same rebuild: the earlier start wins.
+    pub fn widen(&mut self, since_ms: i64) {
+        self.since_ms = self.since_ms.min(since_ms);
+    }
+}
+
 /// A track whose rebuild another worker asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     pub track: String,
     pub partition: i32,
+    pub since_ms: i64,
     /// When it was asked for (ms): a request made again later is not taken off by the
     /// rebuild of an earlier one.
     pub asked_at_ms: i64,
 }
 
 impl MongoArchive {
-    /// Rebuilds a track's registers from its stored events (each user's newest by stamp, then
-    /// event id) and sets its count from them (`repair`: only while no other worker writes
-    /// the track; the worker's own loop runs it, between batches).
-    pub async fn rebuild_track(&self, track: &str) -> anyhow::Result<()> {
+    /// Brings a track's registers up to its stored events stamped from `since_ms` on (each
+    /// user's newest by stamp, then event id, where it is newer than the stored register or
+    /// disagrees with an event of the same order) and sets its count from the registers
+    /// (`repair`: only while no other worker writes the track; the worker's own loop runs
+    /// it, between batches).
+    pub async fn rebuild_track(&self, track: &str, since_ms: i64) -> anyhow::Result<()> {
+        let filter = if since_ms == i64::MIN {
+            doc! { "track": track }
+        } else {
+            doc! { "track": track, "accepted_at_ms": { "$gte": since_ms } }
+        };
         let mut events = self
             .likes
-            .find(doc! { "track": track })
+            .find(filter)
             .projection(doc! { "user": 1, "action": 1, "accepted_at_ms": 1, "key": 1 })
             .await?;
         let mut newest: std::collections::HashMap<String, Register> = Default::default();
@@ -57,36 +87,41 @@ impl MongoArchive {
                 }
             }
         }
-        // The stored registers, so only those that differ from what the events say are
-        // written: a rebuild usually finds nothing wrong, and FerretDB answers each upsert
-        // with a read and a write of its own (a rebuild that set every register of its track
-        // took ≈0.1 s per track at 300 events each; 450 suspect tracks after a rebalance
-        // stopped a worker for 50 s in the benchmark).
+        // The stored registers, so only those behind the events are written: a rebuild
+        // usually finds nothing wrong, and FerretDB answers each upsert with a read and a
+        // write of its own (a rebuild that set every register of its track took ≈0.1 s per
+        // track at 300 events each; 450 suspect tracks after a rebalance stopped a worker for
+        // 50 s in the benchmark).
         let mut stored = self
             .pairs
             .find(doc! { "track": track })
             .projection(doc! { "user": 1, "liked": 1, "stamp": 1, "event": 1, "key": 1 })
             .await
             .context("cannot read the track's registers")?;
-        let counted_likes = newest.values().filter(|r| r.liked).count() as i64;
         let mut liked = 0i64;
+        let mut behind = Vec::new();
         while let Some(d) = stored.try_next().await? {
             let Ok(user) = d.get_str("user") else {
                 continue;
             };
             let register = Register::from_document(&d);
-            match newest.get(user) {
-                Some(right) if *right == register => {
-                    newest.remove(user);
+            match newest.remove(user) {
+                // Behind the window's newest event, or not what an event of the same order
+                // says (a lost or half-applied conditional upsert is what a rebuild is for).
+                Some(right) if right != register && !register.newer_than(&right) => {
+                    liked += i64::from(right.liked);
+                    behind.push((user.to_owned(), right));
                 }
-                Some(_) => {}
-                // A register no stored event explains stays as it is, and counts.
-                None => liked += i64::from(register.liked),
+                // As the events say, or newer than the window's events (from before it, a
+                // register stays as it is and counts).
+                _ => liked += i64::from(register.liked),
             }
         }
-        // Set, not merged: the registers are exactly what the events say (a lost or refused
-        // conditional upsert is what a rebuild is for).
-        let sets = newest
+        // Users with events in the window and no register at all.
+        liked += newest.values().filter(|r| r.liked).count() as i64;
+        behind.extend(newest);
+        // Set, not merged: these registers are exactly what the events say.
+        let sets = behind
             .iter()
             .map(|(user, r)| {
                 doc! {
@@ -97,26 +132,29 @@ impl MongoArchive {
             })
             .collect();
         self.update_many_statements("pairs", sets).await?;
-        let count = liked + counted_likes;
         self.update_many_statements(
             "track_counts",
             vec![
-                doc! { "q": { "_id": track }, "u": { "$set": { "count": count } }, "upsert": true },
+                doc! { "q": { "_id": track }, "u": { "$set": { "count": liked } }, "upsert": true },
             ],
         )
         .await?;
         Ok(())
     }
 
-    /// Asks whoever holds each track's partition to rebuild it.
-    pub async fn request_rebuilds(&self, tracks: &[(String, i32)]) -> anyhow::Result<()> {
+    /// Asks whoever holds each track's partition to rebuild it (a window already asked for
+    /// only widens).
+    pub async fn request_rebuilds(&self, tracks: &[(String, Window)]) -> anyhow::Result<()> {
         let now = now_ms();
         let updates = tracks
             .iter()
-            .map(|(track, partition)| {
+            .map(|(track, window)| {
                 doc! {
                     "q": { "_id": track },
-                    "u": { "$set": { "partition": partition, "asked_at_ms": now } },
+                    "u": {
+                        "$set": { "partition": window.partition, "asked_at_ms": now },
+                        "$min": { "since_ms": window.since_ms },
+                    },
                     "upsert": true,
                 }
             })
@@ -148,6 +186,10 @@ impl MongoArchive {
                 Some(Request {
                     track: d.get_str("_id").ok()?.to_owned(),
                     partition: number(d, "partition") as i32,
+                    // Absent in requests of older workers: the whole history.
+                    since_ms: d
+                        .get("since_ms")
+                        .map_or(i64::MIN, |_| number(d, "since_ms")),
                     asked_at_ms: number(d, "asked_at_ms"),
                 })
             })

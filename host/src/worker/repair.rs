@@ -18,7 +18,8 @@
 //! events already stored, registers already newer): the backstop that makes the stored
 //! counts exact in the end whatever the store did (a fault run on FerretDB once ended with
 //! one track's registers 40 s behind its events, cause not found; docs/reliability.md). A
-//! healthy farm never pays for it (a rebuild reads a track's whole history). Due rebuilds are
+//! healthy farm never pays for it. A rebuild reads the window of events that made it due
+//! (`rebuild::Window`: from their lowest stamp on), not the track's history. Due rebuilds are
 //! written to the `rebuilds` collection and done by whoever holds the track's partition
 //! (`rebuild`), so a rebalance or a killed worker
 //! between the risky batch and its rebuild loses none.
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::event::LikeEvent;
 use crate::worker::archive::{LogPosition, MongoArchive};
+use crate::worker::rebuild::Window;
 
 /// How long after the risky batch its tracks are rebuilt (longer than a straggler's batch).
 const DELAY: Duration = Duration::from_secs(20);
@@ -45,14 +47,15 @@ const TURN: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 pub struct Repairs {
-    /// Track → (its partition, when to rebuild it).
-    due: BTreeMap<String, (i32, Instant)>,
+    /// Track → (its partition and window, when to rebuild it).
+    due: BTreeMap<String, (Window, Instant)>,
     assignments_seen: u64,
-    /// Tracks stored since the last idle rebuild, with their partition.
-    touched: BTreeMap<String, i32>,
+    /// Tracks stored since the last idle rebuild, with their partition and the lowest stamp
+    /// stored since.
+    touched: BTreeMap<String, Window>,
     last_batch: Option<Instant>,
     /// Due rebuilds not yet written to the `rebuilds` collection (its last write failed).
-    unrequested: BTreeMap<String, i32>,
+    unrequested: BTreeMap<String, Window>,
     /// When the `rebuilds` requests were last looked at.
     last_look: Option<Instant>,
     /// Something unusual since the last idle rebuild (see `note`): without it an idle moment
@@ -75,27 +78,45 @@ impl Repairs {
         let now = Instant::now();
         self.last_batch = Some(now);
         self.unusual_seen |= retried || !suspect.is_empty();
-        for (track, partition) in suspect {
-            self.due
-                .entry(track.clone())
-                .or_insert((*partition, now + DELAY));
-        }
+        // Per track of the batch: its partition and its events' lowest stamp, where a
+        // rebuild for this batch starts reading.
+        let mut windows: BTreeMap<&str, Window> = BTreeMap::new();
         for (e, at) in events.iter().zip(positions) {
-            if !self.touched.contains_key(&*e.track) {
-                self.touched.insert(e.track.to_string(), at.partition);
+            windows
+                .entry(&e.track)
+                .or_insert(Window {
+                    partition: at.partition,
+                    since_ms: e.accepted_at_ms,
+                })
+                .widen(e.accepted_at_ms);
+        }
+        let mut schedule = |track: &str, window: Window| {
+            self.due
+                .entry(track.to_owned())
+                .and_modify(|(due, _)| due.widen(window.since_ms))
+                .or_insert((window, now + DELAY));
+        };
+        for (track, partition) in suspect {
+            let window = windows.get(track.as_str()).copied().unwrap_or(Window {
+                partition: *partition,
+                since_ms: i64::MIN,
+            });
+            schedule(track, window);
+        }
+        if retried {
+            for (track, window) in &windows {
+                schedule(track, *window);
             }
+        }
+        for (track, window) in windows {
+            self.touched
+                .entry(track.to_owned())
+                .and_modify(|seen| seen.widen(window.since_ms))
+                .or_insert(window);
         }
         if assignments != self.assignments_seen {
             self.assignments_seen = assignments;
             self.unusual_seen = true;
-        }
-        if !retried {
-            return;
-        }
-        for (e, at) in events.iter().zip(positions) {
-            self.due
-                .entry(e.track.to_string())
-                .or_insert((at.partition, now + DELAY));
         }
     }
 
@@ -119,12 +140,12 @@ impl Repairs {
 
     /// The rebuilds due at `now` (taken off the lists): due tracks, and after an idle moment
     /// the tracks stored since the last one, if anything unusual happened meanwhile.
-    fn take_due(&mut self, now: Instant) -> Vec<(String, i32)> {
-        let mut due: Vec<(String, i32)> = self
+    fn take_due(&mut self, now: Instant) -> Vec<(String, Window)> {
+        let mut due: Vec<(String, Window)> = self
             .due
             .iter()
             .filter(|(_, (_, at))| *at <= now)
-            .map(|(track, (partition, _))| (track.clone(), *partition))
+            .map(|(track, (window, _))| (track.clone(), *window))
             .collect();
         // Taken off the list: from here on the `rebuilds` collection holds them.
         for (track, _) in &due {
@@ -152,10 +173,14 @@ impl Repairs {
         consumer: &C,
     ) -> anyhow::Result<usize> {
         let now = Instant::now();
-        let due = self.take_due(now);
-        self.unrequested.extend(due);
+        for (track, window) in self.take_due(now) {
+            self.unrequested
+                .entry(track)
+                .and_modify(|w| w.widen(window.since_ms))
+                .or_insert(window);
+        }
         if !self.unrequested.is_empty() {
-            let tracks: Vec<(String, i32)> =
+            let tracks: Vec<(String, Window)> =
                 std::mem::take(&mut self.unrequested).into_iter().collect();
             if let Err(err) = archive.request_rebuilds(&tracks).await {
                 self.unrequested.extend(tracks);
@@ -177,7 +202,9 @@ impl Repairs {
                 self.last_look = None; // the rest after the next batch
                 break;
             }
-            archive.rebuild_track(&request.track).await?;
+            archive
+                .rebuild_track(&request.track, request.since_ms)
+                .await?;
             archive.rebuild_done(&request).await?;
             rebuilt += 1;
         }
@@ -238,7 +265,14 @@ mod tests {
         stored(&mut repairs, "b", false, true, 0); // met a stored event or a newer register
         let later = Instant::now() + IDLE + Duration::from_millis(10);
         let due = repairs.take_due(later);
-        assert_eq!(due, vec![("a".to_owned(), 3), ("b".to_owned(), 3)]);
+        let window = Window {
+            partition: 3,
+            since_ms: 1,
+        };
+        assert_eq!(
+            due,
+            vec![("a".to_owned(), window), ("b".to_owned(), window)]
+        );
         // The next idle moment, with nothing unusual in between, rebuilds nothing.
         stored(&mut repairs, "c", false, false, 0);
         let much_later = later + IDLE + Duration::from_secs(1);
@@ -256,7 +290,7 @@ mod tests {
         repairs.note(&[event("a"), event("b")], &[at, at], false, &suspect, 0);
         assert!(repairs.take_due(Instant::now()).is_empty());
         let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
-        assert!(due.contains(&("b".to_owned(), 3)), "{due:?}");
+        assert!(due.iter().any(|(track, _)| track == "b"), "{due:?}");
         assert!(!repairs.due.contains_key("a"));
     }
 
@@ -269,12 +303,52 @@ mod tests {
             "not before the delay"
         );
         let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
-        assert!(due.contains(&("a".to_owned(), 3)));
+        assert!(due.iter().any(|(track, _)| track == "a"), "{due:?}");
         // A rebalance alone rebuilds nothing at once (a straggler would show as suspect
         // tracks), but the next idle moment rebuilds what was stored.
         stored(&mut repairs, "b", false, false, 1);
         assert!(!repairs.due.contains_key("b"));
         let due = repairs.take_due(Instant::now() + DELAY + IDLE);
-        assert!(due.contains(&("b".to_owned(), 3)), "{due:?}");
+        assert!(due.iter().any(|(track, _)| track == "b"), "{due:?}");
+    }
+
+    #[test]
+    fn a_rebuild_reads_from_the_lowest_stamp_of_the_batches_that_made_it_due() {
+        let mut repairs = Repairs::default();
+        let at = LogPosition {
+            partition: 3,
+            offset: 7,
+        };
+        let stamped = |stamp: i64, track: &str| LikeEvent {
+            accepted_at_ms: stamp,
+            ..event(track)
+        };
+        let suspect = [("a".to_owned(), 3)];
+        repairs.note(
+            &[stamped(500, "a"), stamped(300, "a"), stamped(100, "b")],
+            &[at, at, at],
+            false,
+            &suspect,
+            0,
+        );
+        // A later batch that makes it due again, with an older event (a spill replayed late).
+        repairs.note(&[stamped(200, "a")], &[at], false, &suspect, 0);
+        let due = repairs.take_due(Instant::now() + DELAY + IDLE);
+        let window = |track: &str| due.iter().find(|(t, _)| t == track).map(|(_, w)| *w);
+        assert_eq!(
+            window("a"),
+            Some(Window {
+                partition: 3,
+                since_ms: 200
+            })
+        );
+        // b was only stored (unusual moment, idle): rebuilt from its own lowest stamp.
+        assert_eq!(
+            window("b"),
+            Some(Window {
+                partition: 3,
+                since_ms: 100
+            })
+        );
     }
 }
