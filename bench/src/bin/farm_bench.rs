@@ -1,5 +1,6 @@
 //! Cross-node delivery benchmark: a like sent on node A → the update received by listeners
-//! on node B, through a real redis-server; plus Redis commands per like.
+//! on node B, through a real redis-server; Redis commands per like; then the liker's own ack
+//! latency on A (one like at a time, nobody listening on that track).
 //!
 //!     cargo build --release --workspace --bins
 //!     FANFARE_BIN=target/release/fanfare target/release/farm_bench [likes] [listeners]
@@ -118,6 +119,23 @@ async fn main() -> anyhow::Result<()> {
         "({} deliveries in {:.1} s)",
         samples.len(),
         elapsed.as_secs_f64()
+    );
+
+    // The liker's ack: decided, stored (SQLite group commit), merged into Redis.
+    let mut acks = Vec::with_capacity(likes);
+    for i in 0..likes {
+        let action = if i % 2 == 0 { "like" } else { "unlike" };
+        let sent = Instant::now();
+        let ack = liker.like(action, "bench-ack", &format!("a{i}")).await?;
+        anyhow::ensure!(ack["type"] == "ack", "not acked: {ack}");
+        acks.push(sent.elapsed());
+    }
+    acks.sort();
+    println!(
+        "ack on A ({likes} likes one at a time): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&acks, 0.5).as_secs_f64() * 1e3,
+        percentile(&acks, 0.99).as_secs_f64() * 1e3,
+        acks.last().context("no acks")?.as_secs_f64() * 1e3,
     );
     Ok(())
 }
