@@ -36,6 +36,9 @@ const SHIPPED_POS: &str = "kafka_shipped_pos";
 const MAX_IN_FLIGHT: usize = 50_000;
 /// Outbox rows read per replay round.
 const REPLAY_PAGE: usize = 2_000;
+/// Committed events handed to the shipper at most at once; beyond, it reads them back from
+/// the spill (bounded RAM while Kafka is away).
+const HAND_OFF: usize = 8_192;
 
 /// What a node needs to know about Kafka.
 #[derive(Debug, Clone)]
@@ -94,7 +97,7 @@ impl KafkaEventLog {
         let (shipped, last) =
             store.with(|r| Ok((r.meta_get(SHIPPED_POS)?.unwrap_or(0), r.last_spill_pos()?)))?;
         let committed_pos = Arc::new(AtomicU64::new(last.unwrap_or(shipped).max(shipped)));
-        let (committed, inbox) = mpsc::unbounded_channel();
+        let (committed, inbox) = mpsc::channel(HAND_OFF);
         let local = SqliteEventLog::start(
             store,
             Some(Forward {
@@ -228,7 +231,7 @@ struct Shipper {
     producer: FutureProducer,
     shared: Arc<Shared>,
     store: Store,
-    inbox: mpsc::UnboundedReceiver<Committed>,
+    inbox: mpsc::Receiver<Committed>,
     in_flight: FuturesOrdered<DeliveryWait>,
     /// Highest outbox position handed to the producer.
     sent_through: u64,
@@ -269,6 +272,9 @@ impl Shipper {
                         if self.inbox.is_closed() && self.inbox.is_empty() {
                             return; // shutting down: the spill keeps the rest
                         }
+                        // Everything handed over meanwhile is in the spill, read back by the
+                        // next replay: the queue is emptied so the writer's hand-offs go on.
+                        while self.inbox.try_recv().is_ok() {}
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -295,7 +301,15 @@ impl Shipper {
                         self.confirm(pos, seq);
                     }
                 }
-                _ = persist.tick() => self.persist(&mut persisted).await,
+                _ = persist.tick() => {
+                    self.persist(&mut persisted).await;
+                    // A hand-off the full queue dropped, with nothing after it to show the gap.
+                    if self.inbox.is_empty()
+                        && self.shared.committed_pos.load(Ordering::Acquire) > self.sent_through
+                    {
+                        replaying = true;
+                    }
+                }
             }
             if replaying {
                 self.restart_from_confirmed();

@@ -35,9 +35,12 @@ enum Request {
 
 /// Where the writer hands committed events when Kafka is configured: each event also gets a
 /// row in the `kafka_outbox` table (the spill) in the same transaction, and after the commit
-/// goes to the shipper in commit order.
+/// goes to the shipper in commit order. The hand-off queue is bounded: while the shipper
+/// cannot keep up (Kafka away), a full queue drops the hand-off — the event is in the spill,
+/// and the shipper reads the gap back from there — so RAM never holds a second copy of the
+/// spill.
 pub struct Forward {
-    pub committed: mpsc::UnboundedSender<Committed>,
+    pub committed: mpsc::Sender<Committed>,
     /// Highest outbox position committed so far.
     pub committed_pos: Arc<AtomicU64>,
 }
@@ -191,7 +194,7 @@ impl Writer {
             for (pos, index) in outboxed {
                 if let Request::Append(event, _) = &batch[index] {
                     forward.committed_pos.fetch_max(pos, Ordering::Release);
-                    let _ = forward.committed.send(Committed {
+                    let _ = forward.committed.try_send(Committed {
                         pos,
                         event: event.clone(),
                     });
