@@ -524,7 +524,8 @@ impl WorkerProcess {
         )
         .args(["worker"])
         .args(args.iter().copied())
-        .env("FANFARE_LOG", "warn");
+        // The worker's own info lines (rebuilds, redis refills) say what a failing run did.
+        .env("FANFARE_LOG", "warn,fanfare::worker=info");
         Ok(WorkerProcess {
             service: Service::start(spec).await?,
         })

@@ -45,16 +45,27 @@ pub async fn wait_stored(
 /// MongoDB's per-track totals, each checked against the events stored for the track: the
 /// count against the pairs' newest events by (stamp, event id) and against the `pairs`
 /// registers. A worker writes the totals just after the
-/// events, so they may trail for a moment: this waits up to 30 s for them to agree before it
-/// calls a difference a fault.
+/// events, so they may trail for a moment, and a track a late batch could not be sure of is
+/// rebuilt 20 s after that batch (plus up to 5 s until its partition's holder looks): this waits
+/// up to 60 s for them to agree before it calls a difference a fault. (With 30 s, a fault run
+/// once failed on one track whose registers were right and whose count was not yet rebuilt.)
 pub async fn stored_totals(
     db: &mongodb::Database,
     tracks: &[&str],
 ) -> anyhow::Result<BTreeMap<String, Expected>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(60);
     loop {
         match totals_once(db, tracks).await {
-            Ok(totals) => return Ok(totals),
+            Ok(totals) => {
+                if started.elapsed() > Duration::from_secs(10) {
+                    eprintln!(
+                        "stored totals agreed after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(totals);
+            }
             Err(err) if tokio::time::Instant::now() > deadline => return Err(err),
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }

@@ -1,6 +1,6 @@
 //! A short round of the fault suite (`fanfare_tests::chaos`): every fault once, then one round
-//! of 2–4 faults at once drawn from every kind (the Redis data loss included), under traffic
-//! through HAProxy. Nothing acked may be lost or doubled and every count must agree at the
+//! of 2–4 faults at once — always a Redis data loss and a frozen node, the rest drawn from
+//! every kind — under traffic through HAProxy. Nothing acked may be lost or doubled and every count must agree at the
 //! end. `scripts/chaos` runs the long version.
 
 use fanfare_tests::chaos::{ChaosPlan, run};

@@ -73,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             combinable_by_default(&args.faults)
         },
+        combined_always: Vec::new(),
         kafka_brokers: args.kafka_brokers,
         faults: if args.faults.is_empty() {
             ALL_FAULTS.to_vec()
