@@ -290,7 +290,13 @@ impl MongoArchive {
         let mut change = registers.count_change;
         lap(&mut stored, 1);
 
-        change.retain(|_, by| *by != 0);
+        // A suspect track's guard is brought up to this batch even with nothing to add, so the
+        // other writer's increment, if it comes later, is refused and makes it suspect too
+        // (its rebuild then comes after its own write, not only after ours).
+        for track in &suspect {
+            change.entry(track).or_insert(0);
+        }
+        change.retain(|track, by| *by != 0 || suspect.contains(track));
         let count_keys: Vec<&str> = change.keys().copied().collect();
         let count_updates = change
             .iter()
@@ -360,7 +366,7 @@ impl MongoArchive {
 
     /// Like `update_many_statements`, and also returns the indexes of the statements that
     /// were refused with a duplicate key (a guarded upsert whose condition did not hold).
-    async fn update_guarded(
+    pub(super) async fn update_guarded(
         &self,
         collection: &str,
         updates: Vec<Document>,

@@ -306,6 +306,10 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
             &stored.suspect,
             consumer.context().assignments(),
         );
+        // The rebuilds this batch made due are on record before its offsets are committed.
+        if !ask_until_done(&mut repairs, &archive, shutdown).await {
+            break; // shutting down: not committed, the batch is replayed and asks again
+        }
         if let Some(link) = &redis {
             let merged =
                 tokio::time::timeout(REDIS_MERGE_TIMEOUT, redis_merge::merge(link, &batch.events));
@@ -347,6 +351,29 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Retries with backoff until the noted rebuilds are written; `false` on shutdown.
+async fn ask_until_done(
+    repairs: &mut repair::Repairs,
+    archive: &MongoArchive,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio::time::timeout(STORE_TIMEOUT, repairs.ask(archive)).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "cannot ask for rebuilds")
+            }
+            Err(_) => tracing::warn!(retry_in = ?backoff, "cannot ask for rebuilds: no answer"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Runs the rebuilds that are due; a failure is logged and left for a later round.
 async fn run_repairs(
     repairs: &mut repair::Repairs,
@@ -354,7 +381,10 @@ async fn run_repairs(
     consumer: &StreamConsumer<WatchContext>,
     metrics: &WorkerMetrics,
 ) {
-    match repairs.run_due(archive, consumer).await {
+    match repairs
+        .run_due(archive, consumer, consumer.context().assignments())
+        .await
+    {
         Ok(0) => {}
         Ok(rebuilt) => {
             metrics.tracks_rebuilt.inc_by(rebuilt as u64);

@@ -57,8 +57,10 @@ impl MongoArchive {
     /// user's newest by stamp, then event id, where it is newer than the stored register or
     /// disagrees with an event of the same order) and sets its count from the registers
     /// (`repair`: only while no other worker writes the track; the worker's own loop runs
-    /// it, between batches).
-    pub async fn rebuild_track(&self, track: &str, since_ms: i64) -> anyhow::Result<()> {
+    /// it, between batches). Each register is set only if it is still the one read, so a
+    /// writer that was not supposed to be there (a straggler) is never set back; returns
+    /// `false` if one was found, and the track is rebuilt again later.
+    pub async fn rebuild_track(&self, track: &str, since_ms: i64) -> anyhow::Result<bool> {
         let filter = if since_ms == i64::MIN {
             doc! { "track": track }
         } else {
@@ -110,7 +112,8 @@ impl MongoArchive {
                 // says (a lost or half-applied conditional upsert is what a rebuild is for).
                 Some(right) if right != register && !register.newer_than(&right) => {
                     liked += i64::from(right.liked);
-                    behind.push((user.to_owned(), right));
+                    let read = doc! { "stamp": register.stamp, "event": &register.event_id };
+                    behind.push((user.to_owned(), right, read));
                 }
                 // As the events say, or newer than the window's events (from before it, a
                 // register stays as it is and counts).
@@ -119,19 +122,23 @@ impl MongoArchive {
         }
         // Users with events in the window and no register at all.
         liked += newest.values().filter(|r| r.liked).count() as i64;
-        behind.extend(newest);
-        // Set, not merged: these registers are exactly what the events say.
+        let absent = doc! { "stamp": { "$exists": false } };
+        behind.extend(
+            newest
+                .into_iter()
+                .map(|(user, r)| (user, r, absent.clone())),
+        );
+        // Set, not merged: these registers are exactly what the events say — if the register
+        // is still the one read (else the upsert meets the stored `_id`: refused).
         let sets = behind
             .iter()
-            .map(|(user, r)| {
-                doc! {
-                    "q": { "_id": pair_id(track, user) },
-                    "u": { "$set": r.document(track, user) },
-                    "upsert": true,
-                }
+            .map(|(user, r, read)| {
+                let mut q = doc! { "_id": pair_id(track, user) };
+                q.extend(read.clone());
+                doc! { "q": q, "u": { "$set": r.document(track, user) }, "upsert": true }
             })
             .collect();
-        self.update_many_statements("pairs", sets).await?;
+        let (_, moved) = self.update_guarded("pairs", sets).await?;
         self.update_many_statements(
             "track_counts",
             vec![
@@ -139,21 +146,31 @@ impl MongoArchive {
             ],
         )
         .await?;
-        Ok(())
+        if !moved.is_empty() {
+            tracing::info!(%track, registers = moved.len(), "registers moved during a rebuild; rebuilding it again later");
+        }
+        Ok(moved.is_empty())
     }
 
-    /// Asks whoever holds each track's partition to rebuild it (a window already asked for
-    /// only widens).
-    pub async fn request_rebuilds(&self, tracks: &[(String, Window)]) -> anyhow::Result<()> {
+    /// Asks whoever holds each track's partition to rebuild it once `after` has passed (wall
+    /// clock: workers' clocks only need to agree to well within the 20 s delay); a window
+    /// already asked for only widens, and a later ask postpones it (its straggler may still be
+    /// writing).
+    pub async fn request_rebuilds(
+        &self,
+        tracks: &[(String, Window, std::time::Duration)],
+    ) -> anyhow::Result<()> {
         let now = now_ms();
         let updates = tracks
             .iter()
-            .map(|(track, window)| {
+            .map(|(track, window, after)| {
+                let due = now.saturating_add(after.as_millis() as i64);
                 doc! {
                     "q": { "_id": track },
                     "u": {
                         "$set": { "partition": window.partition, "asked_at_ms": now },
                         "$min": { "since_ms": window.since_ms },
+                        "$max": { "due_ms": due },
                     },
                     "upsert": true,
                 }
@@ -165,15 +182,22 @@ impl MongoArchive {
         Ok(())
     }
 
-    /// Rebuilds asked for in these partitions.
+    /// Rebuilds asked for in these partitions that are due (requests of older workers carry
+    /// no due time: due at once).
     pub async fn requested_rebuilds(&self, partitions: &[i32]) -> anyhow::Result<Vec<Request>> {
         if partitions.is_empty() {
             return Ok(Vec::new());
         }
+        let due = doc! { "$or": [
+            { "due_ms": { "$lte": now_ms() } },
+            { "due_ms": { "$exists": false } },
+        ] };
+        let mut filter = doc! { "partition": { "$in": partitions } };
+        filter.extend(due);
         let found: Vec<Document> = self
             .db
             .collection::<Document>("rebuilds")
-            .find(doc! { "partition": { "$in": partitions } })
+            .find(filter)
             .limit(REQUESTS_PER_LOOK)
             .await
             .context("cannot read rebuild requests")?

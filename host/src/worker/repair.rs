@@ -10,7 +10,11 @@
 //! tracks a batch could not be sure of — events already stored, a register already as new,
 //! a refused count increment (`Stored::suspect`) — and every track of a batch that needed
 //! retries are rebuilt from their stored events a while later, once such a straggler is
-//! done, by the worker that holds their partition. (Rebuilding every track of every batch
+//! done, by the worker that holds their partition. The request is written to the `rebuilds`
+//! collection before the batch's offsets are committed, with the time it becomes due: until
+//! 2026-12-02 it waited in the worker's memory until then, so a worker killed in those 20 s
+//! took it along while the batch that made it due was already committed (docs/reliability.md,
+//! found 18). (Rebuilding every track of every batch
 //! stored within 30 s of any assignment change, as this first did, rebuilt the whole catalog
 //! whenever a worker joined and stopped storing for 20 s at a time in the benchmark.) And
 //! once a worker has been idle for a few seconds it rebuilds every track it stored since its
@@ -19,10 +23,9 @@
 //! counts exact in the end whatever the store did (a fault run on FerretDB once ended with
 //! one track's registers 40 s behind its events, cause not found; docs/reliability.md). A
 //! healthy farm never pays for it. A rebuild reads the window of events that made it due
-//! (`rebuild::Window`: from their lowest stamp on), not the track's history. Due rebuilds are
-//! written to the `rebuilds` collection and done by whoever holds the track's partition
-//! (`rebuild`), so a rebalance or a killed worker
-//! between the risky batch and its rebuild loses none.
+//! (`rebuild::Window`: from their lowest stamp on), not the track's history. Requests are
+//! done by whoever holds the track's partition once due (`rebuild`), so a rebalance or a
+//! killed worker between the risky batch and its rebuild loses none.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -47,15 +50,19 @@ const TURN: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 pub struct Repairs {
-    /// Track → (its partition and window, when to rebuild it).
-    due: BTreeMap<String, (Window, Instant)>,
     assignments_seen: u64,
+    /// When this worker last saw its assignment change: until `DELAY` after it, the worker
+    /// that lost a partition may still be writing it (a straggler).
+    assignment_changed_at: Option<Instant>,
     /// Tracks stored since the last idle rebuild, with their partition and the lowest stamp
     /// stored since.
     touched: BTreeMap<String, Window>,
     last_batch: Option<Instant>,
-    /// Due rebuilds not yet written to the `rebuilds` collection (its last write failed).
-    unrequested: BTreeMap<String, Window>,
+    /// Rebuilds not yet written to the `rebuilds` collection: track → (partition and window,
+    /// how long after the write it becomes due).
+    unrequested: BTreeMap<String, (Window, Duration)>,
+    /// When the first rebuild this worker asked for becomes due (it looks then).
+    asked_due: Option<Instant>,
     /// When the `rebuilds` requests were last looked at.
     last_look: Option<Instant>,
     /// Something unusual since the last idle rebuild (see `note`): without it an idle moment
@@ -67,6 +74,7 @@ impl Repairs {
     /// Notes a stored batch; `retried`: it needed more than one attempt; `suspect`: tracks
     /// whose count it could not be sure of — events already stored, registers already as
     /// new, refused increments (replays, late or concurrent writes) — rebuilt after the delay.
+    /// The rebuilds are asked for by [`Repairs::ask`], before the batch is committed.
     pub fn note(
         &mut self,
         events: &[LikeEvent],
@@ -91,10 +99,7 @@ impl Repairs {
                 .widen(e.accepted_at_ms);
         }
         let mut schedule = |track: &str, window: Window| {
-            self.due
-                .entry(track.to_owned())
-                .and_modify(|(due, _)| due.widen(window.since_ms))
-                .or_insert((window, now + DELAY));
+            Self::queue(&mut self.unrequested, track, window, DELAY);
         };
         for (track, partition) in suspect {
             let window = windows.get(track.as_str()).copied().unwrap_or(Window {
@@ -114,14 +119,65 @@ impl Repairs {
                 .and_modify(|seen| seen.widen(window.since_ms))
                 .or_insert(window);
         }
+        self.assignments(assignments, now);
+    }
+
+    /// Takes in the consumer's count of assignment changes.
+    fn assignments(&mut self, assignments: u64, now: Instant) {
         if assignments != self.assignments_seen {
             self.assignments_seen = assignments;
+            self.assignment_changed_at = Some(now);
             self.unusual_seen = true;
         }
     }
 
-    /// When the loop should next call [`Repairs::run_due`]: the first due rebuild, the idle
-    /// rebuild (counted from the last batch), or the next look at handed-over requests.
+    /// Whether a straggler may still write a partition this worker holds.
+    fn straggler_possible(&self, now: Instant) -> bool {
+        self.assignment_changed_at
+            .is_some_and(|at| now.duration_since(at) < DELAY)
+    }
+
+    /// Adds a rebuild to ask for: the earlier window start and the longer delay win.
+    fn queue(
+        unrequested: &mut BTreeMap<String, (Window, Duration)>,
+        track: &str,
+        window: Window,
+        delay: Duration,
+    ) {
+        unrequested
+            .entry(track.to_owned())
+            .and_modify(|(queued, after)| {
+                queued.widen(window.since_ms);
+                *after = (*after).max(delay);
+            })
+            .or_insert((window, delay));
+    }
+
+    /// Writes the rebuilds noted since the last call to the `rebuilds` collection, each due
+    /// its delay from now; the worker calls it before it commits the batch that made them
+    /// due, and retries until it succeeds (a failed write keeps them).
+    pub async fn ask(&mut self, archive: &MongoArchive) -> anyhow::Result<()> {
+        if self.unrequested.is_empty() {
+            return Ok(());
+        }
+        // Taken off only once written (a dropped call keeps them).
+        let asks: Vec<(String, Window, Duration)> = self
+            .unrequested
+            .iter()
+            .map(|(track, (window, after))| (track.clone(), *window, *after))
+            .collect();
+        archive.request_rebuilds(&asks).await?;
+        self.unrequested.clear();
+        let first = asks.iter().map(|(_, _, after)| *after).min();
+        if let Some(at) = first.map(|after| Instant::now() + after) {
+            self.asked_due = Some(self.asked_due.map_or(at, |due| due.min(at)));
+        }
+        Ok(())
+    }
+
+    /// When the loop should next call [`Repairs::run_due`]: the first rebuild it asked for
+    /// becoming due, the idle rebuild (counted from the last batch), or the next look at the
+    /// requests.
     pub fn next_due(&self) -> Option<Instant> {
         let idle = match (self.touched.is_empty(), self.last_batch) {
             (false, Some(at)) => Some(at + IDLE),
@@ -130,62 +186,50 @@ impl Repairs {
         let look = self
             .last_look
             .map_or_else(Instant::now, |at| at + LOOK_EVERY);
-        self.due
-            .values()
-            .map(|(_, at)| *at)
-            .chain(idle)
-            .chain(Some(look))
+        [self.asked_due, idle, Some(look)]
+            .into_iter()
+            .flatten()
             .min()
     }
 
-    /// The rebuilds due at `now` (taken off the lists): due tracks, and after an idle moment
-    /// the tracks stored since the last one, if anything unusual happened meanwhile.
-    fn take_due(&mut self, now: Instant) -> Vec<(String, Window)> {
-        let mut due: Vec<(String, Window)> = self
-            .due
-            .iter()
-            .filter(|(_, (_, at))| *at <= now)
-            .map(|(track, (window, _))| (track.clone(), *window))
-            .collect();
-        // Taken off the list: from here on the `rebuilds` collection holds them.
-        for (track, _) in &due {
-            self.due.remove(track);
-        }
+    /// After an idle moment, the tracks stored since the last one, if anything unusual
+    /// happened meanwhile, are queued to be asked for at once.
+    fn queue_idle(&mut self, now: Instant) {
         if self
             .last_batch
             .is_some_and(|at| now.duration_since(at) >= IDLE)
         {
             let touched = std::mem::take(&mut self.touched);
             if std::mem::take(&mut self.unusual_seen) {
-                due.extend(touched);
+                for (track, window) in touched {
+                    Self::queue(&mut self.unrequested, &track, window, Duration::ZERO);
+                }
             }
         }
-        due
     }
 
-    /// Writes the due rebuilds as requests to the `rebuilds` collection, then rebuilds what is
-    /// requested in the partitions this worker holds (its own requests and those of workers
-    /// that lost a partition since); returns the tracks rebuilt. A request outlives a worker
-    /// killed before its rebuild, and one that fails stays for the next look.
+    /// Asks for what is queued (an idle moment's rebuilds, or asks that failed before), then
+    /// rebuilds what is requested and due in the partitions this worker holds (its own
+    /// requests and those of workers that lost a partition since); returns the tracks
+    /// rebuilt. A request outlives a worker killed before its rebuild, and one that fails
+    /// stays for the next look.
+    /// A rebuild that met a register moved under it, or done while a straggler may still be
+    /// writing (its count set could land between the straggler's register writes and its
+    /// increments), is asked for again, due after the delay.
     pub async fn run_due<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
         &mut self,
         archive: &MongoArchive,
         consumer: &C,
+        assignments: u64,
     ) -> anyhow::Result<usize> {
         let now = Instant::now();
-        for (track, window) in self.take_due(now) {
-            self.unrequested
-                .entry(track)
-                .and_modify(|w| w.widen(window.since_ms))
-                .or_insert(window);
-        }
+        self.assignments(assignments, now);
+        self.queue_idle(now);
         if !self.unrequested.is_empty() {
-            let tracks: Vec<(String, Window)> =
-                std::mem::take(&mut self.unrequested).into_iter().collect();
-            if let Err(err) = archive.request_rebuilds(&tracks).await {
-                self.unrequested.extend(tracks);
-                return Err(err);
-            }
+            self.ask(archive).await?;
+        }
+        if self.asked_due.is_some_and(|at| at <= Instant::now()) {
+            self.asked_due = None;
             self.last_look = None; // look at once
         }
         if self.last_look.is_some_and(|at| now < at + LOOK_EVERY) {
@@ -202,9 +246,20 @@ impl Repairs {
                 self.last_look = None; // the rest after the next batch
                 break;
             }
-            archive
+            let sure = archive
                 .rebuild_track(&request.track, request.since_ms)
                 .await?;
+            if !sure || self.straggler_possible(Instant::now()) {
+                // Asked again before this one is taken off: the request stays, due later
+                // (its `asked_at_ms` changed, so `rebuild_done` leaves it).
+                let window = Window {
+                    partition: request.partition,
+                    since_ms: request.since_ms,
+                };
+                archive
+                    .request_rebuilds(&[(request.track.clone(), window, DELAY)])
+                    .await?;
+            }
             archive.rebuild_done(&request).await?;
             rebuilt += 1;
         }
@@ -245,13 +300,27 @@ mod tests {
         repairs.note(&[event(track)], &[at], retried, suspect, assignments);
     }
 
+    /// What the worker would ask for next: (track, window, delay).
+    fn queued(repairs: &Repairs) -> Vec<(String, Window, Duration)> {
+        repairs
+            .unrequested
+            .iter()
+            .map(|(track, (window, after))| (track.clone(), *window, *after))
+            .collect()
+    }
+
+    const WINDOW: Window = Window {
+        partition: 3,
+        since_ms: 1,
+    };
+
     #[test]
     fn a_healthy_worker_rebuilds_nothing_when_idle() {
         let mut repairs = Repairs::default();
         stored(&mut repairs, "a", false, false, 0);
         stored(&mut repairs, "b", false, false, 0);
-        let later = Instant::now() + IDLE + Duration::from_millis(10);
-        assert!(repairs.take_due(later).is_empty());
+        repairs.queue_idle(Instant::now() + IDLE + Duration::from_millis(10));
+        assert!(queued(&repairs).is_empty());
         assert!(
             repairs.touched.is_empty(),
             "the idle list is cleared either way"
@@ -264,23 +333,24 @@ mod tests {
         stored(&mut repairs, "a", false, false, 0);
         stored(&mut repairs, "b", false, true, 0); // met a stored event or a newer register
         let later = Instant::now() + IDLE + Duration::from_millis(10);
-        let due = repairs.take_due(later);
-        let window = Window {
-            partition: 3,
-            since_ms: 1,
-        };
+        repairs.queue_idle(later);
+        // a at once; b keeps the delay its suspect batch gave it (a straggler may be writing).
         assert_eq!(
-            due,
-            vec![("a".to_owned(), window), ("b".to_owned(), window)]
+            queued(&repairs),
+            vec![
+                ("a".to_owned(), WINDOW, Duration::ZERO),
+                ("b".to_owned(), WINDOW, DELAY)
+            ]
         );
-        // The next idle moment, with nothing unusual in between, rebuilds nothing.
+        // The next idle moment, with nothing unusual in between, adds nothing.
+        repairs.unrequested.clear();
         stored(&mut repairs, "c", false, false, 0);
-        let much_later = later + IDLE + Duration::from_secs(1);
-        assert!(repairs.take_due(much_later).is_empty());
+        repairs.queue_idle(later + IDLE + Duration::from_secs(1));
+        assert!(queued(&repairs).is_empty());
     }
 
     #[test]
-    fn a_suspect_track_is_rebuilt_after_the_delay_and_only_it() {
+    fn a_suspect_track_is_asked_for_at_once_due_after_the_delay_and_only_it() {
         let mut repairs = Repairs::default();
         let at = LogPosition {
             partition: 3,
@@ -288,28 +358,27 @@ mod tests {
         };
         let suspect = [("b".to_owned(), 3)];
         repairs.note(&[event("a"), event("b")], &[at, at], false, &suspect, 0);
-        assert!(repairs.take_due(Instant::now()).is_empty());
-        let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
-        assert!(due.iter().any(|(track, _)| track == "b"), "{due:?}");
-        assert!(!repairs.due.contains_key("a"));
+        // Queued by the note itself (the worker writes it before committing the batch), not
+        // kept in memory until due.
+        assert_eq!(queued(&repairs), vec![("b".to_owned(), WINDOW, DELAY)]);
     }
 
     #[test]
     fn a_retried_batch_is_rebuilt_after_the_delay_and_an_assignment_change_counts_as_unusual() {
         let mut repairs = Repairs::default();
         stored(&mut repairs, "a", true, false, 0);
-        assert!(
-            repairs.take_due(Instant::now()).is_empty(),
-            "not before the delay"
-        );
-        let due = repairs.take_due(Instant::now() + DELAY + Duration::from_millis(10));
-        assert!(due.iter().any(|(track, _)| track == "a"), "{due:?}");
-        // A rebalance alone rebuilds nothing at once (a straggler would show as suspect
+        assert_eq!(queued(&repairs), vec![("a".to_owned(), WINDOW, DELAY)]);
+        repairs.unrequested.clear();
+        // A rebalance alone asks for nothing at once (a straggler would show as suspect
         // tracks), but the next idle moment rebuilds what was stored.
         stored(&mut repairs, "b", false, false, 1);
-        assert!(!repairs.due.contains_key("b"));
-        let due = repairs.take_due(Instant::now() + DELAY + IDLE);
-        assert!(due.iter().any(|(track, _)| track == "b"), "{due:?}");
+        assert!(queued(&repairs).is_empty());
+        repairs.queue_idle(Instant::now() + IDLE + Duration::from_millis(10));
+        let idle = queued(&repairs);
+        assert!(
+            idle.contains(&("b".to_owned(), WINDOW, Duration::ZERO)),
+            "{idle:?}"
+        );
     }
 
     #[test]
@@ -333,8 +402,9 @@ mod tests {
         );
         // A later batch that makes it due again, with an older event (a spill replayed late).
         repairs.note(&[stamped(200, "a")], &[at], false, &suspect, 0);
-        let due = repairs.take_due(Instant::now() + DELAY + IDLE);
-        let window = |track: &str| due.iter().find(|(t, _)| t == track).map(|(_, w)| *w);
+        repairs.queue_idle(Instant::now() + IDLE + Duration::from_millis(10));
+        let due = queued(&repairs);
+        let window = |track: &str| due.iter().find(|(t, _, _)| t == track).map(|(_, w, _)| *w);
         assert_eq!(
             window("a"),
             Some(Window {
