@@ -209,10 +209,16 @@ pub struct Config {
     )]
     pub tls_key: Option<PathBuf>,
 
-    /// How clients prove who they are: `dev` trusts `?user=` (embedded default), `jwt`
-    /// requires a signed token whose `sub` is the user.
+    /// How clients prove who they are: `dev` trusts `?user=` (the default, allowed only on a
+    /// loopback listener outside farm mode), `jwt` requires a signed token whose `sub` is the
+    /// user.
     #[arg(long, env = "FANFARE_AUTH", value_enum, default_value_t = AuthMode::Dev)]
     pub auth: AuthMode,
+
+    /// Allow `--auth dev` where anyone who reaches the node can act as any user (a farm, or a
+    /// listener other than loopback): for demos and tests only.
+    #[arg(long, env = "FANFARE_INSECURE_DEV_AUTH")]
+    pub insecure_dev_auth: bool,
 
     /// HS256 secret for `--auth jwt` (at least 32 bytes).
     #[arg(
@@ -445,7 +451,32 @@ impl Config {
         {
             bail!("--node-id must match [A-Za-z0-9_.-]{{1,64}}");
         }
+        self.check_dev_auth()?;
         Ok(self)
+    }
+
+    /// `--auth dev` lets a client pick its user with `?user=`: harmless on a node only its own
+    /// machine reaches, not in a farm (a load balancer in front) or on another address.
+    fn check_dev_auth(&self) -> anyhow::Result<()> {
+        if self.auth != AuthMode::Dev || self.insecure_dev_auth {
+            return Ok(());
+        }
+        let exposed = if self.shared.redis.is_some() {
+            Some("in farm mode (--redis)")
+        } else if !self.listen.ip().is_loopback() {
+            Some("on a listener other than loopback")
+        } else {
+            None
+        };
+        if let Some(where_) = exposed {
+            bail!(
+                "--auth dev (the default) lets every client choose its user with ?user= and is \
+                 refused {where_} ({}): use --auth jwt with --jwt-secret or --jwt-key, or \
+                 --insecure-dev-auth for a demo",
+                self.listen
+            );
+        }
+        Ok(())
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {
@@ -534,6 +565,31 @@ mod tests {
         assert!(load(&["fanfare", "--config", &path]).is_err());
         assert!(load(&["fanfare", "--broadcast-window", "500"]).is_err());
         assert!(load(&["fanfare", "--heartbeat-interval", "80000"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dev_auth_is_refused_where_it_is_not_harmless() -> anyhow::Result<()> {
+        for exposed in [
+            &["fanfare", "--listen", "0.0.0.0:8080"][..],
+            &["fanfare", "--listen", "[::]:8080"],
+            &["fanfare", "--listen", "10.1.2.3:8080"],
+            &["fanfare", "--redis", "redis://127.0.0.1:6379"],
+        ] {
+            let err = load(exposed).expect_err("dev auth accepted");
+            assert!(
+                err.to_string().contains("--auth jwt") && err.to_string().contains("?user="),
+                "{exposed:?}: {err:#}"
+            );
+            let mut demo = exposed.to_vec();
+            demo.push("--insecure-dev-auth");
+            load(&demo)?;
+            let mut jwt = exposed.to_vec();
+            jwt.extend(["--auth", "jwt"]);
+            load(&jwt)?;
+        }
+        load(&["fanfare", "--listen", "127.0.0.1:8080"])?;
+        load(&["fanfare", "--listen", "[::1]:8080"])?;
         Ok(())
     }
 }

@@ -52,6 +52,15 @@ pub struct NodeProcess {
     _own_dir: Option<tempfile::TempDir>,
 }
 
+/// `--insecure-dev-auth` for a farm node (`--redis`) that chose no `--auth`.
+fn insecure_dev_auth(extra: &[&str]) -> Option<&'static str> {
+    let farm = extra.contains(&"--redis");
+    let auth = extra
+        .iter()
+        .any(|a| a.starts_with("--auth") || *a == "--insecure-dev-auth");
+    (farm && !auth).then_some("--insecure-dev-auth")
+}
+
 impl NodeProcess {
     /// A node on a free port with a fresh data directory of its own.
     pub async fn fresh(extra: &[&str]) -> anyhow::Result<NodeProcess> {
@@ -90,6 +99,8 @@ impl NodeProcess {
         .args(["--listen", listen])
         .args([OsStr::new("--data-dir"), data_dir.as_os_str()])
         .args(extra.iter().copied())
+        // A farm node refuses dev auth unless told it is a demo; the suites use `?user=`.
+        .args(insecure_dev_auth(extra))
         .env("FANFARE_LOG", "warn");
         let service = Service::start(spec).await?;
         Ok(NodeProcess {

@@ -40,6 +40,53 @@ async fn upgrade_status(url: &str, headers: &[(&'static str, &str)]) -> anyhow::
     }
 }
 
+/// `?user=` lets anyone act as anyone: a farm node (a load balancer in front) refuses to
+/// start with it and says what to use instead, binding nothing; told it is a demo, it runs.
+#[tokio::test]
+async fn a_farm_node_refuses_dev_auth_unless_told_it_is_a_demo() -> anyhow::Result<()> {
+    let redis = fanfare_tests::RedisProcess::start().await?;
+    let dir = tempfile::tempdir()?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut refused = tokio::process::Command::new(fanfare_tests::fanfare_bin());
+    refused
+        .args([
+            "--listen",
+            &listen,
+            "--redis",
+            &redis.url(),
+            "--log",
+            "warn",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("FANFARE_INSECURE_DEV_AUTH")
+        .env_remove("FANFARE_AUTH")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(PATIENCE, refused.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("the farm node started with dev auth"))??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "exit: {:?}", output.status);
+    assert!(
+        stderr.contains("--auth jwt") && stderr.contains("--insecure-dev-auth"),
+        "the refusal does not say what to use: {stderr}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(&listen).await.is_err(),
+        "the refused node bound {listen}"
+    );
+
+    let demo = NodeProcess::start(
+        dir.path(),
+        &["--redis", &redis.url(), "--insecure-dev-auth"],
+    )
+    .await?;
+    let mut ana = demo.connect("ana").await?;
+    let ack = ana.like("like", "demo:t", "k1").await?;
+    assert_eq!(ack["count"], 1, "{ack}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn jwt_auth_refuses_bad_tokens_at_the_upgrade() -> anyhow::Result<()> {
     let node = NodeProcess::fresh(&["--auth", "jwt", "--jwt-secret", SECRET]).await?;

@@ -1,6 +1,7 @@
 //! Who a connection is, decided once at the WebSocket upgrade.
 //!
-//! `dev` (the embedded default) trusts `?user=`; `jwt` requires a token signed with the
+//! `dev` (the default; refused in a farm or off loopback unless `--insecure-dev-auth`,
+//! see `Config`) trusts `?user=`; `jwt` requires a token signed with the
 //! configured HS256 secret or RS256/ES256 public key (PEM or JWKS), whose `sub` is the user.
 //! Anything missing, forged, expired or wrongly signed gets HTTP 401 and never a socket.
 
@@ -60,7 +61,7 @@ impl Auth {
             }
         } else {
             tracing::warn!(
-                "--auth dev: clients choose their user with ?user= (do not expose this node)"
+                "--auth dev: clients choose their user with ?user= (a node only its own machine reaches, or --insecure-dev-auth)"
             );
         }
         Ok(Auth {
