@@ -1,5 +1,6 @@
 //! Likes end to end on one node: broadcast, exact counts, idempotency, durability.
 
+use anyhow::Context;
 use fanfare_tests::{NodeProcess, PATIENCE};
 use futures_util::future::try_join_all;
 use serde_json::json;
@@ -105,7 +106,10 @@ async fn concurrent_likes_from_many_users_give_exact_counts() -> anyhow::Result<
             }
             let mut acks = 0;
             while acks < tracks.len() * 2 {
-                let frame = client.recv().await?;
+                let frame = client
+                    .recv()
+                    .await
+                    .with_context(|| format!("user{i} after {acks} acks"))?;
                 if frame["type"] == "ack" {
                     acks += 1;
                 }
@@ -130,7 +134,10 @@ async fn concurrent_likes_from_many_users_give_exact_counts() -> anyhow::Result<
         || seen.get("album:b") != Some(&120)
         || seen.get("album:c") != Some(&120)
     {
-        let update = watcher.recv_until(|f| f["type"] == "likes").await?;
+        let update = watcher
+            .recv_until(|f| f["type"] == "likes")
+            .await
+            .with_context(|| format!("the watcher saw {seen:?}"))?;
         seen.insert(
             update["track"].as_str().unwrap_or_default().to_owned(),
             update["count"].as_u64().unwrap_or(0),

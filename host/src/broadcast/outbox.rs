@@ -63,7 +63,9 @@ impl Outbox {
             if len < self.soft {
                 state.updates.push_back((track.clone(), frame.clone()));
                 Push::Queued
-            } else if let Some(slot) = state.updates.iter_mut().find(|(t, _)| t == track) {
+            } else if let Some(slot) = state.updates.iter_mut().rev().find(|(t, _)| t == track) {
+                // The track's last queued frame, not its first: frames of the track queued
+                // below `soft` may follow the first, and the newest must be delivered last.
                 slot.1 = frame.clone();
                 Push::Conflated
             } else if len < self.hard {
@@ -118,5 +120,19 @@ mod tests {
         let d: Arc<str> = "d".into();
         assert_eq!(outbox.push(&d, &"d4".into()), Push::Overflowed);
         assert!(!outbox.take(&mut frames));
+    }
+
+    #[test]
+    fn the_newest_frame_of_a_track_is_delivered_last() {
+        let outbox = Outbox::new(1, 2, 8);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        outbox.push(&a, &"a1".into());
+        outbox.push(&a, &"a2".into());
+        assert_eq!(outbox.push(&a, &"a3".into()), Push::Conflated);
+        assert_eq!(outbox.push(&b, &"b1".into()), Push::Queued);
+        let mut frames = Vec::new();
+        assert!(outbox.take(&mut frames));
+        let expected: Vec<Utf8Bytes> = vec!["a1".into(), "a3".into(), "b1".into()];
+        assert_eq!(frames, expected);
     }
 }
