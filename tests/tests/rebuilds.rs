@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use fanfare_tests::metric_at as worker_metric;
 use fanfare_tests::pipeline::Pipeline;
 use fanfare_tests::stored::{number, stored_totals, wait_stored};
 use fanfare_tests::traffic::Expected;
+use fanfare_tests::wait_metric_at;
 use mongodb::bson::{Document, doc};
 
 const TRACKS: [&str; 1] = ["p-alpha"];
@@ -38,14 +38,7 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
     }
     // The worker's first batch followed its assignment, so it rebuilds the track once it is
     // idle; break the register only after that.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while worker_metric(&metrics_addr, "fanfare_worker_tracks_rebuilt_total").await? < 1.0 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never rebuilt the track when idle"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_idle_rebuild(&metrics_addr).await?;
     let counts = db.collection::<Document>("track_counts");
     let stored = counts
         .find_one(doc! { "_id": track })
@@ -143,14 +136,7 @@ async fn a_rebuild_asked_for_outlives_the_worker_that_asked() -> anyhow::Result<
     let db = p.db().await?;
     wait_stored(&db, 2, Duration::from_secs(30)).await?;
     // The first batch followed the worker's assignment: let its idle rebuild pass first.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while worker_metric(&metrics_addr, "fanfare_worker_tracks_rebuilt_total").await? < 1.0 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never rebuilt the track when idle"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_idle_rebuild(&metrics_addr).await?;
     // h1's register is newer than anything the node will stamp, so the worker's merge of
     // h1's unlike is refused: the batch cannot be sure of the track.
     let pairs = db.collection::<Document>("pairs");
@@ -236,5 +222,14 @@ async fn rebuild(db: &mongodb::Database, request: Document) -> anyhow::Result<()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// Waits for the worker's first idle rebuild (its first batch followed its assignment).
+async fn wait_idle_rebuild(metrics_addr: &str) -> anyhow::Result<()> {
+    let series = "fanfare_worker_tracks_rebuilt_total";
+    wait_metric_at(metrics_addr, series, Duration::from_secs(30), |n| n >= 1.0)
+        .await
+        .context("the worker never rebuilt the track when idle")?;
     Ok(())
 }
