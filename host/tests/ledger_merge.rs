@@ -188,3 +188,58 @@ async fn replays_in_any_order_with_duplicates_and_a_wipe_end_in_the_newest_actio
     }
     Ok(())
 }
+
+/// A node's live merge can come after its own replay (or a worker) merged the same event: the
+/// script must say which event the remembered key holds, or the live like is acked as a
+/// duplicate (CI saw `duplicate: true` for a fresh user's first like across a failover).
+#[tokio::test]
+async fn a_key_merged_before_names_the_event_that_merged_it() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let mut conn = redis.connect().await?;
+    let script = redis::Script::new(MERGE);
+    let merge = |event_id: &'static str| {
+        let [pairs, count, keys, version] = script_keys("t", "u");
+        let mut invocation = script.key(pairs);
+        invocation
+            .key(count)
+            .key(keys)
+            .key(version)
+            .arg("u")
+            .arg("k1")
+            .arg("1")
+            .arg(1_000)
+            .arg(event_id);
+        invocation
+    };
+    let first: (u64, u8, u64, String) = merge("e1").invoke_async(&mut conn).await?;
+    assert_eq!((first.0, first.1), (1, 0), "{first:?}");
+    assert!(first.2 > 0, "a change has a version: {first:?}");
+    // The same event again: remembered, with the version it made and its id.
+    let again: (u64, u8, u64, String) = merge("e1").invoke_async(&mut conn).await?;
+    assert_eq!(again, (1, 2, first.2, "e1".to_owned()));
+    // Another event under the same key (a re-send decided anew): the original is named.
+    let other: (u64, u8, u64, String) = merge("e2").invoke_async(&mut conn).await?;
+    assert_eq!(other, (1, 2, first.2, "e1".to_owned()));
+    // Entries written before the key carried its event: no id, version 0.
+    let [_, _, keys, _] = script_keys("t", "v");
+    redis::cmd("LPUSH")
+        .arg(&keys)
+        .arg("k1")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let [pairs, count, _, version] = script_keys("t", "v");
+    let old: (u64, u8, u64, String) = script
+        .key(pairs)
+        .key(count)
+        .key(keys)
+        .key(version)
+        .arg("v")
+        .arg("k1")
+        .arg("1")
+        .arg(1_000)
+        .arg("e3")
+        .invoke_async(&mut conn)
+        .await?;
+    assert_eq!(old, (1, 2, 0, String::new()));
+    Ok(())
+}

@@ -21,7 +21,9 @@ return {count, 0, redis.call('HGET', KEYS[1], ARGV[1]) or ''}
 
 /// KEYS: pairs hash, count, keys list of this user, version. ARGV: user, key, want (1/0),
 /// stamp, event id, channel ('' = publish nothing), node, track. Returns {count, kind
-/// (0 changed, 1 unchanged or older, 2 resent), version, stamp}.
+/// (0 changed, 1 unchanged or older, 2 resent), version, stamp}; for a resent key {count, 2,
+/// the version its event made (0: it changed nothing), its event id}, so a merge of an event
+/// that a replay or a worker merged first can tell it is the same event, not a re-send.
 ///
 /// Each pair holds a last-writer-wins register `state:stamp:event id`, ordered by (stamp, event
 /// id); the count is the number of registers whose state is "liked" and changes only when a
@@ -53,7 +55,11 @@ local count = tonumber(redis.call('GET', KEYS[2]) or '0')
 for _, entry in ipairs(redis.call('LRANGE', KEYS[3], 0, 3)) do
   local nl = string.find(entry, '\n', 1, true)
   local key = nl and string.sub(entry, 1, nl - 1) or entry
-  if key == ARGV[2] then return {count, 2, 0, ''} end
+  if key == ARGV[2] then
+    local fields = {}
+    for field in string.gmatch(entry, '[^\n]+') do fields[#fields + 1] = field end
+    return {count, 2, tonumber(fields[5] or '0') or 0, fields[2] or ''}
+  end
 end
 local liked, ts, id = parse(redis.call('HGET', KEYS[1], ARGV[1]))
 local want = ARGV[3] == '1'

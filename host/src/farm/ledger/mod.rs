@@ -144,9 +144,9 @@ impl FarmLedger {
         }
     }
 
-    /// Merges a committed event into Redis: (count, changed, version). A change is published to
-    /// the other nodes by the script itself.
-    async fn merge_event(&self, event: &LikeEvent) -> Result<(u64, bool, u64), redis::RedisError> {
+    /// Merges a committed event into Redis. A change is published to the other nodes by the
+    /// script itself (`announced`).
+    async fn merge_event(&self, event: &LikeEvent) -> Result<Merged, redis::RedisError> {
         let mut conn = self.connection()?;
         let merge = EventMerge {
             track: &event.track,
@@ -160,9 +160,26 @@ impl FarmLedger {
         let result: Result<(u64, u8, u64, String), _> =
             merge.invocation(&self.script).invoke_async(&mut conn).await;
         match result {
+            Ok((count, 2, version, merged_id)) if merged_id == event.event_id => {
+                // This very event, merged first by this node's replay (Redis came back between
+                // its commit and this merge) or by a worker: what it changed stands, and the
+                // other nodes still have to hear of it (replays publish nothing).
+                self.link.write_accepted();
+                Ok(Merged {
+                    count,
+                    changed: event.changed,
+                    version,
+                    announced: false,
+                })
+            }
             Ok((count, kind, version, _)) => {
                 self.link.write_accepted();
-                Ok((count, kind == 0, version))
+                Ok(Merged {
+                    count,
+                    changed: kind == 0,
+                    version,
+                    announced: true,
+                })
             }
             Err(err) => {
                 self.link.report(&err);
@@ -347,14 +364,9 @@ impl Ledger for FarmLedger {
             };
         }
         match self.merge_event(event).await {
-            Ok((count, changed, version)) => {
-                self.remember(&event.track, count);
-                Merged {
-                    count,
-                    changed,
-                    version,
-                    announced: true,
-                }
+            Ok(merged) => {
+                self.remember(&event.track, merged.count);
+                merged
             }
             Err(err) => {
                 // Committed but not merged (Redis went away since the read): owed, replayed on
