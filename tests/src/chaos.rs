@@ -293,6 +293,10 @@ fn node_args(services: &Pipeline) -> Vec<String> {
             "2000",
             "--max-messages-per-second",
             "100000",
+            // Behind HAProxy's send-proxy-v2, as examples/haproxy.cfg runs it.
+            "--proxy-protocol",
+            "--trusted-proxies",
+            "127.0.0.1",
         ]
         .map(str::to_owned),
     );

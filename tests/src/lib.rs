@@ -7,6 +7,7 @@
 pub mod chaos;
 pub mod pipeline;
 pub mod process;
+pub mod proxied;
 pub mod services;
 pub mod stored;
 pub mod traffic;
@@ -103,6 +104,9 @@ impl NodeProcess {
         .args(insecure_dev_auth(extra))
         .env("FANFARE_LOG", "warn");
         let service = Service::start(spec).await?;
+        if extra.contains(&"--proxy-protocol") {
+            proxied::register(&service.announced);
+        }
         Ok(NodeProcess {
             addr: service.announced.clone(),
             service,
@@ -114,8 +118,12 @@ impl NodeProcess {
     /// Starts it again with the same flags and data directory (on a new port unless it was
     /// started with `start_on` a fixed address).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let proxied = proxied::is_proxied(&self.addr);
         self.service.restart().await?;
         self.addr = self.service.announced.clone();
+        if proxied {
+            proxied::register(&self.addr);
+        }
         Ok(())
     }
 
@@ -216,7 +224,7 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
 
 /// Sends a raw HTTP request and returns the whole response text.
 pub async fn raw_http(addr: &str, request: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
+    let mut stream = proxied::connect(addr).await?;
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await??;
@@ -225,7 +233,7 @@ pub async fn raw_http(addr: &str, request: &str) -> anyhow::Result<String> {
 
 /// Minimal HTTP/1.1 request without a body: (status, body).
 pub async fn http_request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
+    let mut stream = proxied::connect(addr).await?;
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
@@ -251,9 +259,19 @@ pub struct WsClient<S = MaybeTlsStream<TcpStream>> {
 impl WsClient {
     /// Connects and consumes the `welcome` frame.
     pub async fn connect(url: &str) -> anyhow::Result<WsClient> {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .with_context(|| format!("connect {url}"))?;
+        let host = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .filter(|host| proxied::is_proxied(host));
+        let (ws, _) = match host {
+            // A node behind a balancer: the harness opens the stream as the balancer would.
+            Some(host) => {
+                let stream = proxied::connect(host).await?;
+                tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await
+            }
+            None => tokio_tungstenite::connect_async(url).await,
+        }
+        .with_context(|| format!("connect {url}"))?;
         WsClient::from_stream(ws).await
     }
 }

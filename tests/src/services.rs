@@ -543,8 +543,9 @@ impl WorkerProcess {
 }
 
 /// HAProxy in TCP mode in front of the nodes, as in `examples/haproxy.cfg`: least connections,
-/// `/readyz` health checks every 500 ms, sessions of a node marked down are cut so its clients
-/// reconnect to the others, failed connects are redispatched.
+/// a PROXY v2 header on every connection to a node (health checks too; the nodes run with
+/// `--proxy-protocol`), `/readyz` health checks every 500 ms, sessions of a node marked down
+/// are cut so its clients reconnect to the others, failed connects are redispatched.
 pub struct Haproxy {
     service: Service,
     pub addr: String,
@@ -568,7 +569,8 @@ impl Haproxy {
              frontend fanfare\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
              backend nodes\n    balance leastconn\n    option httpchk\n\
              \x20   http-check send meth GET uri /readyz\n    http-check expect status 200\n\
-             \x20   default-server check inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions\n\
+             \x20   default-server check inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions \
+             send-proxy-v2 check-send-proxy\n\
              {servers}"
         );
         let path = dir.path().join("haproxy.cfg");

@@ -212,6 +212,25 @@ async fn admin_needs_the_token_and_origins_are_checked() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Without a token, admin answers this machine's own tools, never a web page: a site open in a
+/// local browser could otherwise POST a plugin reload to 127.0.0.1 (no CSRF guard).
+#[tokio::test]
+async fn admin_without_a_token_refuses_requests_from_web_pages() -> anyhow::Result<()> {
+    let node = NodeProcess::fresh(&[]).await?;
+    assert_eq!(node.get("/admin/plugins").await?.0, 200, "a local tool");
+    for request in [
+        "POST /admin/plugins/reload HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /admin/plugins HTTP/1.1\r\nHost: x\r\nOrigin: null\r\nConnection: close\r\n\r\n",
+    ] {
+        let response = fanfare_tests::raw_http(&node.addr, request).await?;
+        assert!(
+            response.starts_with("HTTP/1.1 403") && response.contains("--admin-token"),
+            "{response}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn connection_and_message_limits_trip_with_clear_answers() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -1,10 +1,12 @@
 //! The node's edge: the listener and HTTP routes (`server`), one WebSocket connection
 //! (`session`), who a connection is (`auth`), wss/https (`tls`) and connection and message
-//! limits (`limits`). The edge reaches the rest only through [`crate::node::Node`] and the
+//! limits (`limits`), the client's address from a balancer's PROXY header (`proxy_protocol`). The edge reaches the rest only through [`crate::node::Node`] and the
 //! seams' traits; it never names farm, pipeline or worker code.
 
 pub mod auth;
 pub mod limits;
+pub mod proxy_protocol;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod watch;

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::edge::auth::Auth;
 use crate::edge::limits::{ConnectionGate, Refusal};
+use crate::edge::proxy_protocol::ProxyProtocol;
 use crate::edge::session;
 use crate::edge::tls::Tls;
 use crate::node::Node;
@@ -37,11 +38,13 @@ const CLIENT_JS: &str = include_str!("../../static/client.js");
 type Body = Full<Bytes>;
 
 /// The listener's own state, apart from what the node shares: how connections are secured
-/// (TLS) and who may open one (identity, connection limits).
+/// (TLS), who may open one (identity, connection limits) and who says where they come from
+/// (a trusted balancer's PROXY header).
 pub struct Edge {
     pub tls: Option<Arc<Tls>>,
     pub auth: Auth,
     pub gate: Arc<ConnectionGate>,
+    pub proxy: Option<ProxyProtocol>,
 }
 
 impl Edge {
@@ -55,6 +58,9 @@ impl Edge {
             tls,
             auth: Auth::from_config(config)?,
             gate: ConnectionGate::new(config.max_connections, config.max_connections_per_ip),
+            proxy: config
+                .proxy_protocol
+                .then(|| ProxyProtocol::new(config.trusted_proxies.clone())),
         }))
     }
 }
@@ -77,35 +83,46 @@ pub async fn serve(node: Arc<Node>, edge: Arc<Edge>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        let edge_ = edge.clone();
-        match &edge.tls {
-            None => {
-                connections.spawn(serve_http(node, edge_, peer, stream));
-            }
-            Some(tls) => {
-                let acceptor = tls.acceptor();
-                connections.spawn(async move {
-                    // The TLS handshake gets the same deadline as the HTTP headers.
-                    match tokio::time::timeout(
-                        node.config.handshake_timeout(),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(stream)) => serve_http(node, edge_, peer, stream).await,
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        }
+        connections.spawn(serve_connection(node.clone(), edge.clone(), peer, stream));
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// One accepted connection: its PROXY header if the node sits behind a balancer (the client's
+/// address replaces the balancer's from here on), its TLS handshake, then HTTP — together
+/// within the handshake deadline.
+async fn serve_connection(
+    node: Arc<Node>,
+    edge: Arc<Edge>,
+    peer: SocketAddr,
+    mut stream: tokio::net::TcpStream,
+) {
+    let deadline = tokio::time::Instant::now() + node.config.handshake_timeout();
+    let peer = match &edge.proxy {
+        None => peer,
+        Some(proxy) => match proxy
+            .accept(&mut stream, peer, node.config.handshake_timeout())
+            .await
+        {
+            Ok(client) => client,
+            Err(err) => {
+                node.metrics.proxy_refused(err.reason());
+                tracing::debug!(%peer, error = %err, "connection refused");
+                return;
+            }
+        },
+    };
+    let Some(tls) = &edge.tls else {
+        return serve_http(node, edge, peer, stream).await;
+    };
+    let acceptor = tls.acceptor();
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => serve_http(node, edge, peer, stream).await,
+        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
 }
 
 /// One HTTP/1.1 connection (plain or TLS); upgrades hand the stream to a session.
@@ -156,7 +173,7 @@ async fn route_inner(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if path.starts_with("/admin/") {
-        return Ok(admin(&node, peer, &req, &path).await);
+        return Ok(admin(&node, &edge, peer, &req, &path).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(
@@ -196,9 +213,13 @@ async fn route_inner(
     Ok(response)
 }
 
-/// Operator endpoints. Until token auth exists they answer loopback clients only.
+/// Operator endpoints. With `--admin-token`, only requests carrying it (as a header: a
+/// browser cannot add one to a forged request). Without one, only this machine's own clients
+/// — never through a balancer (every client there may look local) and never from a web page
+/// (a request with an `Origin` header), so no site a local browser opens can reload plugins.
 async fn admin(
     node: &Node,
+    edge: &Edge,
     peer: SocketAddr,
     req: &Request<Incoming>,
     path: &str,
@@ -219,11 +240,25 @@ async fn admin(
                 );
             }
         }
+        None if edge.proxy.is_some() => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "unauthorized",
+                "admin endpoints need --admin-token behind a balancer (--proxy-protocol)",
+            );
+        }
         None if !peer.ip().is_loopback() => {
             return json_error(
                 StatusCode::FORBIDDEN,
                 "unauthorized",
                 "admin endpoints answer loopback clients only (no --admin-token set)",
+            );
+        }
+        None if req.headers().contains_key(header::ORIGIN) => {
+            return json_error(
+                StatusCode::FORBIDDEN,
+                "unauthorized",
+                "admin requests from a web page need --admin-token",
             );
         }
         None => {}

@@ -4,12 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::tasks::Tasks;
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
-use notify::{EventKind, RecursiveMode, Watcher};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -50,46 +48,11 @@ impl Tls {
         }
     }
 
-    /// Reloads on SIGHUP and on changes next to the certificate files, until shutdown.
+    /// Reloads on SIGHUP and when the certificate files change, until shutdown.
     pub fn spawn_watch(self: &Arc<Self>, tasks: &Tasks) -> anyhow::Result<()> {
-        let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event
-                    && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_))
-                {
-                    let _ = changed.try_send(());
-                }
-            })
-            .context("cannot watch the certificate files")?;
-        for file in [&self.cert, &self.key] {
-            let dir = file
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            watcher
-                .watch(dir, RecursiveMode::NonRecursive)
-                .with_context(|| format!("cannot watch {}", dir.display()))?;
-        }
-        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let tls = self.clone();
-        let shutdown = tasks.shutdown().clone();
-        tasks.spawn(async move {
-            let _watcher = watcher;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = hangup.recv() => {}
-                    Some(()) = changes.recv() => {
-                        // Certificate and key are usually written one after the other.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        while changes.try_recv().is_ok() {}
-                    }
-                }
-                tls.reload();
-            }
-        });
-        Ok(())
+        let files = [self.cert.as_path(), self.key.as_path()];
+        crate::edge::watch::spawn_reload(&files, "certificate", tasks, move || tls.reload())
     }
 }
 

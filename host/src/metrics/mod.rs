@@ -46,6 +46,7 @@ pub struct Metrics {
     pub clock_skew_ms: Gauge,
     pub bus_channels: Gauge,
     upgrades_refused: Family<Label, Counter>,
+    proxy_refused: Family<Label, Counter>,
     pub messages_rate_limited: Counter,
     pub kafka_up: Gauge,
     pub kafka_spill_events: Gauge,
@@ -112,6 +113,7 @@ impl Metrics {
             clock_skew_ms: Gauge::default(),
             bus_channels: Gauge::default(),
             upgrades_refused: Family::default(),
+            proxy_refused: Family::default(),
             messages_rate_limited: Counter::default(),
             kafka_up: Gauge::default(),
             kafka_spill_events: Gauge::default(),
@@ -224,6 +226,11 @@ impl Metrics {
             m.upgrades_refused.clone(),
         );
         registry.register(
+            "fanfare_proxy_refused",
+            "Connections closed before HTTP under --proxy-protocol, by reason (untrusted, bad_header, timeout, io)",
+            m.proxy_refused.clone(),
+        );
+        registry.register(
             "fanfare_messages_rate_limited",
             "Inbound frames refused for exceeding --max-messages-per-second",
             m.messages_rate_limited.clone(),
@@ -284,6 +291,12 @@ impl Metrics {
 
     pub fn upgrade_refused(&self, reason: &'static str) {
         self.upgrades_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn proxy_refused(&self, reason: &'static str) {
+        self.proxy_refused
             .get_or_create(&[("reason", reason)])
             .inc();
     }

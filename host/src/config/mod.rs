@@ -270,6 +270,24 @@ pub struct Config {
     )]
     pub max_connections_per_ip: usize,
 
+    /// Every connection starts with a PROXY protocol (v1 or v2) header naming the client, as
+    /// HAProxy's `send-proxy-v2` writes it: per-IP limits and logs then see the client, not the
+    /// balancer. Needs --trusted-proxies; connections from anywhere else are refused.
+    #[arg(long, env = "FANFARE_PROXY_PROTOCOL", requires = "trusted_proxies")]
+    pub proxy_protocol: bool,
+
+    /// Addresses allowed to send PROXY headers, as networks (comma-separated CIDR, e.g.
+    /// `10.0.0.0/24,127.0.0.1/32`).
+    #[arg(
+        long,
+        env = "FANFARE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR,…",
+        value_parser = parse_network,
+        requires = "proxy_protocol"
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Inbound messages per second per connection, bursts of twice that (beyond: `rate_limited`).
     #[arg(
         long,
@@ -465,6 +483,8 @@ impl Config {
             Some("in farm mode (--redis)")
         } else if !self.listen.ip().is_loopback() {
             Some("on a listener other than loopback")
+        } else if self.proxy_protocol {
+            Some("behind a balancer (--proxy-protocol)")
         } else {
             None
         };
@@ -517,79 +537,13 @@ impl Config {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(args: &[&str]) -> anyhow::Result<Config> {
-        Config::load_from(args.iter().map(OsString::from))
-    }
-
-    #[test]
-    fn defaults_match_the_docs() -> anyhow::Result<()> {
-        let config = load(&["fanfare"])?;
-        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(config.data_dir, PathBuf::from("./data"));
-        assert_eq!(config.heartbeat_timeout, 75_000);
-        Ok(())
-    }
-
-    #[test]
-    fn toml_fills_what_flags_leave_out() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let file = dir.path().join("fanfare.toml");
-        std::fs::write(
-            &file,
-            "listen = \"127.0.0.1:9000\"\nbroadcast-window = 20\nmax_frame_bytes = 1000\n",
-        )?;
-        let path = file.to_string_lossy().to_string();
-        let config = load(&["fanfare", "--config", &path, "--max-frame-bytes", "2000"])?;
-        assert_eq!(config.listen.port(), 9000);
-        assert_eq!(config.broadcast_window, 20);
-        assert_eq!(config.max_frame_bytes, 2000, "flag beats file");
-        Ok(())
-    }
-
-    #[test]
-    fn bad_files_and_values_are_clear_errors() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let file = dir.path().join("bad.toml");
-        std::fs::write(&file, "listen_port = 1\n")?;
-        let path = file.to_string_lossy().to_string();
-        let err = load(&["fanfare", "--config", &path]).unwrap_err();
-        assert!(
-            err.to_string().contains("unknown option `listen_port`"),
-            "{err:#}"
-        );
-        std::fs::write(&file, "heartbeat-timeout = \"soon\"\n")?;
-        assert!(load(&["fanfare", "--config", &path]).is_err());
-        assert!(load(&["fanfare", "--broadcast-window", "500"]).is_err());
-        assert!(load(&["fanfare", "--heartbeat-interval", "80000"]).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn dev_auth_is_refused_where_it_is_not_harmless() -> anyhow::Result<()> {
-        for exposed in [
-            &["fanfare", "--listen", "0.0.0.0:8080"][..],
-            &["fanfare", "--listen", "[::]:8080"],
-            &["fanfare", "--listen", "10.1.2.3:8080"],
-            &["fanfare", "--redis", "redis://127.0.0.1:6379"],
-        ] {
-            let err = load(exposed).expect_err("dev auth accepted");
-            assert!(
-                err.to_string().contains("--auth jwt") && err.to_string().contains("?user="),
-                "{exposed:?}: {err:#}"
-            );
-            let mut demo = exposed.to_vec();
-            demo.push("--insecure-dev-auth");
-            load(&demo)?;
-            let mut jwt = exposed.to_vec();
-            jwt.extend(["--auth", "jwt"]);
-            load(&jwt)?;
-        }
-        load(&["fanfare", "--listen", "127.0.0.1:8080"])?;
-        load(&["fanfare", "--listen", "[::1]:8080"])?;
-        Ok(())
-    }
+/// A network (`10.0.0.0/24`) or one address (`10.0.0.7`, as `/32` or `/128`).
+fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is neither an address nor a network like 10.0.0.0/24"))
 }
+
+#[cfg(test)]
+mod tests;
