@@ -142,6 +142,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &node.tasks,
         );
     }
+    if let Some(addr) = node.config.admin_listen {
+        let admin_listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for admin on {addr}"))?;
+        let local = admin_listener.local_addr().unwrap_or(addr);
+        tracing::info!(listen = %local, "admin served on its own address");
+        println!("fanfare admin on {scheme}://{local}");
+        node.tasks.spawn(server::serve(
+            node.clone(),
+            edge.admin_only(),
+            admin_listener,
+        ));
+    }
     node.tasks.spawn(cancel_on_signal(node.tasks.clone()));
     plugins::reload::spawn_triggers(node.plugins.clone(), &node.tasks)?;
     if let Some(tls) = &edge.tls {

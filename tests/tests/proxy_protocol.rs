@@ -168,3 +168,30 @@ async fn only_trusted_proxies_may_name_the_client() -> anyhow::Result<()> {
     assert_eq!(metric_at(&metrics, &refused("timeout")).await.ok(), None);
     Ok(())
 }
+
+/// Behind a balancer admin needs a token on the public port; on a loopback `--admin-listen`
+/// (never a PROXY header there) this machine's tools reach it without one.
+#[tokio::test]
+async fn admin_can_live_on_its_own_loopback_address() -> anyhow::Result<()> {
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let node = NodeProcess::fresh(&[
+        "--proxy-protocol",
+        "--trusted-proxies",
+        "127.0.0.1",
+        "--admin-listen",
+        &admin,
+        "--insecure-dev-auth",
+    ])
+    .await?;
+    let (status, body) = fanfare_tests::http_get(&admin, "/admin/plugins").await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("rate_limit"), "{body}");
+    let (status, body) = fanfare_tests::http_get(&admin, "/v1/tracks/t").await?;
+    assert_eq!(status, 404, "only admin on the admin address: {body}");
+    // The public port (through the harness's PROXY header) no longer serves admin at all.
+    let (status, body) = node.get("/admin/plugins").await?;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("--admin-listen"), "{body}");
+    assert_eq!(node.get("/v1/tracks/t").await?.0, 200);
+    Ok(())
+}

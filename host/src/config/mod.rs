@@ -233,7 +233,8 @@ pub struct Config {
     #[arg(long, env = "FANFARE_JWT_KEY", value_name = "FILE")]
     pub jwt_key: Option<PathBuf>,
 
-    /// Bearer token for `/admin/*`; without it admin endpoints answer loopback clients only.
+    /// Bearer token for `/admin/*`; without it admin endpoints answer this machine's own tools
+    /// only (loopback, no `Origin`, not behind --proxy-protocol).
     #[arg(
         long,
         env = "FANFARE_ADMIN_TOKEN",
@@ -241,6 +242,11 @@ pub struct Config {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+
+    /// Serve `/admin/*` on this address only (the public port then answers 404 there); without
+    /// `--admin-token` it must be a loopback address.
+    #[arg(long, env = "FANFARE_ADMIN_LISTEN", value_name = "ADDR:PORT")]
+    pub admin_listen: Option<SocketAddr>,
 
     /// Browser origins allowed to upgrade (comma-separated); empty allows any. Requests
     /// without an Origin header (non-browser clients) are not affected.
@@ -468,6 +474,12 @@ impl Config {
             && !fanfare_protocol::is_valid_user(node)
         {
             bail!("--node-id must match [A-Za-z0-9_.-]{{1,64}}");
+        }
+        if let Some(admin) = self.admin_listen
+            && !admin.ip().is_loopback()
+            && self.admin_token.is_none()
+        {
+            bail!("--admin-listen {admin} is not a loopback address: it needs --admin-token");
         }
         self.check_dev_auth()?;
         Ok(self)

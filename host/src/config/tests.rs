@@ -111,3 +111,18 @@ fn proxy_protocol_needs_trusted_proxies_and_reads_networks() -> anyhow::Result<(
     assert!(err.to_string().contains("--proxy-protocol"), "{err:#}");
     Ok(())
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token() -> anyhow::Result<()> {
+    let err = load(&["fanfare", "--admin-listen", "0.0.0.0:9100"]).expect_err("no token");
+    assert!(err.to_string().contains("--admin-token"), "{err:#}");
+    load(&[
+        "fanfare",
+        "--admin-listen",
+        "0.0.0.0:9100",
+        "--admin-token",
+        "t",
+    ])?;
+    load(&["fanfare", "--admin-listen", "127.0.0.1:9100"])?;
+    Ok(())
+}

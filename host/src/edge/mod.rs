@@ -3,6 +3,7 @@
 //! limits (`limits`), the client's address from a balancer's PROXY header (`proxy_protocol`). The edge reaches the rest only through [`crate::node::Node`] and the
 //! seams' traits; it never names farm, pipeline or worker code.
 
+pub mod admin;
 pub mod auth;
 pub mod limits;
 pub mod proxy_protocol;

@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::edge::admin;
 use crate::edge::auth::Auth;
 use crate::edge::limits::{ConnectionGate, Refusal};
 use crate::edge::proxy_protocol::ProxyProtocol;
@@ -35,16 +36,25 @@ use tracing::Instrument;
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const CLIENT_JS: &str = include_str!("../../static/client.js");
 
-type Body = Full<Bytes>;
+pub(super) type Body = Full<Bytes>;
 
 /// The listener's own state, apart from what the node shares: how connections are secured
 /// (TLS), who may open one (identity, connection limits) and who says where they come from
 /// (a trusted balancer's PROXY header).
 pub struct Edge {
     pub tls: Option<Arc<Tls>>,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub gate: Arc<ConnectionGate>,
     pub proxy: Option<ProxyProtocol>,
+    pub serves: Serves,
+}
+
+/// Which routes a listener answers: admin may have an address of its own (`--admin-listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    Everything,
+    AllButAdmin,
+    AdminOnly,
 }
 
 impl Edge {
@@ -56,12 +66,28 @@ impl Edge {
         };
         Ok(Arc::new(Edge {
             tls,
-            auth: Auth::from_config(config)?,
+            auth: Arc::new(Auth::from_config(config)?),
             gate: ConnectionGate::new(config.max_connections, config.max_connections_per_ip),
             proxy: config
                 .proxy_protocol
                 .then(|| ProxyProtocol::new(config.trusted_proxies.clone())),
+            serves: if config.admin_listen.is_some() {
+                Serves::AllButAdmin
+            } else {
+                Serves::Everything
+            },
         }))
+    }
+
+    /// The `--admin-listen` listener's edge: admin only, same TLS, never a PROXY header.
+    pub fn admin_only(&self) -> Arc<Edge> {
+        Arc::new(Edge {
+            tls: self.tls.clone(),
+            auth: self.auth.clone(),
+            gate: self.gate.clone(),
+            proxy: None,
+            serves: Serves::AdminOnly,
+        })
     }
 }
 
@@ -172,8 +198,23 @@ async fn route_inner(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
-    if path.starts_with("/admin/") {
-        return Ok(admin(&node, &edge, peer, &req, &path).await);
+    match (path.starts_with("/admin/"), edge.serves) {
+        (true, Serves::AllButAdmin) => {
+            return Ok(json_error(
+                StatusCode::NOT_FOUND,
+                "bad_request",
+                "admin is served on --admin-listen",
+            ));
+        }
+        (true, _) => return Ok(admin::serve(&node, &edge, peer, &req, &path).await),
+        (false, Serves::AdminOnly) => {
+            return Ok(json_error(
+                StatusCode::NOT_FOUND,
+                "bad_request",
+                "only /admin/* here",
+            ));
+        }
+        (false, _) => {}
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(
@@ -211,76 +252,6 @@ async fn route_inner(
         },
     };
     Ok(response)
-}
-
-/// Operator endpoints. With `--admin-token`, only requests carrying it (as a header: a
-/// browser cannot add one to a forged request). Without one, only this machine's own clients
-/// — never through a balancer (every client there may look local) and never from a web page
-/// (a request with an `Origin` header), so no site a local browser opens can reload plugins.
-async fn admin(
-    node: &Node,
-    edge: &Edge,
-    peer: SocketAddr,
-    req: &Request<Incoming>,
-    path: &str,
-) -> Response<Body> {
-    let method = req.method();
-    match &node.config.admin_token {
-        Some(token) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if given.is_none_or(|given| !constant_time_eq(given.as_bytes(), token.as_bytes())) {
-                return json_error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "admin token required",
-                );
-            }
-        }
-        None if edge.proxy.is_some() => {
-            return json_error(
-                StatusCode::FORBIDDEN,
-                "unauthorized",
-                "admin endpoints need --admin-token behind a balancer (--proxy-protocol)",
-            );
-        }
-        None if !peer.ip().is_loopback() => {
-            return json_error(
-                StatusCode::FORBIDDEN,
-                "unauthorized",
-                "admin endpoints answer loopback clients only (no --admin-token set)",
-            );
-        }
-        None if req.headers().contains_key(header::ORIGIN) => {
-            return json_error(
-                StatusCode::FORBIDDEN,
-                "unauthorized",
-                "admin requests from a web page need --admin-token",
-            );
-        }
-        None => {}
-    }
-    match (method, path) {
-        (&Method::GET, "/admin/plugins") => json(StatusCode::OK, node.plugins.status()),
-        (&Method::POST, "/admin/plugins/reload") => {
-            let report = node.plugins.reload().await;
-            let status = if report.get("error").is_some() {
-                StatusCode::UNPROCESSABLE_ENTITY
-            } else {
-                StatusCode::OK
-            };
-            json(status, report)
-        }
-        (_, "/admin/plugins" | "/admin/plugins/reload") => json_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "bad_request",
-            "wrong method for this endpoint",
-        ),
-        _ => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
-    }
 }
 
 async fn track_count(node: &Node, track: &str) -> Response<Body> {
@@ -485,11 +456,6 @@ fn metrics_response(node: &Node) -> Response<Body> {
     crate::metrics::http::response(node.metrics.render())
 }
 
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
     let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();
@@ -508,7 +474,7 @@ fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
     response
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+pub(super) fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     let mut response = Response::new(Body::from(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -518,7 +484,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     response
 }
 
-fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub(super) fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(
         status,
         serde_json::json!({ "error": code, "message": message }),
