@@ -158,8 +158,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     node.tasks.spawn(cancel_on_signal(node.tasks.clone()));
     plugins::reload::spawn_triggers(node.plugins.clone(), &node.tasks)?;
     if let Some(tls) = &edge.tls {
-        tls.spawn_watch(&node.tasks)?;
+        tls.spawn_watch(&node.tasks, node.metrics.clone())?;
     }
+    edge.auth.spawn_watch(&node.tasks, node.metrics.clone())?;
     server::serve(node.clone(), edge, listener).await;
     shutdown(node).await
 }

@@ -17,10 +17,18 @@ use serde_json::{Map, Value};
 /// What a client asks of the node, after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
-    Subscribe { track: String },
-    Unsubscribe { track: String },
+    Subscribe {
+        track: String,
+    },
+    Unsubscribe {
+        track: String,
+    },
     Like(LikeRequest),
     Ping,
+    /// A newer token for the same user, so the session outlives its first token's `exp`.
+    Refresh {
+        token: String,
+    },
 }
 
 /// A like or unlike, as sent by a client.
@@ -57,8 +65,6 @@ impl Action {
 }
 
 /// Error codes of protocol v1; the wire form is the snake_case name.
-/// `Unauthorized` is produced by authentication (not yet built), hence the allow.
-#[allow(dead_code)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -146,6 +152,9 @@ impl ClientFrame {
                 "id": request.key,
             }),
             ClientFrame::Ping => serde_json::json!({"type": "ping"}),
+            ClientFrame::Refresh { token } => {
+                serde_json::json!({"type": "refresh", "token": token})
+            }
         };
         value.to_string()
     }
@@ -181,6 +190,16 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             Ok(ClientFrame::Like(LikeRequest { action, track, key }))
         }
         "ping" => Ok(ClientFrame::Ping),
+        "refresh" => match fields.get("token") {
+            Some(Value::String(token)) if !token.is_empty() => Ok(ClientFrame::Refresh {
+                token: token.clone(),
+            }),
+            Some(_) => Err(FrameError::bad(
+                "field `token` must be a non-empty string",
+                key,
+            )),
+            None => Err(FrameError::bad("missing field `token`", key)),
+        },
         other => Err(FrameError::bad(
             format!("unknown frame type `{}`", truncate(other, 32)),
             key,
@@ -226,6 +245,9 @@ pub enum ServerFrame<'a> {
     Welcome {
         user: &'a str,
         heartbeat_ms: u64,
+        /// With tokens: the Unix second the session ends unless the client sends `refresh`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     Subscribed {
         track: &'a str,
@@ -241,6 +263,10 @@ pub enum ServerFrame<'a> {
         duplicate: bool,
     },
     Pong,
+    /// A refresh was accepted: the session now ends at this Unix second.
+    Refreshed {
+        expires_at: u64,
+    },
     Error {
         code: ErrorCode,
         message: &'a str,
@@ -299,6 +325,9 @@ mod tests {
                 key: "k-1".into(),
             }),
             ClientFrame::Ping,
+            ClientFrame::Refresh {
+                token: "eyJ.e30.sig".into(),
+            },
         ];
         for frame in frames {
             assert_eq!(decode(&frame.to_json()), Ok(frame.clone()));
@@ -339,6 +368,9 @@ mod tests {
             r#"{"type":"like","track":"t","id":""}"#,
             r#"{"type":"like","track":5,"id":"k"}"#,
             r#"{"type":"subscribe","track":""}"#,
+            r#"{"type":"refresh"}"#,
+            r#"{"type":"refresh","token":""}"#,
+            r#"{"type":"refresh","token":42}"#,
         ] {
             assert_eq!(
                 decode(bad).unwrap_err().code,

@@ -233,6 +233,35 @@ pub struct Config {
     #[arg(long, env = "FANFARE_JWT_KEY", value_name = "FILE")]
     pub jwt_key: Option<PathBuf>,
 
+    /// Audiences a token's `aud` must name (comma-separated); empty: tokens carrying an `aud`
+    /// are refused, as RFC 7519 says for a service that names none.
+    #[arg(
+        long,
+        env = "FANFARE_JWT_AUDIENCE",
+        value_delimiter = ',',
+        value_name = "AUD,…"
+    )]
+    pub jwt_audience: Vec<String>,
+
+    /// Issuers a token's `iss` must be one of (comma-separated); empty: any issuer.
+    #[arg(
+        long,
+        env = "FANFARE_JWT_ISSUER",
+        value_delimiter = ',',
+        value_name = "ISS,…"
+    )]
+    pub jwt_issuer: Vec<String>,
+
+    /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds; a session ends this long
+    /// after its token's `exp` unless the client sent a newer token (`refresh`).
+    #[arg(
+        long,
+        env = "FANFARE_JWT_LEEWAY",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    pub jwt_leeway: u64,
+
     /// Bearer token for `/admin/*`; without it admin endpoints answer this machine's own tools
     /// only (loopback, no `Origin`, not behind --proxy-protocol).
     #[arg(

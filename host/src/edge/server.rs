@@ -418,6 +418,11 @@ fn upgrade(
         .max_write_buffer_size(1 << 20)
         .max_message_size(Some(node.config.max_frame_bytes))
         .max_frame_size(Some(node.config.max_frame_bytes));
+    let credential = session::Credential {
+        user: Arc::from(user),
+        auth: edge.auth.clone(),
+        expires_at: identity.expires_at,
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_node = node.clone();
     node.sessions.spawn(async move {
@@ -430,7 +435,7 @@ fn upgrade(
                     Some(config),
                 )
                 .await;
-                session::run(session_node, ws, Arc::from(user)).await;
+                session::run(session_node, ws, credential).await;
             }
             Err(err) => tracing::debug!(error = %err, "upgrade failed"),
         }

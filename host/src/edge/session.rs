@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
 use crate::broadcast::outbox::Outbox;
+use crate::edge::auth::Auth;
 use crate::edge::limits::MessageBucket;
 use crate::like::{self, Reply};
 use crate::node::Node;
@@ -43,6 +44,8 @@ enum End {
     SlowConsumer,
     TooLarge,
     Garbage,
+    /// Its token's `exp` passed (plus the leeway) with no refresh.
+    TokenExpired,
     Broken,
 }
 
@@ -61,6 +64,7 @@ impl End {
             End::SlowConsumer => (CloseCode::Again, "slow consumer"),
             End::TooLarge => (CloseCode::Size, "frame too large"),
             End::Garbage => (CloseCode::Policy, "too many bad frames"),
+            End::TokenExpired => (CloseCode::Library(4001), "token expired"),
         };
         Some(CloseFrame {
             code,
@@ -79,10 +83,20 @@ struct Session<S> {
     bad_frames: u32,
     bad_since: Instant,
     inbound: MessageBucket,
+    auth: Arc<Auth>,
+    /// When the session ends unless refreshed (Unix seconds; none without tokens).
+    expires_at: Option<u64>,
+}
+
+/// Who the connection proved to be at the upgrade, and until when.
+pub struct Credential {
+    pub user: Arc<str>,
+    pub auth: Arc<Auth>,
+    pub expires_at: Option<u64>,
 }
 
 /// Serves one upgraded connection until it ends.
-pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, user: Arc<str>)
+pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, credential: Credential)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -99,13 +113,15 @@ where
     let mut session = Session {
         node,
         ws,
-        user,
+        user: credential.user,
         outbox,
         tracks: HashSet::new(),
         inflight: FuturesUnordered::new(),
         bad_frames: 0,
         bad_since: Instant::now(),
         inbound: MessageBucket::new(node_rate),
+        auth: credential.auth,
+        expires_at: credential.expires_at,
     };
     // Every log line of this connection carries its id and user (fields in JSON logs).
     let span = tracing::info_span!("conn", id = conn, user = %session.user);
@@ -126,6 +142,7 @@ where
         let welcome = ServerFrame::Welcome {
             user: &self.user,
             heartbeat_ms: self.node.config.heartbeat_interval,
+            expires_at: self.expires_at,
         };
         if let Err(end) = self.send(welcome.to_json()).await {
             return end;
@@ -139,7 +156,13 @@ where
         // the drain period, so closes (and reconnects) spread out instead of stampeding.
         let mut drain_at: Option<Instant> = None;
         let mut drain = pin!(tokio::time::sleep(Duration::ZERO));
+        let mut armed = self.expires_at;
+        let mut expiry = pin!(tokio::time::sleep_until(instant_of(armed)));
         loop {
+            if self.expires_at != armed {
+                armed = self.expires_at;
+                expiry.as_mut().reset(instant_of(armed));
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if drain_at.is_none() => {
@@ -180,6 +203,10 @@ where
                 _ = &mut heartbeat => {
                     self.node.metrics.heartbeat_reaps.inc();
                     return End::HeartbeatTimeout;
+                }
+                _ = &mut expiry, if armed.is_some() => {
+                    self.node.metrics.tokens_expired.inc();
+                    return End::TokenExpired;
                 }
             }
         }
@@ -229,6 +256,7 @@ where
                 Ok(())
             }
             ClientFrame::Subscribe { track } => self.subscribe(track).await,
+            ClientFrame::Refresh { token } => self.refresh(&token).await,
             ClientFrame::Unsubscribe { track } => {
                 if let Some(name) = self.tracks.take(track.as_str()) {
                     self.node.registry.unsubscribe(&name, self.outbox.conn);
@@ -236,6 +264,32 @@ where
                 self.send(ServerFrame::Unsubscribed { track: &track }.to_json())
                     .await
             }
+        }
+    }
+
+    /// A newer token for this session's user moves its end; anything else is refused and the
+    /// session keeps its current end.
+    async fn refresh(&mut self, token: &str) -> Result<(), End> {
+        let refused = |message: String| FrameError {
+            code: ErrorCode::Unauthorized,
+            message,
+            key: None,
+        };
+        if !self.auth.uses_tokens() {
+            let err = refused("this node does not use tokens (--auth dev)".into());
+            return self.on_bad_frame(err).await;
+        }
+        match self.auth.verify(token) {
+            Ok((user, expires_at)) if *user == *self.user => {
+                self.expires_at = Some(expires_at);
+                self.send(ServerFrame::Refreshed { expires_at }.to_json())
+                    .await
+            }
+            Ok(_) => {
+                let err = refused("the token is for another user".into());
+                self.on_bad_frame(err).await
+            }
+            Err(reason) => self.on_bad_frame(refused(reason)).await,
         }
     }
 
@@ -384,6 +438,17 @@ where
         }
         self.node.metrics.connections_active.dec();
     }
+}
+
+/// The moment a session ending at `expires_at` (Unix seconds) ends; far away for none.
+fn instant_of(expires_at: Option<u64>) -> Instant {
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let Some(at) = expires_at else { return far };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(at).saturating_sub(now);
+    Instant::now().checked_add(left).unwrap_or(far)
 }
 
 fn read_error(err: WsError) -> End {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
@@ -35,24 +36,32 @@ impl Tls {
     }
 
     /// Re-reads the files; a broken pair is refused and the current certificate stays.
-    pub fn reload(&self) {
+    pub fn reload(&self) -> bool {
         match build(&self.cert, &self.key) {
             Ok(config) => {
                 self.config.store(Arc::new(config));
                 tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                true
             }
-            Err(err) => tracing::error!(
-                error = format!("{err:#}"),
-                "TLS reload refused; keeping the current certificate"
-            ),
+            Err(err) => {
+                tracing::error!(
+                    error = format!("{err:#}"),
+                    "TLS reload refused; keeping the current certificate"
+                );
+                false
+            }
         }
     }
 
     /// Reloads on SIGHUP and when the certificate files change, until shutdown.
-    pub fn spawn_watch(self: &Arc<Self>, tasks: &Tasks) -> anyhow::Result<()> {
+    pub fn spawn_watch(
+        self: &Arc<Self>,
+        tasks: &Tasks,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<()> {
         let tls = self.clone();
         let files = [self.cert.as_path(), self.key.as_path()];
-        crate::edge::watch::spawn_reload(&files, "certificate", tasks, move || tls.reload())
+        crate::edge::watch::spawn_reload(&files, "tls", tasks, metrics, move || tls.reload())
     }
 }
 

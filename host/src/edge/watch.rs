@@ -2,22 +2,26 @@
 //! replaced while the node runs, for new connections; open ones keep what they were given.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use notify::{EventKind, RecursiveMode, Watcher};
 
+use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 
 /// Calls `reload` on SIGHUP and after any change in the directories of `files` (so a swap of
 /// a mounted secret's symlink counts too), 200 ms after the last one — a certificate and its
 /// key are usually written one after the other — until shutdown. A reload that fails keeps
-/// what it had, so a spurious one is harmless.
+/// what it had, so a spurious one is harmless. `reload` says whether it took the new files;
+/// `fanfare_reloads_total{what, result}` counts both outcomes.
 pub fn spawn_reload(
     files: &[&Path],
     what: &'static str,
     tasks: &Tasks,
-    reload: impl Fn() + Send + 'static,
+    metrics: Arc<Metrics>,
+    reload: impl Fn() -> bool + Send + 'static,
 ) -> anyhow::Result<()> {
     let (changed, mut changes) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -50,7 +54,7 @@ pub fn spawn_reload(
                     while changes.try_recv().is_ok() {}
                 }
             }
-            reload();
+            metrics.reloaded(what, reload());
         }
     });
     Ok(())

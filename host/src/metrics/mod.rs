@@ -47,7 +47,9 @@ pub struct Metrics {
     pub bus_channels: Gauge,
     upgrades_refused: Family<Label, Counter>,
     proxy_refused: Family<Label, Counter>,
+    reloads: Family<Labels2, Counter>,
     pub messages_rate_limited: Counter,
+    pub tokens_expired: Counter,
     pub kafka_up: Gauge,
     pub kafka_spill_events: Gauge,
     durable_acks: Family<Label, Counter>,
@@ -114,7 +116,9 @@ impl Metrics {
             bus_channels: Gauge::default(),
             upgrades_refused: Family::default(),
             proxy_refused: Family::default(),
+            reloads: Family::default(),
             messages_rate_limited: Counter::default(),
+            tokens_expired: Counter::default(),
             kafka_up: Gauge::default(),
             kafka_spill_events: Gauge::default(),
             durable_acks: Family::default(),
@@ -226,9 +230,19 @@ impl Metrics {
             m.upgrades_refused.clone(),
         );
         registry.register(
+            "fanfare_reloads",
+            "Reloads of files on SIGHUP or change, by what (tls, jwt_keys) and result (ok, refused: the previous ones stay)",
+            m.reloads.clone(),
+        );
+        registry.register(
             "fanfare_proxy_refused",
             "Connections closed before HTTP under --proxy-protocol, by reason (untrusted, bad_header, timeout, io)",
             m.proxy_refused.clone(),
+        );
+        registry.register(
+            "fanfare_tokens_expired",
+            "Sessions closed with 4001 because their token expired without a refresh",
+            m.tokens_expired.clone(),
         );
         registry.register(
             "fanfare_messages_rate_limited",
@@ -292,6 +306,13 @@ impl Metrics {
     pub fn upgrade_refused(&self, reason: &'static str) {
         self.upgrades_refused
             .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn reloaded(&self, what: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.reloads
+            .get_or_create(&[("what", what), ("result", result)])
             .inc();
     }
 
