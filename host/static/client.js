@@ -12,7 +12,9 @@
 // It pings at the interval the node announces, reconnects with exponential backoff and full
 // jitter, resubscribes and takes the current counts on return, resends unacked likes with the
 // same idempotency key (so nothing is counted twice), and honours the node's drain hint
-// (close 1001: reconnect after a random delay, so a restart causes no herd).
+// (close 1001: reconnect after a random delay, so a restart causes no herd). With tokens,
+// pass `getToken` (async, returns a fresh JWT): the client sends it as a `refresh` before the
+// session's `expires_at`, and uses a fresh one to reconnect after close 4001 `token expired`.
 
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
@@ -26,7 +28,8 @@ function newKey() {
 export class FanfareClient extends EventTarget {
   /**
    * @param {string} url WebSocket URL of /v1/ws (ws:// or wss://)
-   * @param {{user?: string, token?: string}} options dev user id, or a token (sent as ?token=)
+   * @param {{user?: string, token?: string, getToken?: () => Promise<string>}} options dev user
+   *   id, or a token (sent as ?token=) and how to get a newer one
    */
   constructor(url, options = {}) {
     super();
@@ -44,6 +47,8 @@ export class FanfareClient extends EventTarget {
     this.heartbeat = null;
     this.lastHeard = 0;
     this.timer = null;
+    this.getToken = options.getToken ?? null;
+    this.refreshTimer = null;
   }
 
   connect() {
@@ -55,6 +60,7 @@ export class FanfareClient extends EventTarget {
   close() {
     this.closedByUser = true;
     clearTimeout(this.timer);
+    clearTimeout(this.refreshTimer);
     this.#stopHeartbeat();
     this.ws?.close(1000, "client closing");
     this.#setState("closed");
@@ -84,6 +90,26 @@ export class FanfareClient extends EventTarget {
 
   unlike(track, key = newKey()) {
     return this.#request({ type: "unlike", track, id: key });
+  }
+
+  /** Hands the node a newer token for this user (and uses it for later reconnects). */
+  refresh(token) {
+    this.url.searchParams.set("token", token);
+    this.#send({ type: "refresh", token });
+  }
+
+  /** Refreshes well before the session's end: 80 % of the time left, at least 1 s from now. */
+  #scheduleRefresh(expiresAt) {
+    clearTimeout(this.refreshTimer);
+    if (!expiresAt || !this.getToken) return;
+    const left = expiresAt * 1000 - Date.now();
+    this.refreshTimer = setTimeout(async () => {
+      try {
+        this.refresh(await this.getToken());
+      } catch (err) {
+        this.#emit("error", { code: "unauthorized", message: `getToken failed: ${err}` });
+      }
+    }, Math.max(1000, left * 0.8));
   }
 
   #request(frame) {
@@ -125,6 +151,7 @@ export class FanfareClient extends EventTarget {
         this.user = frame.user;
         this.attempt = 0;
         this.#startHeartbeat(frame.heartbeat_ms);
+        this.#scheduleRefresh(frame.expires_at);
         this.#setState("connected", { user: frame.user });
         // Resume: resubscribe everything, resend every unacked like with its original key.
         for (const track of this.tracks.keys()) this.ws.send(JSON.stringify({ type: "subscribe", track }));
@@ -159,6 +186,9 @@ export class FanfareClient extends EventTarget {
         this.#emit("error", frame);
         break;
       }
+      case "refreshed":
+        this.#scheduleRefresh(frame.expires_at);
+        break;
       default:
         break; // pong and anything newer
     }
@@ -187,9 +217,18 @@ export class FanfareClient extends EventTarget {
     this.heartbeat = null;
   }
 
-  #onClose(event) {
+  async #onClose(event) {
     this.#stopHeartbeat();
+    clearTimeout(this.refreshTimer);
     if (this.closedByUser) return;
+    if (event.code === 4001 && this.getToken) {
+      // Token expired: come back with a fresh one (the old one would get HTTP 401).
+      try {
+        this.url.searchParams.set("token", await this.getToken());
+      } catch {
+        // Reconnect anyway; the backoff below keeps trying.
+      }
+    }
     let delay;
     if (event.code === 1001) {
       // Drain hint: the node is going away and says when to come back (spread per client).
