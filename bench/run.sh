@@ -38,7 +38,7 @@ start_server() {
   case "$name" in
     fanfare) "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/data-$port" --log warn \
                --max-connections 100000 --max-connections-per-ip 100000 \
-               --max-messages-per-second 100000 >/dev/null 2>"$TMP/$name.log" & ;;
+               --max-messages-per-second 100000 --max-likes-per-user 0 --max-connections-per-user 1000000 >/dev/null 2>"$TMP/$name.log" & ;;
     python-mvp) python3 bench/baselines/python_mvp.py "$port" >/dev/null 2>"$TMP/$name.log" & ;;
     node-ws) node bench/baselines/node_ws.js "$port" >/dev/null 2>"$TMP/$name.log" & ;;
   esac
@@ -81,7 +81,8 @@ FARM_TARGETS=(); FARM_PIDS=()
 for i in 1 2 3 4 5 6; do
   port="$(free_port)"
   "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/farm-$i" --redis "redis://127.0.0.1:$REDIS_PORT" \
-    --insecure-dev-auth --log warn --max-connections 100000 --max-connections-per-ip 100000 >/dev/null 2>"$TMP/farm-$i.log" &
+    --insecure-dev-auth --log warn --max-connections 100000 --max-connections-per-ip 100000 \
+    --max-likes-per-user 0 --max-connections-per-user 1000000 >/dev/null 2>"$TMP/farm-$i.log" &
   FARM_PIDS+=("$!"); PIDS+=("$!")
   FARM_TARGETS+=(--target "ws://127.0.0.1:$port/v1/ws")
 done

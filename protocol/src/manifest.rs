@@ -60,6 +60,7 @@ struct RawSlot {
     policy: Option<Policy>,
     budget_ms: Option<u64>,
     memory_mb: Option<u64>,
+    fuel: Option<u64>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -72,12 +73,17 @@ pub struct SlotSpec {
     pub component: PathBuf,
     pub policy: Policy,
     pub budget: Duration,
+    /// Linear memory of one instance, all its memories together.
     pub memory_bytes: usize,
+    /// Instructions (wasmtime fuel) one call may run, whatever the machine's speed or load.
+    pub fuel: u64,
     pub config: HashMap<String, String>,
 }
 
 pub const DEFAULT_BUDGET_MS: u64 = 5;
 pub const DEFAULT_MEMORY_MB: u64 = 16;
+/// Ten million instructions: a few ms of guest code, far more than a like's question needs.
+pub const DEFAULT_FUEL: u64 = 10_000_000;
 
 /// Reads and checks a manifest; component paths are resolved relative to its directory.
 pub fn load(path: &Path) -> anyhow::Result<Vec<SlotSpec>> {
@@ -104,6 +110,10 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
         if !(1..=256).contains(&memory_mb) {
             bail!("[{}] memory_mb must be 1..=256", kind.as_str());
         }
+        let fuel = slot.fuel.unwrap_or(DEFAULT_FUEL);
+        if !(10_000..=1_000_000_000).contains(&fuel) {
+            bail!("[{}] fuel must be 10000..=1000000000", kind.as_str());
+        }
         if slot.component.as_os_str().is_empty() {
             bail!("[{}] component must name a .wasm file", kind.as_str());
         }
@@ -123,6 +133,7 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
             policy: slot.policy.unwrap_or(kind.default_policy()),
             budget: Duration::from_millis(budget_ms),
             memory_bytes: (memory_mb as usize) << 20,
+            fuel,
             config,
         });
     }

@@ -386,7 +386,8 @@ async fn drain_spreads_closes_and_reconnects_and_loses_no_like() -> anyhow::Resu
     );
     let acked: u64 = results.iter().map(|r| r.2).sum();
 
-    let node = NodeProcess::start(dir.path(), &[]).await?;
+    // 200 reads in a row from one address: over the default HTTP read rate.
+    let node = NodeProcess::start(dir.path(), &["--max-http-reads-per-ip", "0"]).await?;
     let mut stored = 0;
     for n in 0..200 {
         stored += node.track_count(&format!("d{n}")).await?;

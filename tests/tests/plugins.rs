@@ -162,6 +162,31 @@ async fn misbehaving_guests_are_cut_off_and_the_policy_decides() -> anyhow::Resu
         }
     }
 
+    // The instruction budget (fuel) cuts a loop off by itself: with a 1 s time budget and the
+    // smallest fuel the loop ends long before the epoch deadline would end it.
+    plugins.write_manifest(
+        "[validate]\ncomponent = \"misbehave.wasm\"\nbudget_ms = 1000\nfuel = 10000\nconfig = { mode = \"loop\" }\n",
+    )?;
+    assert_eq!(node.post("/admin/plugins/reload").await?.0, 200);
+    let timeouts_before = slot(&status(&node).await?, "validate")["timeouts"]
+        .as_u64()
+        .unwrap_or(0);
+    let mut client = node.connect("fueled").await?;
+    let started = tokio::time::Instant::now();
+    let refused = client.like("like", "calm", "fuel-1").await?;
+    assert_eq!(refused["code"], "rejected", "{refused}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "cut off by fuel, not by the 1 s deadline: {:?}",
+        started.elapsed()
+    );
+    let counters = slot(&status(&node).await?, "validate").clone();
+    assert_eq!(counters["fuel"], 10_000, "{counters}");
+    assert!(
+        counters["timeouts"].as_u64().unwrap_or(0) > timeouts_before,
+        "{counters}"
+    );
+
     // fail_open: the same broken plugin lets likes through.
     plugins.write_manifest(&manifest("trap", "fail_open"))?;
     assert_eq!(node.post("/admin/plugins/reload").await?.0, 200);

@@ -20,6 +20,9 @@ async fn a_stuck_reader_is_dropped_while_others_keep_up() -> anyhow::Result<()> 
         "500",
         "--max-messages-per-second",
         "100000",
+        // Each toggler is one user sending batches of 50: no per-user like rate here.
+        "--max-likes-per-user",
+        "0",
     ])
     .await?;
     let tracks: Vec<String> = (0..TRACKS).map(|t| format!("hot:{t}")).collect();

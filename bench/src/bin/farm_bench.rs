@@ -57,6 +57,11 @@ async fn main() -> anyhow::Result<()> {
             "a",
             "--max-messages-per-second",
             "1000000",
+            // A load generator is few users liking fast: no per-user limits.
+            "--max-likes-per-user",
+            "0",
+            "--max-connections-per-user",
+            "1000000",
         ],
     )
     .await?;

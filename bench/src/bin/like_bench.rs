@@ -62,7 +62,17 @@ async fn main() -> anyhow::Result<()> {
         Ok("1") => Some(Pipeline::start().await?),
         _ => None,
     };
-    let mut node_args = vec!["--max-messages-per-second".to_owned(), "1000000".to_owned()];
+    // A load generator is few users liking fast: no per-user limits.
+    let mut node_args: Vec<String> = [
+        "--max-messages-per-second",
+        "1000000",
+        "--max-likes-per-user",
+        "0",
+        "--max-connections-per-user",
+        "1000000",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     if let Some(p) = &pipeline {
         node_args.extend(["--kafka".to_owned(), p.kafka.brokers.clone()]);
     }

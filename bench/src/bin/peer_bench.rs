@@ -209,6 +209,11 @@ async fn main() -> anyhow::Result<()> {
         "1000000".into(),
         "--max-connections-per-ip".into(),
         "1000000".into(),
+        // A load generator is few users liking fast: no per-user limits.
+        "--max-likes-per-user".into(),
+        "0".into(),
+        "--max-connections-per-user".into(),
+        "1000000".into(),
     ];
     let port = |_: ()| fanfare_tests::free_port().map(|p| p.to_string());
     let python = vec![

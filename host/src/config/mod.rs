@@ -287,23 +287,8 @@ pub struct Config {
     )]
     pub allowed_origins: Vec<String>,
 
-    /// WebSocket connections this node accepts at once (beyond: HTTP 503).
-    #[arg(
-        long,
-        env = "FANFARE_MAX_CONNECTIONS",
-        default_value_t = 50_000,
-        value_name = "N"
-    )]
-    pub max_connections: usize,
-
-    /// WebSocket connections from one source IP at once (beyond: HTTP 429).
-    #[arg(
-        long,
-        env = "FANFARE_MAX_CONNECTIONS_PER_IP",
-        default_value_t = 1_000,
-        value_name = "N"
-    )]
-    pub max_connections_per_ip: usize,
+    #[command(flatten)]
+    pub limits: limits::Limits,
 
     /// Every connection starts with a PROXY protocol (v1 or v2) header naming the client, as
     /// HAProxy's `send-proxy-v2` writes it: per-IP limits and logs then see the client, not the
@@ -322,15 +307,6 @@ pub struct Config {
         requires = "proxy_protocol"
     )]
     pub trusted_proxies: Vec<ipnet::IpNet>,
-
-    /// Inbound messages per second per connection, bursts of twice that (beyond: `rate_limited`).
-    #[arg(
-        long,
-        env = "FANFARE_MAX_MESSAGES_PER_SECOND",
-        default_value_t = 50,
-        value_name = "N"
-    )]
-    pub max_messages_per_second: u32,
 
     /// Time for a client to send its HTTP request headers (slowloris guard).
     #[arg(
@@ -585,6 +561,8 @@ fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
         .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("`{text}` is neither an address nor a network like 10.0.0.0/24"))
 }
+
+pub mod limits;
 
 #[cfg(test)]
 mod tests;

@@ -1,14 +1,18 @@
-//! Host-level limits that hold no matter what plugins do: connections per node and per
-//! source IP (checked at the upgrade), and inbound messages per second per connection.
+//! Host-level limits that hold no matter what plugins do: connections per node, per source
+//! IP and per user (checked at the upgrade), inbound messages per second per connection,
+//! likes per second per user, and HTTP reads per second per client address. Per-user and
+//! per-address rates are this node's: a user spread over N nodes gets N times the rate.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct ConnectionGate {
     max_total: usize,
     max_per_ip: usize,
+    max_per_user: usize,
     counts: Mutex<Counts>,
 }
 
@@ -16,44 +20,62 @@ pub struct ConnectionGate {
 struct Counts {
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
+    per_user: HashMap<Arc<str>, usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     NodeFull,
     IpFull,
+    UserFull,
 }
 
 /// A place held by one connection; released when dropped.
 pub struct Admission {
     gate: Arc<ConnectionGate>,
     ip: IpAddr,
+    user: Arc<str>,
 }
 
 impl ConnectionGate {
-    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnectionGate> {
+    pub fn new(max_total: usize, max_per_ip: usize, max_per_user: usize) -> Arc<ConnectionGate> {
         Arc::new(ConnectionGate {
             max_total,
             max_per_ip,
+            max_per_user,
             counts: Mutex::new(Counts::default()),
         })
     }
 
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, user: &Arc<str>) -> Result<Admission, Refusal> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if counts.total >= self.max_total {
             return Err(Refusal::NodeFull);
         }
-        let from_ip = counts.per_ip.entry(ip).or_insert(0);
-        if *from_ip >= self.max_per_ip {
+        if counts.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
             return Err(Refusal::IpFull);
         }
-        *from_ip += 1;
+        if counts.per_user.get(user).copied().unwrap_or(0) >= self.max_per_user {
+            return Err(Refusal::UserFull);
+        }
+        *counts.per_ip.entry(ip).or_insert(0) += 1;
+        *counts.per_user.entry(user.clone()).or_insert(0) += 1;
         counts.total += 1;
         Ok(Admission {
             gate: self.clone(),
             ip,
+            user: user.clone(),
         })
+    }
+}
+
+/// One fewer for `key`; the entry goes when it reaches 0, so the maps hold only who is here.
+fn release<K: Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
     }
 }
 
@@ -61,11 +83,43 @@ impl Drop for Admission {
     fn drop(&mut self) {
         let mut counts = self.gate.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.total = counts.total.saturating_sub(1);
-        if let Some(n) = counts.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.per_ip.remove(&self.ip);
-            }
+        release(&mut counts.per_ip, &self.ip);
+        release(&mut counts.per_user, &self.user);
+    }
+}
+
+/// A token bucket per key (a user, a client address), `rate` per second with bursts of twice
+/// that; idle keys are forgotten after a minute (a full bucket again), and at most a million
+/// are kept. Rate 0: no limit.
+pub struct RateByKey<K: Hash + Eq + Send + Sync + 'static> {
+    rate: u32,
+    buckets: moka::sync::Cache<K, Arc<Mutex<MessageBucket>>>,
+}
+
+impl<K: Hash + Eq + Send + Sync + Clone + 'static> RateByKey<K> {
+    pub fn new(rate: u32) -> RateByKey<K> {
+        RateByKey {
+            rate,
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    /// Takes one token for `key`; `Err(ms)` says when the next one is there.
+    pub fn take(&self, key: &K) -> Result<(), u32> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let bucket = self
+            .buckets
+            .get_with_by_ref(key, || Arc::new(Mutex::new(MessageBucket::new(self.rate))));
+        let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        if bucket.take() {
+            Ok(())
+        } else {
+            Err(bucket.retry_after_ms())
         }
     }
 }
@@ -100,6 +154,11 @@ impl MessageBucket {
             false
         }
     }
+
+    /// Milliseconds until the next token (after a refused `take`).
+    pub fn retry_after_ms(&self) -> u32 {
+        (((1.0 - self.tokens) / self.rate) * 1000.0).ceil().max(1.0) as u32
+    }
 }
 
 #[cfg(test)]
@@ -108,18 +167,56 @@ mod tests {
 
     #[test]
     fn gate_counts_per_ip_and_total() {
-        let gate = ConnectionGate::new(3, 2);
+        let gate = ConnectionGate::new(3, 2, 10);
         let a: IpAddr = "127.0.0.2".parse().unwrap_or(IpAddr::from([127, 0, 0, 2]));
         let b: IpAddr = IpAddr::from([127, 0, 0, 3]);
-        let first = gate.admit(a);
-        let second = gate.admit(a);
+        let (ana, bo, cy): (Arc<str>, Arc<str>, Arc<str>) =
+            ("ana".into(), "bo".into(), "cy".into());
+        let first = gate.admit(a, &ana);
+        let second = gate.admit(a, &bo);
         assert!(first.is_ok() && second.is_ok());
-        assert_eq!(gate.admit(a).err(), Some(Refusal::IpFull));
-        let third = gate.admit(b);
+        assert_eq!(gate.admit(a, &cy).err(), Some(Refusal::IpFull));
+        let third = gate.admit(b, &cy);
         assert!(third.is_ok());
-        assert_eq!(gate.admit(b).err(), Some(Refusal::NodeFull));
+        assert_eq!(gate.admit(b, &cy).err(), Some(Refusal::NodeFull));
         drop(first);
-        assert!(gate.admit(a).is_ok(), "a released place is free again");
+        assert!(
+            gate.admit(a, &ana).is_ok(),
+            "a released place is free again"
+        );
+    }
+
+    #[test]
+    fn gate_counts_per_user_across_addresses() {
+        let gate = ConnectionGate::new(100, 100, 2);
+        let ana: Arc<str> = "ana".into();
+        let held: Vec<_> = (1..=2u8)
+            .map(|i| gate.admit(IpAddr::from([10, 0, 0, i]), &ana))
+            .collect();
+        assert!(held.iter().all(Result::is_ok));
+        let third = gate.admit(IpAddr::from([10, 0, 0, 3]), &ana);
+        assert_eq!(third.err(), Some(Refusal::UserFull));
+        assert!(
+            gate.admit(IpAddr::from([10, 0, 0, 3]), &"bo".into())
+                .is_ok()
+        );
+        drop(held);
+        assert!(gate.admit(IpAddr::from([10, 0, 0, 3]), &ana).is_ok());
+        assert!(
+            gate.counts.lock().unwrap().per_user.len() <= 2,
+            "released users leave"
+        );
+    }
+
+    #[test]
+    fn rates_by_key_are_separate_and_say_when_to_retry() {
+        let rates = RateByKey::new(5);
+        assert_eq!((0..10).filter(|_| rates.take(&"ana").is_ok()).count(), 10);
+        let retry = rates.take(&"ana").expect_err("over the rate");
+        assert!((1..=200).contains(&retry), "{retry}");
+        assert!(rates.take(&"bo").is_ok(), "another key has its own bucket");
+        let unlimited = RateByKey::new(0);
+        assert!((0..1000).all(|_| unlimited.take(&"ana").is_ok()));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::edge::admin;
 use crate::edge::auth::Auth;
-use crate::edge::limits::{ConnectionGate, Refusal};
+use crate::edge::limits::{ConnectionGate, RateByKey, Refusal};
 use crate::edge::proxy_protocol::ProxyProtocol;
 use crate::edge::session;
 use crate::edge::tls::Tls;
@@ -47,6 +47,10 @@ pub struct Edge {
     pub gate: Arc<ConnectionGate>,
     pub proxy: Option<ProxyProtocol>,
     pub serves: Serves,
+    /// Likes per second per user, over all the user's connections to this node.
+    pub user_likes: Arc<RateByKey<Arc<str>>>,
+    /// `/v1/tracks/…` reads per second per client address.
+    pub http_reads: Arc<RateByKey<std::net::IpAddr>>,
 }
 
 /// Which routes a listener answers: admin may have an address of its own (`--admin-listen`).
@@ -67,10 +71,16 @@ impl Edge {
         Ok(Arc::new(Edge {
             tls,
             auth: Arc::new(Auth::from_config(config)?),
-            gate: ConnectionGate::new(config.max_connections, config.max_connections_per_ip),
+            gate: ConnectionGate::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_ip,
+                config.limits.max_connections_per_user,
+            ),
             proxy: config
                 .proxy_protocol
                 .then(|| ProxyProtocol::new(config.trusted_proxies.clone())),
+            user_likes: Arc::new(RateByKey::new(config.limits.max_likes_per_user)),
+            http_reads: Arc::new(RateByKey::new(config.limits.max_http_reads_per_ip)),
             serves: if config.admin_listen.is_some() {
                 Serves::AllButAdmin
             } else {
@@ -87,6 +97,8 @@ impl Edge {
             gate: self.gate.clone(),
             proxy: None,
             serves: Serves::AdminOnly,
+            user_likes: self.user_likes.clone(),
+            http_reads: self.http_reads.clone(),
         })
     }
 }
@@ -244,14 +256,32 @@ async fn route_inner(
         "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
         _ => match path.strip_prefix("/v1/tracks/") {
-            Some(rest) => match rest.strip_suffix("/history") {
-                Some(track) => track_history(&node, track, req.uri().query()).await,
-                None => track_count(&node, rest).await,
+            Some(rest) => match edge.http_reads.take(&peer.ip()) {
+                Err(retry_ms) => read_limited(&node, retry_ms),
+                Ok(()) => match rest.strip_suffix("/history") {
+                    Some(track) => track_history(&node, track, req.uri().query()).await,
+                    None => track_count(&node, rest).await,
+                },
             },
             None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
         },
     };
     Ok(response)
+}
+
+/// 429 for a client address over `--max-http-reads-per-ip`, saying when to come back.
+fn read_limited(node: &Node, retry_ms: u32) -> Response<Body> {
+    node.metrics.http_reads_limited.inc();
+    let mut response = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many requests from your address; retry later",
+    );
+    let seconds = retry_ms.div_ceil(1000).to_string();
+    if let Ok(value) = HeaderValue::from_str(&seconds) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 async fn track_count(node: &Node, track: &str) -> Response<Body> {
@@ -393,7 +423,8 @@ fn upgrade(
             );
         }
     };
-    let admission = match edge.gate.admit(peer.ip()) {
+    let user: Arc<str> = Arc::from(user);
+    let admission = match edge.gate.admit(peer.ip(), &user) {
         Ok(admission) => admission,
         Err(Refusal::NodeFull) => {
             node.metrics.upgrade_refused("node_full");
@@ -411,6 +442,14 @@ fn upgrade(
                 "too many connections from your address",
             );
         }
+        Err(Refusal::UserFull) => {
+            node.metrics.upgrade_refused("user_full");
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many connections for this user",
+            );
+        }
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(1024)
@@ -419,9 +458,10 @@ fn upgrade(
         .max_message_size(Some(node.config.max_frame_bytes))
         .max_frame_size(Some(node.config.max_frame_bytes));
     let credential = session::Credential {
-        user: Arc::from(user),
+        user,
         auth: edge.auth.clone(),
         expires_at: identity.expires_at,
+        likes: edge.user_likes.clone(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_node = node.clone();

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::broadcast::outbox::Outbox;
 use crate::edge::auth::Auth;
-use crate::edge::limits::MessageBucket;
+use crate::edge::limits::{MessageBucket, RateByKey};
 use crate::like::{self, Reply};
 use crate::node::Node;
 use fanfare_protocol::{self as protocol, ClientFrame, ErrorCode, FrameError, ServerFrame};
@@ -86,6 +86,7 @@ struct Session<S> {
     auth: Arc<Auth>,
     /// When the session ends unless refreshed (Unix seconds; none without tokens).
     expires_at: Option<u64>,
+    user_likes: Arc<RateByKey<Arc<str>>>,
 }
 
 /// Who the connection proved to be at the upgrade, and until when.
@@ -93,6 +94,8 @@ pub struct Credential {
     pub user: Arc<str>,
     pub auth: Arc<Auth>,
     pub expires_at: Option<u64>,
+    /// The user's likes per second on this node, shared by all their connections.
+    pub likes: Arc<RateByKey<Arc<str>>>,
 }
 
 /// Serves one upgraded connection until it ends.
@@ -101,7 +104,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let conn = node.next_conn_id();
-    let node_rate = node.config.max_messages_per_second;
+    let node_rate = node.config.limits.max_messages_per_second;
     let soft = node.config.outbound_queue;
     let outbox = Arc::new(Outbox::new(
         conn,
@@ -122,6 +125,7 @@ where
         inbound: MessageBucket::new(node_rate),
         auth: credential.auth,
         expires_at: credential.expires_at,
+        user_likes: credential.likes,
     };
     // Every log line of this connection carries its id and user (fields in JSON logs).
     let span = tracing::info_span!("conn", id = conn, user = %session.user);
@@ -215,7 +219,7 @@ where
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
         if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.inbound.take() {
             self.node.metrics.messages_rate_limited.inc();
-            let limit = self.node.config.max_messages_per_second;
+            let limit = self.node.config.limits.max_messages_per_second;
             let err = FrameError {
                 code: ErrorCode::RateLimited,
                 message: format!("more than {limit} messages per second; this one was dropped"),
@@ -246,6 +250,20 @@ where
         match frame {
             ClientFrame::Ping => self.send(ServerFrame::Pong.to_json()).await,
             ClientFrame::Like(request) => {
+                if let Err(retry_after_ms) = self.user_likes.take(&self.user) {
+                    self.node
+                        .metrics
+                        .protocol_error(ErrorCode::RateLimited.as_str());
+                    let limit = self.node.config.limits.max_likes_per_user;
+                    let message = format!("more than {limit} likes per second for this user");
+                    let frame = ServerFrame::Error {
+                        code: ErrorCode::RateLimited,
+                        message: &message,
+                        id: Some(&request.key),
+                        retry_after_ms: Some(retry_after_ms),
+                    };
+                    return self.send(frame.to_json()).await;
+                }
                 let work = like::handle(
                     self.node.clone(),
                     self.user.clone(),

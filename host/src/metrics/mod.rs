@@ -50,6 +50,7 @@ pub struct Metrics {
     reloads: Family<Labels2, Counter>,
     pub messages_rate_limited: Counter,
     pub tokens_expired: Counter,
+    pub http_reads_limited: Counter,
     pub kafka_up: Gauge,
     pub kafka_spill_events: Gauge,
     durable_acks: Family<Label, Counter>,
@@ -119,6 +120,7 @@ impl Metrics {
             reloads: Family::default(),
             messages_rate_limited: Counter::default(),
             tokens_expired: Counter::default(),
+            http_reads_limited: Counter::default(),
             kafka_up: Gauge::default(),
             kafka_spill_events: Gauge::default(),
             durable_acks: Family::default(),
@@ -226,7 +228,7 @@ impl Metrics {
         );
         registry.register(
             "fanfare_upgrades_refused",
-            "WebSocket upgrades refused, by reason (unauthorized, origin, node_full, ip_full, draining)",
+            "WebSocket upgrades refused, by reason (unauthorized, origin, node_full, ip_full, user_full, draining)",
             m.upgrades_refused.clone(),
         );
         registry.register(
@@ -238,6 +240,11 @@ impl Metrics {
             "fanfare_proxy_refused",
             "Connections closed before HTTP under --proxy-protocol, by reason (untrusted, bad_header, timeout, io)",
             m.proxy_refused.clone(),
+        );
+        registry.register(
+            "fanfare_http_reads_limited",
+            "HTTP reads refused with 429 for exceeding --max-http-reads-per-ip",
+            m.http_reads_limited.clone(),
         );
         registry.register(
             "fanfare_tokens_expired",

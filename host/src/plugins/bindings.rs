@@ -75,6 +75,7 @@ impl HostState {
             table: ResourceTable::new(),
             limiter: MemoryCap {
                 max_bytes: memory_bytes,
+                used: 0,
                 refused: false,
             },
             context,
@@ -91,21 +92,27 @@ impl WasiView for HostState {
     }
 }
 
-/// Caps linear memory per instance; `refused` tells a trap apart as "out of memory".
+/// Caps the linear memory of one instance — every memory of every core module in the
+/// component together, not each alone; `refused` tells a trap apart as "out of memory".
 pub struct MemoryCap {
     pub max_bytes: usize,
+    /// Bytes of every memory this store has created or grown so far.
+    pub used: usize,
     pub refused: bool,
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = desired <= self.max_bytes;
-        if !allowed {
+        let total = (self.used - current.min(self.used)).saturating_add(desired);
+        let allowed = total <= self.max_bytes;
+        if allowed {
+            self.used = total;
+        } else {
             self.refused = true;
         }
         Ok(allowed)
@@ -151,5 +158,28 @@ impl host::Host for HostState {
         // Namespaced per slot so plugins in different slots cannot read each other's counters.
         let key = format!("{}:{key}", self.context.slot.as_str());
         self.context.counters.add(&key, delta, ttl_ms).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryCap;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn the_memory_cap_counts_every_memory_of_an_instance() {
+        let mut cap = MemoryCap {
+            max_bytes: 10 << 20,
+            used: 0,
+            refused: false,
+        };
+        // Two memories created at 4 MiB each: 8 MiB of 10.
+        assert!(cap.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(cap.memory_growing(0, 4 << 20, None).unwrap());
+        // One grows to 6 MiB: 10 MiB, still allowed; to 7 MiB would be 11.
+        assert!(cap.memory_growing(4 << 20, 6 << 20, None).unwrap());
+        assert!(!cap.memory_growing(6 << 20, 7 << 20, None).unwrap());
+        assert!(cap.refused);
+        assert_eq!(cap.used, 10 << 20, "a refused growth takes nothing");
     }
 }

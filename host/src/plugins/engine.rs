@@ -40,6 +40,7 @@ impl PluginEngine {
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
+            .consume_fuel(true)
             .max_wasm_stack(512 << 10)
             .async_stack_size(1 << 20)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

@@ -47,6 +47,7 @@ struct Warm {
 pub enum CallFailure {
     Timeout,
     OutOfMemory,
+    OutOfFuel,
     Trap(String),
     Busy,
 }
@@ -56,6 +57,7 @@ impl std::fmt::Display for CallFailure {
         match self {
             CallFailure::Timeout => write!(f, "exceeded its time budget"),
             CallFailure::OutOfMemory => write!(f, "exceeded its memory cap"),
+            CallFailure::OutOfFuel => write!(f, "exceeded its instruction budget (fuel)"),
             CallFailure::Trap(msg) => write!(f, "trapped: {msg}"),
             CallFailure::Busy => write!(f, "no free instance within the budget"),
         }
@@ -153,6 +155,7 @@ impl LoadedPlugin {
         );
         store.limiter(|state| &mut state.limiter);
         store.epoch_deadline_trap();
+        store.set_fuel(self.spec.fuel)?;
         // Instantiation runs guest start code: it gets a budget too.
         store.set_epoch_deadline(ticks(budget));
         let bindings = match &self.pre {
@@ -206,6 +209,9 @@ impl LoadedPlugin {
             },
         };
         warm.store.set_epoch_deadline(ticks(budget));
+        if let Err(err) = warm.store.set_fuel(self.spec.fuel) {
+            return Err(self.failed(classify(&err, false)));
+        }
         // The epoch deadline stops guest code; this outer bound also covers host awaits
         // (e.g. a slow counter store). Either way the instance is discarded afterwards.
         let wall = budget.saturating_sub(started.elapsed()) * 2 + Duration::from_millis(10);
@@ -225,7 +231,8 @@ impl LoadedPlugin {
 
     fn failed(&self, failure: CallFailure) -> CallFailure {
         let counter = match failure {
-            CallFailure::Timeout => &self.stats.timeouts,
+            // Out of fuel is the time budget counted in instructions.
+            CallFailure::Timeout | CallFailure::OutOfFuel => &self.stats.timeouts,
             _ => &self.stats.errors,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -238,8 +245,10 @@ fn ticks(budget: Duration) -> u64 {
 }
 
 fn classify(err: &wasmtime::Error, memory_refused: bool) -> CallFailure {
-    if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
-        return CallFailure::Timeout;
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => return CallFailure::Timeout,
+        Some(wasmtime::Trap::OutOfFuel) => return CallFailure::OutOfFuel,
+        _ => {}
     }
     if memory_refused {
         return CallFailure::OutOfMemory;

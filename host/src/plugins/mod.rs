@@ -200,7 +200,9 @@ impl Plugins {
         self.metrics
             .plugin_call(slot, started.elapsed().as_secs_f64());
         match &result {
-            Err(CallFailure::Timeout) => self.metrics.plugin_event(slot, "timeout"),
+            Err(CallFailure::Timeout | CallFailure::OutOfFuel) => {
+                self.metrics.plugin_event(slot, "timeout")
+            }
             Err(_) => self.metrics.plugin_event(slot, "trap"),
             Ok(_) => {}
         }
@@ -252,6 +254,7 @@ impl Plugins {
                         "policy": format!("{:?}", p.spec.policy),
                         "budget_ms": p.spec.budget.as_millis() as u64,
                         "memory_mb": p.spec.memory_bytes >> 20,
+                        "fuel": p.spec.fuel,
                         "calls": p.stats.calls.load(Ordering::Relaxed),
                         "rejections": p.stats.rejections.load(Ordering::Relaxed),
                         "errors": p.stats.errors.load(Ordering::Relaxed),

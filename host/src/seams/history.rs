@@ -13,8 +13,13 @@ use super::Part;
 use crate::clock::now_ms;
 use crate::store::Store;
 
-/// At most this many buckets per request.
+/// At most this many buckets per request (minute buckets: about a week).
 pub const MAX_BUCKETS: i64 = 10_000;
+/// At most this long a range per request, whatever the bucket: a store reads at most this
+/// many minutes of one track (MongoDB keeps one document per minute).
+pub const MAX_RANGE_DAYS: i64 = 400;
+/// Times are accepted from 1970 to the end of year 9999 (no arithmetic near `i64` limits).
+const LATEST_MS: i64 = 253_402_300_800_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bucket {
@@ -80,7 +85,7 @@ impl Query {
         };
         let from = match from {
             Some(text) => parse_time(text)?,
-            None => to - 86_400_000,
+            None => (to - 86_400_000).max(0),
         };
         if from >= to {
             return Err("`from` must be before `to`".to_owned());
@@ -91,6 +96,11 @@ impl Query {
         if (end_ms - start_ms) / size > MAX_BUCKETS {
             return Err(format!(
                 "at most {MAX_BUCKETS} buckets per request; use a larger bucket"
+            ));
+        }
+        if end_ms - start_ms > MAX_RANGE_DAYS * Bucket::Day.millis() {
+            return Err(format!(
+                "at most {MAX_RANGE_DAYS} days per request; ask for the rest separately"
             ));
         }
         Ok(Query {
@@ -158,25 +168,49 @@ impl History for SqliteHistory {
     }
 }
 
-/// Sums minute rows into `bucket` rows (MongoDB keeps minutes).
-pub fn roll_up(minutes: impl IntoIterator<Item = Row>, bucket: Bucket) -> Vec<Row> {
-    let size = bucket.millis();
-    let mut rows: std::collections::BTreeMap<i64, Row> = std::collections::BTreeMap::new();
-    for minute in minutes {
-        let start_ms = minute.start_ms.div_euclid(size) * size;
-        let row = rows.entry(start_ms).or_insert(Row {
+/// Sums minute rows into `bucket` rows as they stream in (MongoDB keeps minutes): memory
+/// holds the answer's buckets, never the minutes read.
+pub struct RollUp {
+    size: i64,
+    rows: std::collections::BTreeMap<i64, Row>,
+}
+
+impl RollUp {
+    pub fn new(bucket: Bucket) -> RollUp {
+        RollUp {
+            size: bucket.millis(),
+            rows: std::collections::BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, minute: Row) {
+        let start_ms = minute.start_ms.div_euclid(self.size) * self.size;
+        let row = self.rows.entry(start_ms).or_insert(Row {
             start_ms,
             likes: 0,
             unlikes: 0,
         });
-        row.likes += minute.likes;
-        row.unlikes += minute.unlikes;
+        row.likes = row.likes.saturating_add(minute.likes);
+        row.unlikes = row.unlikes.saturating_add(minute.unlikes);
     }
-    rows.into_values().collect()
+
+    /// The non-empty buckets in time order.
+    pub fn finish(self) -> Vec<Row> {
+        self.rows
+            .into_values()
+            .filter(|r| r.likes + r.unlikes > 0)
+            .collect()
+    }
 }
 
+/// Epoch milliseconds or an RFC 3339 time, from 1970 to the end of 9999.
 fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(ms) = text.parse::<i64>() {
+        if !(0..=LATEST_MS).contains(&ms) {
+            return Err(format!(
+                "`{text}` is outside 1970-01-01 .. 9999-12-31 (epoch milliseconds)"
+            ));
+        }
         return Ok(ms);
     }
     let time = humantime::parse_rfc3339_weak(text)
@@ -216,14 +250,45 @@ mod tests {
             likes,
             unlikes,
         };
-        let hours = roll_up(
-            [
-                row(60_000, 2, 1),
-                row(3_540_000, 1, 0),
-                row(3_600_000, 5, 5),
-            ],
-            Bucket::Hour,
+        let mut hours = RollUp::new(Bucket::Hour);
+        for minute in [
+            row(60_000, 2, 1),
+            row(3_540_000, 1, 0),
+            row(3_600_000, 5, 5),
+            row(7_200_000, 0, 0),
+        ] {
+            hours.add(minute);
+        }
+        assert_eq!(hours.finish(), vec![row(0, 3, 1), row(3_600_000, 5, 5)]);
+    }
+
+    #[test]
+    fn ranges_near_the_limits_of_time_are_refused_not_overflowed() {
+        for (from, to) in [
+            (i64::MIN.to_string(), "0".to_owned()),
+            ("0".to_owned(), i64::MAX.to_string()),
+            ("-1".to_owned(), "1000".to_owned()),
+            (i64::MIN.to_string(), i64::MIN.to_string()),
+        ] {
+            let err = Query::new("t", Some("day"), Some(&from), Some(&to)).expect_err(&from);
+            assert!(err.contains("outside"), "{from}..{to}: {err}");
+        }
+        assert!(
+            Query::new("t", None, None, Some("1000")).is_ok(),
+            "default from clamps"
         );
-        assert_eq!(hours, vec![row(0, 3, 1), row(3_600_000, 5, 5)]);
+        let end = LATEST_MS.to_string();
+        let q = Query::new("t", Some("day"), Some("253400000000000"), Some(&end));
+        assert!(q.is_ok(), "{q:?}");
+    }
+
+    #[test]
+    fn ranges_are_capped_in_days_whatever_the_bucket() {
+        let day = Bucket::Day.millis();
+        let most = (MAX_RANGE_DAYS * day).to_string();
+        assert!(Query::new("t", Some("day"), Some("0"), Some(&most)).is_ok());
+        let more = (MAX_RANGE_DAYS * day + 1).to_string();
+        let err = Query::new("t", Some("day"), Some("0"), Some(&more)).expect_err("too long");
+        assert!(err.contains("days per request"), "{err}");
     }
 }

@@ -28,7 +28,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 
 use crate::event::LikeEvent;
 use crate::seams::Part;
-use crate::seams::history::{History, Query, Row, roll_up};
+use crate::seams::history::{History, Query, RollUp, Row};
 use crate::worker::register::{Register, number};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -489,26 +489,28 @@ impl Part for MongoArchive {
 #[async_trait]
 impl History for MongoArchive {
     async fn buckets(&self, query: &Query) -> anyhow::Result<Vec<Row>> {
-        let minutes: Vec<Document> = self
+        // Streamed: at most MAX_RANGE_DAYS of minute documents pass through, one at a time.
+        let mut minutes = self
             .minutes
             .find(doc! {
                 "track": &query.track,
                 "minute": { "$gte": query.start_ms, "$lt": query.end_ms },
             })
             .await
-            .context("cannot query MongoDB history")?
-            .try_collect()
+            .context("cannot query MongoDB history")?;
+        let mut rows = RollUp::new(query.bucket);
+        while let Some(d) = minutes
+            .try_next()
             .await
-            .context("cannot read MongoDB history")?;
-        let rows = minutes.iter().map(|d| Row {
-            start_ms: number(d, "minute"),
-            likes: number(d, "likes").max(0) as u64,
-            unlikes: number(d, "unlikes").max(0) as u64,
-        });
-        Ok(roll_up(rows, query.bucket)
-            .into_iter()
-            .filter(|r| r.likes + r.unlikes > 0)
-            .collect())
+            .context("cannot read MongoDB history")?
+        {
+            rows.add(Row {
+                start_ms: number(&d, "minute"),
+                likes: number(&d, "likes").max(0) as u64,
+                unlikes: number(&d, "unlikes").max(0) as u64,
+            });
+        }
+        Ok(rows.finish())
     }
 }
 
