@@ -341,6 +341,13 @@ pub struct SharedArgs {
     #[arg(long, env = "FANFARE_KAFKA", value_name = "BROKERS")]
     pub kafka: Option<String>,
 
+    /// A librdkafka setting for every Kafka client, `key=value`, repeatable: security
+    /// (`security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`, `sasl.username=…`,
+    /// `sasl.password=…`, `ssl.ca.location=…`) or tuning. Settings Fanfare's guarantees rest
+    /// on (acks, idempotence, offset commits, brokers, group) are refused.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse_kafka_option)]
+    pub kafka_options: Vec<(String, String)>,
+
     /// Kafka topic of like events.
     #[arg(
         long,
@@ -550,8 +557,39 @@ impl Config {
                 ack_timeout: Duration::from_millis(self.kafka_ack_timeout),
                 spill_max_events: self.spill_max_events,
                 idempotence: self.kafka_idempotence,
+                options: self.shared.kafka_options.clone(),
             })
     }
+}
+
+/// Settings of librdkafka that Fanfare's delivery guarantees rest on.
+const KAFKA_OWNED: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "auto.offset.reset",
+];
+
+/// `key=value` for `--kafka-option`.
+fn parse_kafka_option(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not key=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("`{text}` has no key"));
+    }
+    if KAFKA_OWNED.contains(&key) {
+        return Err(format!(
+            "`{key}` is set by Fanfare (its delivery guarantees rest on it)"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 /// A network (`10.0.0.0/24`) or one address (`10.0.0.7`, as `/32` or `/128`).

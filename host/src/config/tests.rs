@@ -126,3 +126,26 @@ fn an_admin_listener_off_loopback_needs_a_token() -> anyhow::Result<()> {
     load(&["fanfare", "--admin-listen", "127.0.0.1:9100"])?;
     Ok(())
 }
+
+#[test]
+fn kafka_options_are_key_value_and_leave_guarantees_alone() -> anyhow::Result<()> {
+    let config = load(&[
+        "fanfare",
+        "--kafka-option",
+        "security.protocol=SASL_SSL",
+        "--kafka-option",
+        "sasl.password=a=b",
+    ])?;
+    assert_eq!(
+        config.shared.kafka_options,
+        [
+            ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+            ("sasl.password".to_owned(), "a=b".to_owned()),
+        ]
+    );
+    assert!(load(&["fanfare", "--kafka-option", "novalue"]).is_err());
+    assert!(load(&["fanfare", "--kafka-option", "=x"]).is_err());
+    let err = load(&["fanfare", "--kafka-option", "enable.auto.commit=true"]).expect_err("owned");
+    assert!(err.to_string().contains("set by Fanfare"), "{err:#}");
+    Ok(())
+}

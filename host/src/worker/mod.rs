@@ -27,7 +27,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SharedArgs;
@@ -248,22 +248,23 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if let Err(err) = crate::seams::event_log::kafka::ensure_topic(kafka, topic).await {
+    let options = &config.shared.kafka_options;
+    if let Err(err) = crate::seams::event_log::kafka::ensure_topic(kafka, options, topic).await {
         tracing::warn!(error = %format!("{err:#}"), "cannot create the topic yet (nodes create it too)");
     }
-    let consumer: StreamConsumer<WatchContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka)
-        .set("group.id", &config.group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", config.session_timeout.to_string())
-        .set("statistics.interval.ms", "1000")
-        // Fewer, fuller fetches: the broker answers when 256 KiB are there or after 100 ms
-        // (Kafka's CPU in the benchmark: 0.32–0.69 → 0.17–0.23 cores; docs/benchmarks.md).
-        .set("fetch.wait.max.ms", "100")
-        .set("fetch.min.bytes", "262144")
-        .create_with_context(WatchContext::default())
-        .context("cannot create the Kafka consumer")?;
+    let consumer: StreamConsumer<WatchContext> =
+        crate::seams::event_log::kafka::client_config(kafka, options)
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", config.session_timeout.to_string())
+            .set("statistics.interval.ms", "1000")
+            // Fewer, fuller fetches: the broker answers when 256 KiB are there or after 100 ms
+            // (Kafka's CPU in the benchmark: 0.32–0.69 → 0.17–0.23 cores; docs/benchmarks.md).
+            .set("fetch.wait.max.ms", "100")
+            .set("fetch.min.bytes", "262144")
+            .create_with_context(WatchContext::default())
+            .context("cannot create the Kafka consumer")?;
     let consumer = Arc::new(consumer);
     consumer
         .subscribe(&[topic])

@@ -52,6 +52,19 @@ pub struct KafkaSettings {
     pub spill_max_events: u64,
     /// Idempotent producer; without it, one request in flight keeps the order.
     pub idempotence: bool,
+    /// `--kafka-option` settings (security, tuning) for every client.
+    pub options: Vec<(String, String)>,
+}
+
+/// A client config for `brokers` with the operator's `--kafka-option` settings; each client
+/// then sets what its role needs.
+pub fn client_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in options {
+        config.set(key, value);
+    }
+    config.set("bootstrap.servers", brokers);
+    config
 }
 
 type Delivery = (u64, u64, Result<(), String>);
@@ -367,7 +380,7 @@ impl Shipper {
         self.restart_from_confirmed();
         if !self.topic_ready {
             let settings = &self.shared.settings;
-            ensure_topic(&settings.brokers, &settings.topic)
+            ensure_topic(&settings.brokers, &settings.options, &settings.topic)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
             self.topic_ready = true;
@@ -451,12 +464,11 @@ fn stored_at(report: OwnedDeliveryResult) -> Result<(i32, i64), String> {
 /// one request in flight per broker keeps the order, and retries may duplicate (harmless:
 /// stores keep one copy per event id).
 fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
-    let mut config = ClientConfig::new();
+    let mut config = client_config(&settings.brokers, &settings.options);
     if !settings.idempotence {
         config.set("max.in.flight.requests.per.connection", "1");
     }
     config
-        .set("bootstrap.servers", &settings.brokers)
         .set("enable.idempotence", settings.idempotence.to_string())
         .set("acks", "all")
         .set("compression.type", "lz4")
@@ -475,12 +487,15 @@ fn producer(settings: &KafkaSettings) -> anyhow::Result<FutureProducer> {
 pub const TOPIC_PARTITIONS: i32 = 12;
 
 /// Creates the topic unless it exists. Fails when the broker cannot be reached.
-pub async fn ensure_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
+pub async fn ensure_topic(
+    brokers: &str,
+    options: &[(String, String)],
+    topic: &str,
+) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::types::RDKafkaErrorCode;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers, options)
         .create()
         .context("cannot create a Kafka admin client")?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
