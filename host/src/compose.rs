@@ -56,7 +56,7 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
     let store = Store::open(&cx.config.data_dir)?;
     let (event_log, durable_seq) = event_log(cx, &store)?;
     let local = EmbeddedLedger::open(&store, cx.id.clone(), durable_seq)?;
-    let link = RedisLink::new(redis_url)?;
+    let link = RedisLink::new(redis_url, cx.config.shared.redis_ca.as_deref())?;
     link.spawn_maintainer(cx.tasks, cx.metrics.clone());
     let ledger = FarmLedger::new(link.clone(), local, store.clone(), cx.config.max_clock_skew)?;
     ledger.spawn_reconciler(cx.tasks);

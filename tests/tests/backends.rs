@@ -44,3 +44,168 @@ async fn kafka_options_reach_librdkafka_and_guarantees_stay_fanfares() -> anyhow
     }
     Ok(())
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl {args:?} failed");
+    Ok(())
+}
+
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`server.pem`, `server.key`).
+fn certificates(dir: &std::path::Path) -> anyhow::Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fanfare test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    )?;
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    )
+}
+
+#[tokio::test]
+async fn redis_with_an_acl_user_over_tls() -> anyhow::Result<()> {
+    use fanfare_tests::NodeProcess;
+    use fanfare_tests::process::{Log, Ready, Service, Spec};
+
+    let dir = tempfile::tempdir()?;
+    certificates(dir.path())?;
+    let port = fanfare_tests::free_port()?;
+    let file = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    // TLS only, the default user off: only `fanfare` with its password gets in.
+    let spec = Spec::new("redis-server", "redis-server", Ready::Port(port))
+        .args([
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-port", &port.to_string()])
+        .args([
+            "--tls-cert-file",
+            &file("server.pem"),
+            "--tls-key-file",
+            &file("server.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &file("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--user", "default", "off"])
+        .args([
+            "--user",
+            "fanfare",
+            "on",
+            ">s3cret-pass",
+            "~*",
+            "&*",
+            "+@all",
+        ])
+        .args(["--dir", &file("")])
+        .log(Log::Discard(None));
+    let _redis = Service::start(spec).await?;
+    let url = format!("rediss://fanfare:s3cret-pass@127.0.0.1:{port}");
+    let ca = file("ca.pem");
+
+    // Two nodes through it: a like on one reaches a listener on the other, counted once.
+    let node = |url: String| {
+        let ca = ca.clone();
+        async move {
+            NodeProcess::fresh(&["--redis", &url, "--redis-ca", &ca, "--insecure-dev-auth"]).await
+        }
+    };
+    let (a, b) = (node(url.clone()).await?, node(url.clone()).await?);
+    for n in [&a, &b] {
+        n.wait_metric("fanfare_redis_up", |v| v == 1.0).await?;
+    }
+    let mut listener = b.connect("listener").await?;
+    listener.subscribe("secure").await?;
+    b.wait_metric("fanfare_bus_channels", |v| v >= 1.0).await?;
+    let mut liker = a.connect("liker").await?;
+    assert_eq!(liker.like("like", "secure", "k1").await?["count"], 1);
+    let update = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        listener.recv_until(|f| f["type"] == "likes"),
+    )
+    .await??;
+    assert_eq!(update["count"], 1, "{update}");
+    assert_eq!(b.track_count("secure").await?, 1);
+
+    // A wrong password, or no CA to trust the certificate: the node runs degraded, never up.
+    let wrong = format!("rediss://fanfare:wrong@127.0.0.1:{port}");
+    for (label, args) in [
+        ("wrong password", vec!["--redis", &wrong, "--redis-ca", &ca]),
+        ("untrusted certificate", vec!["--redis", &url]),
+    ] {
+        let mut args = args;
+        args.push("--insecure-dev-auth");
+        let refused = NodeProcess::fresh(&args).await?;
+        let (_, readyz) = refused.get("/readyz").await?;
+        assert!(readyz.contains("degraded"), "{label}: {readyz}");
+        assert_eq!(refused.metric("fanfare_redis_up").await?, 0.0, "{label}");
+        let (_, metrics) = refused.get("/metrics").await?;
+        assert!(
+            !metrics.contains("s3cret-pass"),
+            "{label}: a password in the metrics"
+        );
+    }
+    Ok(())
+}

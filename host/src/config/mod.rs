@@ -357,11 +357,21 @@ pub struct SharedArgs {
     )]
     pub kafka_topic: String,
 
-    /// Redis shared by the farm, `redis://host:port` or
-    /// `redis+sentinel://host:port[,host:port…]/master-name`. A node with it is in farm mode
+    /// Redis shared by the farm, `redis://[user:password@]host:port`, `rediss://…` (TLS) or
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/master-name` (ACL users work). A node with it is in farm mode
     /// (without it, alone); a worker with it writes stored counts back where live counts drifted.
-    #[arg(long, env = "FANFARE_REDIS", value_name = "URL")]
+    #[arg(
+        long,
+        env = "FANFARE_REDIS",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis: Option<String>,
+
+    /// Certificate authorities (PEM) a `rediss://` Redis must present a certificate from;
+    /// without it the system's roots are used.
+    #[arg(long, env = "FANFARE_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
 
     /// MongoDB (`mongodb://…`): workers store every like there (required by `fanfare worker`),
     /// nodes serve track history from it.

@@ -6,14 +6,16 @@
 //! each time), and bumps a generation counter that the bus and the ledger watch to
 //! resubscribe and reconcile.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use redis::aio::MultiplexedConnection;
-use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{ConnectionAddr, IntoConnectionInfo};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::metrics::Metrics;
@@ -52,30 +54,70 @@ pub struct RedisLink {
 }
 
 impl RedisLink {
-    /// `redis://host:port[/db]`, or `redis+sentinel://host:port[,host:port…]/master-name`.
-    pub fn new(url: &str) -> anyhow::Result<Arc<RedisLink>> {
+    /// `redis[s]://[user:password@]host:port[/db]`, or
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/master-name` (the credentials
+    /// are for the sentinels and the master alike). `ca`: a PEM file of the certificate
+    /// authorities a `rediss://` server's certificate must chain to (default: the system's).
+    pub fn new(url: &str, ca: Option<&Path>) -> anyhow::Result<Arc<RedisLink>> {
         let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            let (credentials, rest) = match rest.rsplit_once('@') {
+                Some((credentials, rest)) => (Some(credentials), rest),
+                None => (None, rest),
+            };
             let (hosts, master) = rest
                 .split_once('/')
                 .context("a sentinel URL needs the master name: redis+sentinel://h:p,h:p/name")?;
             if master.is_empty() || hosts.is_empty() {
                 bail!("a sentinel URL needs hosts and a master name");
             }
-            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+            let userinfo = credentials.map(|c| format!("{c}@")).unwrap_or_default();
+            let sentinels: Vec<String> = hosts
+                .split(',')
+                .map(|h| format!("redis://{userinfo}{h}"))
+                .collect();
+            // The master's login, read the way the crate reads it from a URL.
+            let master_info = match credentials {
+                Some(_) => Some(
+                    format!("redis://{userinfo}127.0.0.1")
+                        .as_str()
+                        .into_connection_info()
+                        .context("invalid credentials in the sentinel URL")?
+                        .redis,
+                ),
+                None => None,
+            };
             let client = SentinelClient::build(
                 sentinels,
                 master.to_owned(),
-                None,
+                Some(SentinelNodeConnectionInfo {
+                    tls_mode: None,
+                    redis_connection_info: master_info,
+                }),
                 SentinelServerType::Master,
             )
             .context("invalid sentinel addresses")?;
             Target::Sentinel(Mutex::new(client))
         } else {
-            Target::Direct(Client::open(url).with_context(|| format!("invalid Redis URL {url}"))?)
+            let invalid = || format!("invalid Redis URL {}", redacted(url));
+            let info = url.into_connection_info().with_context(invalid)?;
+            let client = match (&info.addr, ca) {
+                (ConnectionAddr::TcpTls { .. }, Some(ca)) => {
+                    let root_cert = std::fs::read(ca)
+                        .with_context(|| format!("cannot read --redis-ca {}", ca.display()))?;
+                    let certificates = redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    };
+                    Client::build_with_tls(info, certificates).with_context(invalid)?
+                }
+                (_, Some(_)) => bail!("--redis-ca is for rediss:// URLs"),
+                (_, None) => Client::open(info).with_context(invalid)?,
+            };
+            Target::Direct(client)
         };
         Ok(Arc::new(RedisLink {
             target,
-            description: url.to_owned(),
+            description: redacted(url),
             current: std::sync::Mutex::new(None),
             up: AtomicBool::new(false),
             failed: Notify::new(),
@@ -245,5 +287,19 @@ impl RedisLink {
                 }
             }
         });
+    }
+}
+
+/// `url` with its password replaced, for logs and metrics.
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split_once(':').map_or(credentials, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
     }
 }

@@ -241,7 +241,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
     let archive = MongoArchive::connect(mongo, &config.shared.mongo_database).await?;
     let redis = match &config.shared.redis {
         Some(url) => {
-            let link = RedisLink::new(url)?;
+            let link = RedisLink::new(url, config.shared.redis_ca.as_deref())?;
             link.spawn_maintainer(tasks, Arc::new(crate::metrics::Metrics::new()));
             redis_merge::spawn_refill(link.clone(), archive.clone(), tasks);
             Some(link)
