@@ -58,7 +58,13 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
     let local = EmbeddedLedger::open(&store, cx.id.clone(), durable_seq)?;
     let link = RedisLink::new(redis_url, cx.config.shared.redis_ca.as_deref())?;
     link.spawn_maintainer(cx.tasks, cx.metrics.clone());
-    let ledger = FarmLedger::new(link.clone(), local, store.clone(), cx.config.max_clock_skew)?;
+    let ledger = FarmLedger::new(
+        link.clone(),
+        local,
+        store.clone(),
+        cx.config.max_clock_skew,
+        cx.metrics.clone(),
+    )?;
     ledger.spawn_reconciler(cx.tasks);
     let observer = ledger.clone();
     let bus = RedisBus::new(

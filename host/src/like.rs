@@ -41,7 +41,13 @@ impl Refusal {
 }
 
 pub async fn handle(node: Arc<Node>, user: Arc<str>, conn: ConnId, request: LikeRequest) -> Reply {
+    let started = std::time::Instant::now();
     let result = run(&node, &user, conn, &request).await;
+    if result.is_ok() {
+        node.metrics
+            .ack_latency
+            .observe(started.elapsed().as_secs_f64());
+    }
     Reply { request, result }
 }
 

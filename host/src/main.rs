@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config.shared.log, config.log_format);
+    let log = init_tracing(&config.shared.log, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -70,7 +70,7 @@ fn worker_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&config.shared.log, LogFormat::Text);
+    let _log = init_tracing(&config.shared.log, LogFormat::Text);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,21 +104,70 @@ fn worker_main() -> ExitCode {
     }
 }
 
-fn init_tracing(log: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
+/// The log filter can be replaced while the node runs (SIGHUP re-reads `--log`).
+type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// `RUST_LOG` if set, else `log`.
+fn log_filter(log: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(log))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .map_err(|err| format!("invalid log filter `{log}`: {err}"))
+}
+
+fn init_tracing(log: &str, format: LogFormat) -> LogFilter {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = log_filter(log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
     }
+    handle
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// On SIGHUP: reads the configuration again (the `--config` file's values; flags and
+/// environment stay those of the start) and applies what can change while the node runs —
+/// limits, rates, allowed origins, the log filter. A file that does not load, or a filter
+/// that does not parse, changes nothing (`fanfare_reloads_total{what="config"}`).
+fn spawn_config_reload(edge: Arc<Edge>, log: LogFilter, node: &Node) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let shutdown = node.tasks.shutdown().clone();
+    let metrics = node.metrics.clone();
+    node.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = hangup.recv() => {}
+            }
+            let applied = Config::load()
+                .map_err(|err| format!("{err:#}"))
+                .and_then(|config| Ok((log_filter(&config.shared.log)?, config)))
+                .and_then(|(filter, config)| {
+                    log.reload(filter).map_err(|err| err.to_string())?;
+                    edge.apply(&config);
+                    Ok(())
+                });
+            match &applied {
+                Ok(()) => {
+                    tracing::info!("configuration reloaded: limits, allowed origins, log filter")
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "configuration reload refused; nothing changed")
+                }
+            }
+            metrics.reloaded("config", applied.is_ok());
+        }
+    });
+    Ok(())
+}
+
+async fn run(config: Config, log: LogFilter) -> anyhow::Result<()> {
     let listen = config.listen;
     let edge = Edge::new(&config)?;
     let node = compose::node(config).await?;
@@ -161,6 +210,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tls.spawn_watch(&node.tasks, node.metrics.clone())?;
     }
     edge.auth.spawn_watch(&node.tasks, node.metrics.clone())?;
+    spawn_config_reload(edge.clone(), log, &node)?;
     server::serve(node.clone(), edge, listener).await;
     shutdown(node).await
 }

@@ -5,6 +5,7 @@
 //! behind. A [`WsClient`] speaks protocol v1 with plain tokio-tungstenite.
 
 pub mod chaos;
+pub mod monitoring;
 pub mod pipeline;
 pub mod process;
 pub mod proxied;

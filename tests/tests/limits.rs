@@ -123,3 +123,58 @@ async fn history_ranges_are_capped_and_never_overflow() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// SIGHUP re-reads the config file: limits and allowed origins change without a restart, and
+/// a file that no longer loads changes nothing.
+#[tokio::test]
+async fn sighup_reloads_limits_and_origins_from_the_config_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("fanfare.toml");
+    std::fs::write(
+        &file,
+        "max-connections-per-user = 1\nallowed-origins = \"https://a.example\"\n",
+    )?;
+    let path = file.to_string_lossy().to_string();
+    let node = NodeProcess::fresh(&["--config", &path]).await?;
+    let upgrade = |origin: &'static str| {
+        let url = node.ws_url(&format!("o{}", origin.len()));
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut request = url.into_client_request()?;
+            request.headers_mut().insert("Origin", origin.parse()?);
+            anyhow::Ok(match tokio_tungstenite::connect_async(request).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+                Err(err) => return Err(err.into()),
+            })
+        }
+    };
+    let _first = node.connect("ana").await?;
+    assert!(node.connect("ana").await.is_err(), "limit 1 at start");
+    assert_eq!(upgrade("https://a.example").await?, 101);
+    assert_eq!(upgrade("https://b.example").await?, 403);
+
+    std::fs::write(
+        &file,
+        "max-connections-per-user = 3\nallowed-origins = \"https://b.example\"\n",
+    )?;
+    node.signal("HUP")?;
+    let reloads =
+        |result: &str| format!("fanfare_reloads_total{{what=\"config\",result=\"{result}\"}}");
+    node.wait_metric(&reloads("ok"), |n| n == 1.0).await?;
+    let _second = node.connect("ana").await?;
+    assert_eq!(upgrade("https://b.example").await?, 101);
+    assert_eq!(upgrade("https://a.example").await?, 403);
+
+    std::fs::write(&file, "max-connections-per-user = \"many\"\n")?;
+    node.signal("HUP")?;
+    node.wait_metric(&reloads("refused"), |n| n == 1.0).await?;
+    assert_eq!(
+        upgrade("https://b.example").await?,
+        101,
+        "the last good settings stay"
+    );
+    let _third = node.connect("ana").await?;
+    assert!(node.connect("ana").await.is_err(), "still 3");
+    Ok(())
+}

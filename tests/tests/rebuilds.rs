@@ -39,6 +39,19 @@ async fn a_rebuild_handed_over_is_done_by_the_partitions_holder() -> anyhow::Res
     // The worker's first batch followed its assignment, so it rebuilds the track once it is
     // idle; break the register only after that.
     wait_idle_rebuild(&metrics_addr).await?;
+    // Every metric the shipped alerts and dashboard use is one this farm node or worker serves.
+    let (_, node_metrics) = a.get("/metrics").await?;
+    let (_, worker_metrics) = fanfare_tests::http_get(&metrics_addr, "/metrics").await?;
+    let mut served = fanfare_tests::monitoring::served(&node_metrics);
+    served.extend(fanfare_tests::monitoring::served(&worker_metrics));
+    let unknown: Vec<String> = fanfare_tests::monitoring::used_by_monitoring()?
+        .difference(&served)
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "monitoring names unserved metrics: {unknown:?}"
+    );
     let counts = db.collection::<Document>("track_counts");
     let stored = counts
         .find_one(doc! { "_id": track })

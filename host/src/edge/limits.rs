@@ -6,13 +6,16 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The upgrade's connection limits; they can change while the node runs (SIGHUP), and apply
+/// to connections opened after the change.
 pub struct ConnectionGate {
-    max_total: usize,
-    max_per_ip: usize,
-    max_per_user: usize,
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
+    max_per_user: AtomicUsize,
     counts: Mutex<Counts>,
 }
 
@@ -40,22 +43,29 @@ pub struct Admission {
 impl ConnectionGate {
     pub fn new(max_total: usize, max_per_ip: usize, max_per_user: usize) -> Arc<ConnectionGate> {
         Arc::new(ConnectionGate {
-            max_total,
-            max_per_ip,
-            max_per_user,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            max_per_user: AtomicUsize::new(max_per_user),
             counts: Mutex::new(Counts::default()),
         })
     }
 
+    pub fn set_limits(&self, max_total: usize, max_per_ip: usize, max_per_user: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+        self.max_per_user.store(max_per_user, Ordering::Relaxed);
+    }
+
     pub fn admit(self: &Arc<Self>, ip: IpAddr, user: &Arc<str>) -> Result<Admission, Refusal> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if counts.total >= self.max_total {
+        if counts.total >= self.max_total.load(Ordering::Relaxed) {
             return Err(Refusal::NodeFull);
         }
-        if counts.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip {
+        if counts.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err(Refusal::IpFull);
         }
-        if counts.per_user.get(user).copied().unwrap_or(0) >= self.max_per_user {
+        let max_per_user = self.max_per_user.load(Ordering::Relaxed);
+        if counts.per_user.get(user).copied().unwrap_or(0) >= max_per_user {
             return Err(Refusal::UserFull);
         }
         *counts.per_ip.entry(ip).or_insert(0) += 1;
@@ -92,14 +102,14 @@ impl Drop for Admission {
 /// that; idle keys are forgotten after a minute (a full bucket again), and at most a million
 /// are kept. Rate 0: no limit.
 pub struct RateByKey<K: Hash + Eq + Send + Sync + 'static> {
-    rate: u32,
+    rate: AtomicU32,
     buckets: moka::sync::Cache<K, Arc<Mutex<MessageBucket>>>,
 }
 
 impl<K: Hash + Eq + Send + Sync + Clone + 'static> RateByKey<K> {
     pub fn new(rate: u32) -> RateByKey<K> {
         RateByKey {
-            rate,
+            rate: AtomicU32::new(rate),
             buckets: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_secs(60))
@@ -107,14 +117,22 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RateByKey<K> {
         }
     }
 
+    /// A new rate from now on: every key starts again with a full bucket of it.
+    pub fn set_rate(&self, rate: u32) {
+        if self.rate.swap(rate, Ordering::Relaxed) != rate {
+            self.buckets.invalidate_all();
+        }
+    }
+
     /// Takes one token for `key`; `Err(ms)` says when the next one is there.
     pub fn take(&self, key: &K) -> Result<(), u32> {
-        if self.rate == 0 {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
             return Ok(());
         }
         let bucket = self
             .buckets
-            .get_with_by_ref(key, || Arc::new(Mutex::new(MessageBucket::new(self.rate))));
+            .get_with_by_ref(key, || Arc::new(Mutex::new(MessageBucket::new(rate))));
         let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
         if bucket.take() {
             Ok(())
@@ -153,6 +171,11 @@ impl MessageBucket {
         } else {
             false
         }
+    }
+
+    /// Tokens per second.
+    pub fn rate(&self) -> u32 {
+        self.rate as u32
     }
 
     /// Milliseconds until the next token (after a refused `take`).

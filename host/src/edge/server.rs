@@ -6,7 +6,10 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -51,6 +54,10 @@ pub struct Edge {
     pub user_likes: Arc<RateByKey<Arc<str>>>,
     /// `/v1/tracks/…` reads per second per client address.
     pub http_reads: Arc<RateByKey<std::net::IpAddr>>,
+    /// What SIGHUP can change: browser origins allowed to upgrade, and each new connection's
+    /// message rate.
+    pub allowed_origins: Arc<ArcSwap<Vec<String>>>,
+    pub messages_per_second: Arc<AtomicU32>,
 }
 
 /// Which routes a listener answers: admin may have an address of its own (`--admin-listen`).
@@ -79,6 +86,8 @@ impl Edge {
             proxy: config
                 .proxy_protocol
                 .then(|| ProxyProtocol::new(config.trusted_proxies.clone())),
+            allowed_origins: Arc::new(ArcSwap::from_pointee(config.allowed_origins.clone())),
+            messages_per_second: Arc::new(AtomicU32::new(config.limits.max_messages_per_second)),
             user_likes: Arc::new(RateByKey::new(config.limits.max_likes_per_user)),
             http_reads: Arc::new(RateByKey::new(config.limits.max_http_reads_per_ip)),
             serves: if config.admin_listen.is_some() {
@@ -87,6 +96,24 @@ impl Edge {
                 Serves::Everything
             },
         }))
+    }
+
+    /// Takes what SIGHUP may change from a re-read configuration (the config file's values;
+    /// flags and environment are those of the start): limits, rates and allowed origins, for
+    /// connections and requests from now on.
+    pub fn apply(&self, config: &Config) {
+        let limits = &config.limits;
+        self.gate.set_limits(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            limits.max_connections_per_user,
+        );
+        self.user_likes.set_rate(limits.max_likes_per_user);
+        self.http_reads.set_rate(limits.max_http_reads_per_ip);
+        self.messages_per_second
+            .store(limits.max_messages_per_second, Ordering::Relaxed);
+        self.allowed_origins
+            .store(Arc::new(config.allowed_origins.clone()));
     }
 
     /// The `--admin-listen` listener's edge: admin only, same TLS, never a PROXY header.
@@ -99,6 +126,8 @@ impl Edge {
             serves: Serves::AdminOnly,
             user_likes: self.user_likes.clone(),
             http_reads: self.http_reads.clone(),
+            allowed_origins: self.allowed_origins.clone(),
+            messages_per_second: self.messages_per_second.clone(),
         })
     }
 }
@@ -394,13 +423,10 @@ fn upgrade(
         );
         return response;
     };
+    let allowed_origins = edge.allowed_origins.load();
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
-        && !node.config.allowed_origins.is_empty()
-        && !node
-            .config
-            .allowed_origins
-            .iter()
-            .any(|allowed| allowed == origin)
+        && !allowed_origins.is_empty()
+        && !allowed_origins.iter().any(|allowed| allowed == origin)
     {
         node.metrics.upgrade_refused("origin");
         return json_error(StatusCode::FORBIDDEN, "unauthorized", "origin not allowed");
@@ -462,6 +488,7 @@ fn upgrade(
         auth: edge.auth.clone(),
         expires_at: identity.expires_at,
         likes: edge.user_likes.clone(),
+        messages_per_second: edge.messages_per_second.load(Ordering::Relaxed),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_node = node.clone();

@@ -96,6 +96,8 @@ pub struct Credential {
     pub expires_at: Option<u64>,
     /// The user's likes per second on this node, shared by all their connections.
     pub likes: Arc<RateByKey<Arc<str>>>,
+    /// Inbound messages per second this connection may send.
+    pub messages_per_second: u32,
 }
 
 /// Serves one upgraded connection until it ends.
@@ -104,7 +106,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let conn = node.next_conn_id();
-    let node_rate = node.config.limits.max_messages_per_second;
+    let node_rate = credential.messages_per_second;
     let soft = node.config.outbound_queue;
     let outbox = Arc::new(Outbox::new(
         conn,
@@ -219,7 +221,7 @@ where
     async fn on_message(&mut self, message: Message) -> Result<(), End> {
         if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.inbound.take() {
             self.node.metrics.messages_rate_limited.inc();
-            let limit = self.node.config.limits.max_messages_per_second;
+            let limit = self.inbound.rate();
             let err = FrameError {
                 code: ErrorCode::RateLimited,
                 message: format!("more than {limit} messages per second; this one was dropped"),

@@ -32,6 +32,9 @@ pub struct Metrics {
     likes: Family<Label, Counter>,
     protocol_errors: Family<Label, Counter>,
     pub broadcast_lag: Histogram,
+    /// Like received → its ack ready (durable), acks only.
+    pub ack_latency: Histogram,
+    redis_scripts: HistogramFamily,
     pub broadcast_updates: Counter,
     pub frames_delivered: Counter,
     pub outbound_conflated: Counter,
@@ -102,6 +105,11 @@ impl Metrics {
             broadcast_lag: Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0,
             ]),
+            // 0.5 ms .. ~1 s
+            ack_latency: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0,
+            ]),
+            redis_scripts: Family::new_with_constructor(plugin_latency_histogram),
             broadcast_updates: Counter::default(),
             frames_delivered: Counter::default(),
             outbound_conflated: Counter::default(),
@@ -160,6 +168,16 @@ impl Metrics {
             "fanfare_broadcast_lag_seconds",
             "Time from the first like of an update being accepted to the update queued on every local socket",
             m.broadcast_lag.clone(),
+        );
+        registry.register(
+            "fanfare_ack_seconds",
+            "Time from a like read off its socket to its ack (the event durable), for acks",
+            m.ack_latency.clone(),
+        );
+        registry.register(
+            "fanfare_redis_script_seconds",
+            "Time of the farm ledger's Redis scripts, by script (read, merge), failures included",
+            m.redis_scripts.clone(),
         );
         registry.register(
             "fanfare_broadcast_updates",
@@ -271,6 +289,33 @@ impl Metrics {
             "Likes acked, by where they were durable first (sqlite, kafka, spill)",
             m.durable_acks.clone(),
         );
+        // Known label values start at 0, so every series exists before its first event
+        // (rates and alerts work from the start; the shipped monitoring can be checked
+        // against a fresh node).
+        for reason in [
+            "unauthorized",
+            "origin",
+            "node_full",
+            "ip_full",
+            "user_full",
+            "draining",
+        ] {
+            let _ = m.upgrades_refused.get_or_create(&[("reason", reason)]);
+        }
+        for reason in ["untrusted", "bad_header", "timeout", "io"] {
+            let _ = m.proxy_refused.get_or_create(&[("reason", reason)]);
+        }
+        for slot in ["rate_limit", "validate", "shape"] {
+            let _ = m.plugin_calls.get_or_create(&[("slot", slot)]);
+            for event in ["timeout", "trap"] {
+                let _ = m
+                    .plugin_events
+                    .get_or_create(&[("slot", slot), ("event", event)]);
+            }
+        }
+        for script in ["read", "merge"] {
+            let _ = m.redis_scripts.get_or_create(&[("script", script)]);
+        }
         Metrics { registry, ..m }
     }
 
@@ -278,6 +323,12 @@ impl Metrics {
         self.likes
             .get_or_create(&[("outcome", outcome.label())])
             .inc();
+    }
+
+    pub fn redis_script(&self, script: &'static str, seconds: f64) {
+        self.redis_scripts
+            .get_or_create(&[("script", script)])
+            .observe(seconds);
     }
 
     pub fn protocol_error(&self, code: &'static str) {

@@ -27,6 +27,7 @@ use super::keys;
 use super::ledger_script::{EventMerge, Found, MERGE, Original, READ, Register, script_keys};
 use super::link::RedisLink;
 use crate::clock::now_ms;
+use crate::metrics::Metrics;
 use crate::seams::event_log::LikeEvent;
 use crate::seams::ledger::{
     Decided, Decision, EmbeddedLedger, Ledger, LedgerError, Merged, Outcome,
@@ -59,6 +60,7 @@ pub struct FarmLedger {
     store: Store,
     /// Beyond this clock difference with Redis (ms) the node reports not ready.
     max_clock_skew: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl FarmLedger {
@@ -67,6 +69,7 @@ impl FarmLedger {
         local: EmbeddedLedger,
         store: Store,
         max_clock_skew: u64,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<FarmLedger>> {
         let (degraded_from, last_seq) = store.with(|r| {
             Ok((
@@ -86,6 +89,7 @@ impl FarmLedger {
             owed_added: tokio::sync::Notify::new(),
             store,
             max_clock_skew,
+            metrics,
         }))
     }
 
@@ -125,6 +129,7 @@ impl FarmLedger {
     ) -> Result<(u64, Found), redis::RedisError> {
         let mut conn = self.connection()?;
         let [pairs, count, keys, _] = script_keys(&request.track, user);
+        let started = std::time::Instant::now();
         let result: Result<(u64, u8, String), _> = self
             .read
             .key(pairs)
@@ -134,6 +139,8 @@ impl FarmLedger {
             .arg(&request.key)
             .invoke_async(&mut conn)
             .await;
+        self.metrics
+            .redis_script("read", started.elapsed().as_secs_f64());
         match result {
             Ok((count, 2, original)) => Ok((count, Found::Resent(Original::parse(&original)))),
             Ok((count, _, register)) => Ok((count, Found::Pair(Register::parse(&register)))),
@@ -157,8 +164,11 @@ impl FarmLedger {
             event_id: &event.event_id,
             announce_as: Some(&event.node),
         };
+        let started = std::time::Instant::now();
         let result: Result<(u64, u8, u64, String), _> =
             merge.invocation(&self.script).invoke_async(&mut conn).await;
+        self.metrics
+            .redis_script("merge", started.elapsed().as_secs_f64());
         match result {
             Ok((count, 2, version, merged_id)) if merged_id == event.event_id => {
                 // This very event, merged first by this node's replay (Redis came back between
