@@ -303,7 +303,7 @@ pub struct Config {
         env = "FANFARE_TRUSTED_PROXIES",
         value_delimiter = ',',
         value_name = "CIDR,…",
-        value_parser = parse_network,
+        value_parser = parse::network,
         requires = "proxy_protocol"
     )]
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -345,7 +345,7 @@ pub struct SharedArgs {
     /// (`security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`, `sasl.username=…`,
     /// `sasl.password=…`, `ssl.ca.location=…`) or tuning. Settings Fanfare's guarantees rest
     /// on (acks, idempotence, offset commits, brokers, group) are refused.
-    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse_kafka_option)]
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = parse::kafka_option)]
     pub kafka_options: Vec<(String, String)>,
 
     /// Kafka topic of like events.
@@ -572,45 +572,8 @@ impl Config {
     }
 }
 
-/// Settings of librdkafka that Fanfare's delivery guarantees rest on.
-const KAFKA_OWNED: &[&str] = &[
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "acks",
-    "request.required.acks",
-    "enable.idempotence",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "group.id",
-    "auto.offset.reset",
-];
-
-/// `key=value` for `--kafka-option`.
-fn parse_kafka_option(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("`{text}` is not key=value"))?;
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(format!("`{text}` has no key"));
-    }
-    if KAFKA_OWNED.contains(&key) {
-        return Err(format!(
-            "`{key}` is set by Fanfare (its delivery guarantees rest on it)"
-        ));
-    }
-    Ok((key.to_owned(), value.to_owned()))
-}
-
-/// A network (`10.0.0.0/24`) or one address (`10.0.0.7`, as `/32` or `/128`).
-fn parse_network(text: &str) -> Result<ipnet::IpNet, String> {
-    let text = text.trim();
-    text.parse::<ipnet::IpNet>()
-        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| format!("`{text}` is neither an address nor a network like 10.0.0.0/24"))
-}
-
 pub mod limits;
+mod parse;
 
 #[cfg(test)]
 mod tests;

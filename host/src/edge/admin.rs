@@ -7,7 +7,7 @@ use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::edge::server::{Body, Edge, json, json_error};
+use crate::edge::respond::{Body, json, json_error};
 use crate::node::Node;
 
 /// Operator endpoints. With `--admin-token`, only requests carrying it (as a header: a
@@ -16,7 +16,7 @@ use crate::node::Node;
 /// (a request with an `Origin` header), so no site a local browser opens can reload plugins.
 pub async fn serve(
     node: &Node,
-    edge: &Edge,
+    behind_proxy: bool,
     peer: SocketAddr,
     req: &Request<Incoming>,
     path: &str,
@@ -37,7 +37,7 @@ pub async fn serve(
                 );
             }
         }
-        None if edge.proxy.is_some() => {
+        None if behind_proxy => {
             return json_error(
                 StatusCode::FORBIDDEN,
                 "unauthorized",

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod limits;
 pub mod proxy_protocol;
+pub mod respond;
 pub mod server;
 pub mod session;
 pub mod tls;

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -30,6 +28,7 @@ use crate::edge::admin;
 use crate::edge::auth::Auth;
 use crate::edge::limits::{ConnectionGate, RateByKey, Refusal};
 use crate::edge::proxy_protocol::ProxyProtocol;
+use crate::edge::respond::{Body, asset, json, json_error, text};
 use crate::edge::session;
 use crate::edge::tls::Tls;
 use crate::node::Node;
@@ -38,8 +37,6 @@ use tracing::Instrument;
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const CLIENT_JS: &str = include_str!("../../static/client.js");
-
-pub(super) type Body = Full<Bytes>;
 
 /// The listener's own state, apart from what the node shares: how connections are secured
 /// (TLS), who may open one (identity, connection limits) and who says where they come from
@@ -247,7 +244,10 @@ async fn route_inner(
                 "admin is served on --admin-listen",
             ));
         }
-        (true, _) => return Ok(admin::serve(&node, &edge, peer, &req, &path).await),
+        (true, _) => {
+            let behind_proxy = edge.proxy.is_some();
+            return Ok(admin::serve(&node, behind_proxy, peer, &req, &path).await);
+        }
         (false, Serves::AdminOnly) => {
             return Ok(json_error(
                 StatusCode::NOT_FOUND,
@@ -526,39 +526,4 @@ fn upgrade(
 
 fn metrics_response(node: &Node) -> Response<Body> {
     crate::metrics::http::response(node.metrics.render())
-}
-
-fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(Body::from(body));
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
-}
-
-fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
-    let mut response = Response::new(body.into());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-pub(super) fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Body::from(value.to_string()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-pub(super) fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(
-        status,
-        serde_json::json!({ "error": code, "message": message }),
-    )
 }
