@@ -57,7 +57,8 @@ async fn run(
     conn: ConnId,
     request: &LikeRequest,
 ) -> Result<Ack, Refusal> {
-    // 1. Rate limiting (plugin slot; built-in: none). 2. Validation (plugin slot; built-in:
+    // 1. Rate limiting (plugin slot; the host's own per-user rate, --max-likes-per-user, was
+    //    taken at the edge before this like got here). 2. Validation (plugin slot; built-in:
     //    the id rules the protocol decoder already enforced).
     for gate in [
         node.plugins.rate_limit(user, request).await,

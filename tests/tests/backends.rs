@@ -209,3 +209,48 @@ async fn redis_with_an_acl_user_over_tls() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn sentinel_urls_carry_the_masters_password() -> anyhow::Result<()> {
+    use fanfare_tests::NodeProcess;
+    use fanfare_tests::process::{Log, Ready, Service, Spec};
+
+    let dir = tempfile::tempdir()?;
+    let master_port = fanfare_tests::free_port()?;
+    let sentinel_port = fanfare_tests::free_port()?;
+    let dir_arg = dir.path().to_string_lossy().to_string();
+    let master = Spec::new("redis-server", "redis-server", Ready::Port(master_port))
+        .args(["--port", &master_port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir", &dir_arg])
+        .args(["--requirepass", "m4ster-pass"])
+        .log(Log::Discard(None));
+    let _master = Service::start(master).await?;
+    // The sentinel itself has no password; it knows the master's.
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\ndir {dir_arg}\n\
+             sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+             sentinel auth-pass mymaster m4ster-pass\n"
+        ),
+    )?;
+    let sentinel = Spec::new("redis-sentinel", "redis-server", Ready::Port(sentinel_port))
+        .args([conf.as_os_str(), std::ffi::OsStr::new("--sentinel")])
+        .log(Log::Discard(None));
+    let _sentinel = Service::start(sentinel).await?;
+
+    let url = format!("redis+sentinel://:m4ster-pass@127.0.0.1:{sentinel_port}/mymaster");
+    let node = NodeProcess::fresh(&["--redis", &url, "--insecure-dev-auth"]).await?;
+    node.wait_metric("fanfare_redis_up", |v| v == 1.0).await?;
+    let mut ana = node.connect("ana").await?;
+    assert_eq!(ana.like("like", "sentinel", "k1").await?["count"], 1);
+    assert_eq!(node.track_count("sentinel").await?, 1);
+
+    let wrong = format!("redis+sentinel://:wrong@127.0.0.1:{sentinel_port}/mymaster");
+    let refused = NodeProcess::fresh(&["--redis", &wrong, "--insecure-dev-auth"]).await?;
+    let (_, readyz) = refused.get("/readyz").await?;
+    assert!(readyz.contains("degraded"), "{readyz}");
+    assert_eq!(refused.metric("fanfare_redis_up").await?, 0.0);
+    Ok(())
+}

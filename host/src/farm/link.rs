@@ -56,7 +56,8 @@ pub struct RedisLink {
 impl RedisLink {
     /// `redis[s]://[user:password@]host:port[/db]`, or
     /// `redis+sentinel://[user:password@]host:port[,host:port…]/master-name` (the credentials
-    /// are for the sentinels and the master alike). `ca`: a PEM file of the certificate
+    /// are the master's and its replicas'; the sentinels are asked without any, as their
+    /// usual setup has none — `sentinel auth-pass` gives them the master's). `ca`: a PEM file of the certificate
     /// authorities a `rediss://` server's certificate must chain to (default: the system's).
     pub fn new(url: &str, ca: Option<&Path>) -> anyhow::Result<Arc<RedisLink>> {
         let target = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
@@ -71,10 +72,7 @@ impl RedisLink {
                 bail!("a sentinel URL needs hosts and a master name");
             }
             let userinfo = credentials.map(|c| format!("{c}@")).unwrap_or_default();
-            let sentinels: Vec<String> = hosts
-                .split(',')
-                .map(|h| format!("redis://{userinfo}{h}"))
-                .collect();
+            let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
             // The master's login, read the way the crate reads it from a URL.
             let master_info = match credentials {
                 Some(_) => Some(
