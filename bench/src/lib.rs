@@ -1,4 +1,18 @@
-//! Shared by the benchmark binaries: what a process costs, read from `/proc`.
+//! Shared by the benchmark binaries: the node flags a load generator needs, and what a
+//! process costs, read from `/proc`.
+
+/// Node flags for a load generator: few users and connections sending fast, so the per-user,
+/// per-connection and per-address limits meant for real clients are lifted.
+pub const UNLIMITED_NODE_ARGS: &[&str] = &[
+    "--max-messages-per-second",
+    "1000000",
+    "--max-likes-per-user",
+    "0",
+    "--max-connections-per-user",
+    "1000000",
+    "--max-connections-per-ip",
+    "1000000",
+];
 
 /// (VmRSS KiB, user+system CPU seconds) of a process; zeros if it is gone.
 pub fn proc_stats(pid: u32) -> (u64, f64) {

@@ -4,12 +4,11 @@
 //
 //   node tests/browser/demo.test.mjs PATH_TO_FANFARE [ARTIFACT_DIR]
 
-import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
+import { startNode as startNodeBinary } from "../js/start-node.mjs";
 
 const binary = process.argv[2];
 const artifacts = process.argv[3] ?? join(process.cwd(), "target", "browser-artifacts");
@@ -22,18 +21,7 @@ let node = null;
 let browser = null;
 
 function startNode(listen) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(binary, ["--listen", listen, "--data-dir", dataDir], { stdio: ["ignore", "pipe", "inherit"] });
-    const timer = setTimeout(() => reject(new Error("node did not start")), 15000);
-    createInterface({ input: child.stdout }).on("line", (line) => {
-      const match = line.match(/^fanfare listening on http:\/\/(.+)$/);
-      if (match) {
-        clearTimeout(timer);
-        resolve({ child, addr: match[1] });
-      }
-    });
-    child.on("exit", (code) => reject(new Error(`node exited with ${code}`)));
-  });
+  return startNodeBinary(binary, ["--listen", listen, "--data-dir", dataDir]);
 }
 
 async function killNode() {

@@ -4,13 +4,12 @@
 //
 //   node --experimental-websocket tests/js/token_refresh.test.mjs PATH_TO_FANFARE
 
-import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { createInterface } from "node:readline";
 import { FanfareClient } from "../../host/static/client.js";
+import { startNode } from "./start-node.mjs";
 
 const SECRET = "a-test-secret-that-is-at-least-32-bytes-long";
 const binary = process.argv[2];
@@ -25,20 +24,9 @@ function token(sub, lifetimeS) {
   return `${body}.${createHmac("sha256", SECRET).update(body).digest("base64url")}`;
 }
 
-function startNode(dataDir) {
-  return new Promise((resolve, reject) => {
-    const args = ["--listen", "127.0.0.1:0", "--data-dir", dataDir, "--auth", "jwt", "--jwt-secret", SECRET, "--jwt-leeway", "0"];
-    const child = spawn(binary, args, { stdio: ["ignore", "pipe", "inherit"] });
-    const timer = setTimeout(() => reject(new Error("node did not start")), 15000);
-    createInterface({ input: child.stdout }).on("line", (line) => {
-      const match = line.match(/^fanfare listening on http:\/\/(.+)$/);
-      if (match) {
-        clearTimeout(timer);
-        resolve({ child, addr: match[1] });
-      }
-    });
-    child.on("exit", (code) => reject(new Error(`node exited with ${code}`)));
-  });
+function startJwtNode(dataDir) {
+  const args = ["--listen", "127.0.0.1:0", "--data-dir", dataDir, "--auth", "jwt", "--jwt-secret", SECRET, "--jwt-leeway", "0"];
+  return startNode(binary, args);
 }
 
 function states(client) {
@@ -51,7 +39,7 @@ const dataDir = mkdtempSync(join(tmpdir(), "fanfare-js-"));
 let node = null;
 let failed = false;
 try {
-  node = await startNode(dataDir);
+  node = await startJwtNode(dataDir);
   const url = `ws://${node.addr}/v1/ws`;
   let handedOut = 0;
   const refreshing = new FanfareClient(url, {

@@ -48,23 +48,10 @@ async fn main() -> anyhow::Result<()> {
     let redis = RedisProcess::start().await?;
     let dir_a = tempfile::tempdir()?;
     let dir_b = tempfile::tempdir()?;
-    let a = NodeProcess::start(
-        dir_a.path(),
-        &[
-            "--redis",
-            &redis.url(),
-            "--node-id",
-            "a",
-            "--max-messages-per-second",
-            "1000000",
-            // A load generator is few users liking fast: no per-user limits.
-            "--max-likes-per-user",
-            "0",
-            "--max-connections-per-user",
-            "1000000",
-        ],
-    )
-    .await?;
+    let redis_url = redis.url();
+    let mut a_args = vec!["--redis", redis_url.as_str(), "--node-id", "a"];
+    a_args.extend(fanfare_bench::UNLIMITED_NODE_ARGS);
+    let a = NodeProcess::start(dir_a.path(), &a_args).await?;
     let b = NodeProcess::start(dir_b.path(), &["--redis", &redis.url(), "--node-id", "b"]).await?;
 
     let mut listeners = Vec::new();

@@ -62,17 +62,10 @@ async fn main() -> anyhow::Result<()> {
         Ok("1") => Some(Pipeline::start().await?),
         _ => None,
     };
-    // A load generator is few users liking fast: no per-user limits.
-    let mut node_args: Vec<String> = [
-        "--max-messages-per-second",
-        "1000000",
-        "--max-likes-per-user",
-        "0",
-        "--max-connections-per-user",
-        "1000000",
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut node_args: Vec<String> = fanfare_bench::UNLIMITED_NODE_ARGS
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
     if let Some(p) = &pipeline {
         node_args.extend(["--kafka".to_owned(), p.kafka.brokers.clone()]);
     }

@@ -200,21 +200,17 @@ async fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let data = tempfile::tempdir()?;
     let fanfare = fanfare_tests::fanfare_bin();
-    let fanfare_args = vec![
+    let mut fanfare_args: Vec<String> = vec![
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--data-dir".into(),
         data.path().display().to_string(),
-        "--max-messages-per-second".into(),
-        "1000000".into(),
-        "--max-connections-per-ip".into(),
-        "1000000".into(),
-        // A load generator is few users liking fast: no per-user limits.
-        "--max-likes-per-user".into(),
-        "0".into(),
-        "--max-connections-per-user".into(),
-        "1000000".into(),
     ];
+    fanfare_args.extend(
+        fanfare_bench::UNLIMITED_NODE_ARGS
+            .iter()
+            .map(|a| a.to_string()),
+    );
     let port = |_: ()| fanfare_tests::free_port().map(|p| p.to_string());
     let python = vec![
         root.join("bench/baselines/python_mvp.py")

@@ -175,20 +175,10 @@ impl Auth {
         let Some(path) = &self.key_file else {
             return true;
         };
-        match load_public_keys(path) {
-            Ok(keys) => {
-                tracing::info!(keys = keys.len(), file = %path.display(), "JWT keys reloaded");
-                self.file_keys.store(Arc::new(keys));
-                true
-            }
-            Err(err) => {
-                tracing::error!(
-                    error = format!("{err:#}"),
-                    "JWT key reload refused; keeping the current keys"
-                );
-                false
-            }
-        }
+        let what = format!("JWT keys {}", path.display());
+        crate::edge::watch::take_or_keep(&what, load_public_keys(path), |keys| {
+            self.file_keys.store(Arc::new(keys))
+        })
     }
 
     /// Reloads the key file on SIGHUP and when it changes, until shutdown.

@@ -37,20 +37,10 @@ impl Tls {
 
     /// Re-reads the files; a broken pair is refused and the current certificate stays.
     pub fn reload(&self) -> bool {
-        match build(&self.cert, &self.key) {
-            Ok(config) => {
-                self.config.store(Arc::new(config));
-                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
-                true
-            }
-            Err(err) => {
-                tracing::error!(
-                    error = format!("{err:#}"),
-                    "TLS reload refused; keeping the current certificate"
-                );
-                false
-            }
-        }
+        let what = format!("TLS certificate {}", self.cert.display());
+        crate::edge::watch::take_or_keep(&what, build(&self.cert, &self.key), |config| {
+            self.config.store(Arc::new(config))
+        })
     }
 
     /// Reloads on SIGHUP and when the certificate files change, until shutdown.

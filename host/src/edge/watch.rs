@@ -59,3 +59,22 @@ pub fn spawn_reload(
     });
     Ok(())
 }
+
+/// Takes what a reload read, or keeps the current one when it did not load: logs either way
+/// and says which (for `fanfare_reloads_total`).
+pub fn take_or_keep<T>(what: &str, loaded: anyhow::Result<T>, take: impl FnOnce(T)) -> bool {
+    match loaded {
+        Ok(value) => {
+            take(value);
+            tracing::info!("{what} reloaded");
+            true
+        }
+        Err(err) => {
+            tracing::error!(
+                error = format!("{err:#}"),
+                "{what} reload refused; keeping the current one"
+            );
+            false
+        }
+    }
+}
