@@ -96,7 +96,7 @@ fn event_log(
             (Arc::new(log), durable)
         }
         None => {
-            let log = SqliteEventLog::start(store, None)?;
+            let log = SqliteEventLog::start(store, None, cx.metrics.event_log_queue_depth.clone())?;
             let durable = log.uncommitted();
             (Arc::new(log), durable)
         }

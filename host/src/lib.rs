@@ -15,6 +15,7 @@ pub mod edge;
 pub mod event;
 pub mod farm;
 pub mod like;
+pub mod logs;
 pub mod metrics;
 pub mod node;
 pub mod plugins;

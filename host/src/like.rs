@@ -91,7 +91,7 @@ async fn run(
     //    the event that records it; nothing another node sees has changed yet.
     let decision = node.ledger.decide(user, request).await.map_err(|err| {
         node.metrics.like(LikeOutcome::Failed);
-        tracing::error!(error = %err, "ledger failed");
+        crate::error_throttled!(error = %err, "ledger failed");
         Refusal::new(
             ErrorCode::Internal,
             "the like could not be recorded; retry with the same id",

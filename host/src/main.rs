@@ -84,6 +84,11 @@ fn worker_main() -> ExitCode {
     let tasks = Tasks::new();
     let result = runtime.block_on(async {
         tasks.spawn(cancel_on_signal(tasks.clone()));
+        // Registered before anything is served, so no SIGHUP finds the default action.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(hangup) => tasks.spawn(ignore_hangups(hangup, tasks.clone())),
+            Err(err) => tracing::error!(error = %err, "cannot watch SIGHUP"),
+        }
         let result = worker::run(config, &tasks).await;
         tasks.cancel();
         if !tasks.wait(TASKS_PATIENCE).await {
@@ -231,6 +236,18 @@ async fn cancel_on_signal(tasks: Tasks) {
         _ = tasks.shutdown().cancelled() => return,
     }
     tasks.cancel();
+}
+
+/// The worker's settings are all flags and environment, fixed at start: SIGHUP (sent to
+/// every fanfare process by a config roll-out, say) is logged and changes nothing, instead of
+/// ending the process as its default action would.
+async fn ignore_hangups(mut hangup: tokio::signal::unix::Signal, tasks: Tasks) {
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => tracing::info!("SIGHUP: the worker has nothing to reload (its settings are flags); going on"),
+            _ = tasks.shutdown().cancelled() => return,
+        }
+    }
 }
 
 /// Sessions first (each closes at its moment within the drain period with 1001, after

@@ -238,7 +238,16 @@ async fn redis_killed_and_restarted_under_traffic_loses_nothing() -> anyhow::Res
         Ok(())
     })
     .await?;
-    recovered(&nodes, &mut watchers[0], acked, "after-restart").await
+    recovered(&nodes, &mut watchers[0], acked, "after-restart").await?;
+    // The emptied Redis got each node's history back through the reconciler's replay, and
+    // no replay is left owed.
+    for node in &nodes {
+        let replayed = node.metric("fanfare_replay_events_total").await?;
+        assert!(replayed >= 1.0, "{}: replayed {replayed}", node.addr);
+        node.wait_metric("fanfare_replay_remaining_events", |v| v == 0.0)
+            .await?;
+    }
+    Ok(())
 }
 
 #[tokio::test]

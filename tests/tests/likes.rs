@@ -269,3 +269,36 @@ async fn counts_and_health_over_http() -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_slow_store_shows_in_the_queue_depth_and_the_ack_latency() -> anyhow::Result<()> {
+    // Every group commit held 1 s: the first like's commit holds the 19 after it in the queue.
+    let node = NodeProcess::fresh(&["--test-commit-delay-ms=1000"]).await?;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(node.connect(&format!("user{i}")).await?);
+    }
+    assert_eq!(node.metric("fanfare_event_log_queue_depth").await?, 0.0);
+    for (i, client) in clients.iter_mut().enumerate() {
+        client
+            .send(json!({"type":"like","track":"slow","id":format!("k{i}")}))
+            .await?;
+    }
+    let depth = node
+        .wait_metric("fanfare_event_log_queue_depth", |v| v >= 10.0)
+        .await?;
+    assert!(depth <= 19.0, "at most the 19 waiting likes: {depth}");
+    for client in &mut clients {
+        let ack = client.recv_until(|f| f["type"] == "ack").await?;
+        assert_eq!(ack["duplicate"], false, "{ack}");
+    }
+    assert_eq!(node.metric("fanfare_ack_seconds_count").await?, 20.0);
+    let waited = node.metric("fanfare_ack_seconds_sum").await?;
+    assert!(
+        waited >= 19.0,
+        "20 acks behind 1 s commits waited {waited} s in all"
+    );
+    node.wait_metric("fanfare_event_log_queue_depth", |v| v == 0.0)
+        .await?;
+    Ok(())
+}

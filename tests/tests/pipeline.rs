@@ -62,10 +62,14 @@ async fn likes_on_two_nodes_reach_mongodb_exactly_once() -> anyhow::Result<()> {
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let a = p.node(dir_a.path()).await?;
     let b = p.node(dir_b.path()).await?;
-    let _worker = p.worker(&[]).await?;
+    let mut worker = p.worker(&[]).await?;
+    // A SIGHUP (a config roll-out signalling every fanfare process) leaves the worker
+    // running: the traffic after it must be stored too.
+    worker.signal("HUP")?;
     let traffic = traffic(&[&a.addr, &b.addr], 16, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (acked, in_doubt) = finish(traffic).await?;
+    assert!(worker.is_running(), "the worker survived SIGHUP");
     assert_eq!(in_doubt, 0, "every like was answered");
     let total: u64 = acked.values().map(|e| e.actions).sum();
     assert!(total > 200, "only {total} likes acked");
@@ -163,6 +167,12 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     );
     let spilled = node.metric("fanfare_kafka_spill_events").await?;
     assert!(spilled > 0.0, "the spill holds the frozen period's likes");
+    // The oldest unconfirmed like is from the freeze's start (measured every 250 ms).
+    let oldest = node.metric("fanfare_kafka_spill_oldest_seconds").await?;
+    assert!(
+        (25.0..40.0).contains(&oldest),
+        "the spill's oldest like is {oldest} s old after a 30 s freeze"
+    );
     p.kafka.signal("CONT")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -210,6 +220,8 @@ async fn broker_frozen_and_killed_acks_from_the_spill_and_replays_once() -> anyh
     }
     let spill_left = node.metric("fanfare_kafka_spill_events").await?;
     assert_eq!(spill_left, 0.0, "the spill drained");
+    node.wait_metric("fanfare_kafka_spill_oldest_seconds", |age| age == 0.0)
+        .await?;
     Ok(())
 }
 

@@ -168,7 +168,7 @@ impl Fanout {
                 match serde_json::to_string(&frame) {
                     Ok(text) => text,
                     Err(err) => {
-                        tracing::error!(error = %err, %track, "cannot serialize update");
+                        crate::error_throttled!(error = %err, %track, "cannot serialize update");
                         return;
                     }
                 }

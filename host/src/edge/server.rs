@@ -327,7 +327,7 @@ async fn track_count(node: &Node, track: &str) -> Response<Body> {
             serde_json::json!({ "track": track, "count": count }),
         ),
         Err(err) => {
-            tracing::error!(error = %err, "cannot read count");
+            crate::error_throttled!(error = %err, "cannot read count");
             json_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -368,7 +368,7 @@ async fn track_history(node: &Node, track: &str, query: Option<&str>) -> Respons
             }),
         ),
         Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "cannot read history");
+            crate::error_throttled!(error = %format!("{err:#}"), "cannot read history");
             json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -334,7 +334,7 @@ where
                 .await
             }
             Err(err) => {
-                tracing::error!(error = %err, "cannot read track count");
+                crate::error_throttled!(error = %err, "cannot read track count");
                 self.send_error(ErrorCode::Internal, "cannot read the track count", None)
                     .await
             }

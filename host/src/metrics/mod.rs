@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 type Label = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
@@ -56,6 +57,14 @@ pub struct Metrics {
     pub http_reads_limited: Counter,
     pub kafka_up: Gauge,
     pub kafka_spill_events: Gauge,
+    /// Age of the oldest like in the spill (0 when empty).
+    pub kafka_spill_oldest_seconds: Gauge<f64, AtomicU64>,
+    /// Appends waiting for the SQLite group commit after its last commit.
+    pub event_log_queue_depth: Gauge,
+    /// Events the reconciler replayed into Redis (after a reconnect, failover or data loss).
+    pub replay_events: Counter,
+    /// Events the running replay has still to send (0 when none runs).
+    pub replay_remaining: Gauge,
     durable_acks: Family<Label, Counter>,
 }
 
@@ -131,6 +140,10 @@ impl Metrics {
             http_reads_limited: Counter::default(),
             kafka_up: Gauge::default(),
             kafka_spill_events: Gauge::default(),
+            kafka_spill_oldest_seconds: Gauge::default(),
+            event_log_queue_depth: Gauge::default(),
+            replay_events: Counter::default(),
+            replay_remaining: Gauge::default(),
             durable_acks: Family::default(),
             registry: Registry::default(),
         };
@@ -285,8 +298,28 @@ impl Metrics {
             m.kafka_spill_events.clone(),
         );
         registry.register(
+            "fanfare_kafka_spill_oldest_seconds",
+            "Age of the oldest like in the local spill not yet confirmed by Kafka (0 when it is empty)",
+            m.kafka_spill_oldest_seconds.clone(),
+        );
+        registry.register(
+            "fanfare_event_log_queue_depth",
+            "Appends waiting for the local store's group commit, seen after each commit",
+            m.event_log_queue_depth.clone(),
+        );
+        registry.register(
+            "fanfare_replay_events",
+            "Events replayed into Redis by the farm ledger's reconciler (reconnect, failover, data loss)",
+            m.replay_events.clone(),
+        );
+        registry.register(
+            "fanfare_replay_remaining_events",
+            "Events the replay into Redis has still to send (0 when none is owed; a failed one keeps its remainder until a retry succeeds)",
+            m.replay_remaining.clone(),
+        );
+        registry.register(
             "fanfare_durable_acks",
-            "Likes acked, by where they were durable first (sqlite, kafka, spill)",
+            "Likes acked with Kafka configured, by where they were durable first (kafka: the broker confirmed in time; spill: the local spill)",
             m.durable_acks.clone(),
         );
         // Known label values start at 0, so every series exists before its first event
@@ -312,6 +345,9 @@ impl Metrics {
                     .plugin_events
                     .get_or_create(&[("slot", slot), ("event", event)]);
             }
+        }
+        for source in ["kafka", "spill"] {
+            let _ = m.durable_acks.get_or_create(&[("source", source)]);
         }
         for script in ["read", "merge"] {
             let _ = m.redis_scripts.get_or_create(&[("script", script)]);

@@ -138,8 +138,8 @@ impl host::Host for HostState {
         match level {
             host::Level::Debug => tracing::debug!(slot, plugin, "{message}"),
             host::Level::Info => tracing::info!(slot, plugin, "{message}"),
-            host::Level::Warn => tracing::warn!(slot, plugin, "{message}"),
-            host::Level::Error => tracing::error!(slot, plugin, "{message}"),
+            host::Level::Warn => crate::warn_throttled!(slot, plugin, "{message}"),
+            host::Level::Error => crate::error_throttled!(slot, plugin, "{message}"),
         }
     }
 

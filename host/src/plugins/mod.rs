@@ -183,11 +183,11 @@ impl Plugins {
                 plugin.stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.metrics
                     .plugin_event(plugin.spec.kind.as_str(), "invalid_output");
-                tracing::warn!(plugin = %plugin.name(), "shaper returned an empty or oversized frame; using built-in");
+                crate::warn_throttled!(plugin = %plugin.name(), "shaper returned an empty or oversized frame; using built-in");
                 None
             }
             Err(failure) => {
-                tracing::warn!(plugin = %plugin.name(), %failure, "shaping failed; using built-in frame");
+                crate::warn_throttled!(plugin = %plugin.name(), %failure, "shaping failed; using built-in frame");
                 None
             }
         }
@@ -216,7 +216,7 @@ impl Plugins {
     }
 
     fn failure_gate(&self, plugin: &LoadedPlugin, failure: CallFailure, code: ErrorCode) -> Gate {
-        tracing::warn!(slot = plugin.spec.kind.as_str(), plugin = %plugin.name(), %failure, policy = ?plugin.spec.policy, "plugin call failed");
+        crate::warn_throttled!(slot = plugin.spec.kind.as_str(), plugin = %plugin.name(), %failure, policy = ?plugin.spec.policy, "plugin call failed");
         match plugin.spec.policy {
             Policy::FailOpen => Gate::Pass,
             Policy::FailClosed => Gate::Refuse {

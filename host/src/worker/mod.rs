@@ -321,7 +321,7 @@ pub async fn run(config: WorkerConfig, tasks: &Tasks) -> anyhow::Result<()> {
                 Ok(Err(err)) => {
                     tracing::debug!(error = %format!("{err:#}"), "merge into Redis skipped")
                 }
-                Err(_) => tracing::warn!("merge into Redis skipped: no answer in time"),
+                Err(_) => crate::warn_throttled!("merge into Redis skipped: no answer in time"),
             }
         }
         // Counted once the batch is fully handled (stored and merged into Redis).
@@ -432,7 +432,7 @@ async fn next_batch(
         let message = match message {
             Ok(message) => message,
             Err(err) => {
-                tracing::warn!(error = %err, "Kafka consumer error");
+                crate::warn_throttled!(error = %err, "Kafka consumer error");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -453,7 +453,7 @@ async fn next_batch(
             }
             other => {
                 metrics.events_malformed.inc();
-                tracing::warn!(
+                crate::warn_throttled!(
                     partition = message.partition(),
                     offset = message.offset(),
                     error = ?other.and_then(Result::err).map(|e| e.to_string()),

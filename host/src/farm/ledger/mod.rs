@@ -381,7 +381,7 @@ impl Ledger for FarmLedger {
             Err(err) => {
                 // Committed but not merged (Redis went away since the read): owed, replayed on
                 // its return; meanwhile the count is the one expected.
-                tracing::warn!(error = %err, "merge failed; the like is replayed when Redis answers");
+                crate::warn_throttled!(error = %err, "merge failed; the like is replayed when Redis answers");
                 self.owe(event);
                 self.remember(&event.track, decision.count);
                 Merged {

@@ -190,18 +190,36 @@ impl FarmLedger {
         from_seq: u64,
         owed: &[LikeEvent],
     ) -> anyhow::Result<u64> {
-        let mut replayed = 0u64;
-        let mut next = from_seq;
-        loop {
-            let batch = self.store.with(|r| r.events_from(next, REPLAY_BATCH))?;
-            let Some(last) = batch.last() else { break };
-            next = last.seq + 1;
-            replayed += self.replay(conn, &batch).await?;
+        // Progress for operators: what is left of the store's range and the owed likes.
+        let last_seq = self.store.with(|r| r.last_seq())?;
+        let remaining = last_seq.saturating_sub(from_seq.saturating_sub(1)) + owed.len() as u64;
+        let progress = &self.metrics;
+        progress.replay_remaining.set(remaining as i64);
+        let result = async {
+            let mut replayed = 0u64;
+            let mut next = from_seq;
+            loop {
+                let batch = self.store.with(|r| r.events_from(next, REPLAY_BATCH))?;
+                let Some(last) = batch.last() else { break };
+                next = last.seq + 1;
+                replayed += self.replay(conn, &batch).await?;
+                progress
+                    .replay_remaining
+                    .set((last_seq.saturating_sub(last.seq) + owed.len() as u64) as i64);
+            }
+            for (i, chunk) in owed.chunks(REPLAY_BATCH).enumerate() {
+                replayed += self.replay(conn, chunk).await?;
+                let sent = ((i + 1) * REPLAY_BATCH).min(owed.len());
+                progress.replay_remaining.set((owed.len() - sent) as i64);
+            }
+            anyhow::Ok(replayed)
         }
-        for chunk in owed.chunks(REPLAY_BATCH) {
-            replayed += self.replay(conn, chunk).await?;
+        .await;
+        // A failed replay is still owed: its remainder stays visible until a retry succeeds.
+        if result.is_ok() {
+            progress.replay_remaining.set(0);
         }
-        Ok(replayed)
+        result
     }
 
     /// Replays stored events through the ledger script, pipelined in one round trip.
@@ -236,6 +254,7 @@ impl FarmLedger {
         for (event, (count, ..)) in events.iter().zip(&results) {
             self.remember(&event.track, *count);
         }
+        self.metrics.replay_events.inc_by(results.len() as u64);
         Ok(results.len() as u64)
     }
 }

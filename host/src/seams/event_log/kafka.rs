@@ -117,6 +117,7 @@ impl KafkaEventLog {
                 committed,
                 committed_pos: committed_pos.clone(),
             }),
+            metrics.event_log_queue_depth.clone(),
         )?;
         let producer = producer(&settings)?;
         let shared = Arc::new(Shared {
@@ -143,6 +144,7 @@ impl KafkaEventLog {
             topic_ready: false,
         };
         let handle = tokio::spawn(shipper.run());
+        tokio::spawn(measure_spill(Arc::downgrade(&shared), store.clone()));
         Ok(KafkaEventLog {
             local,
             shared,
@@ -182,7 +184,7 @@ impl EventLog for KafkaEventLog {
                 && shared.kafka_ok.swap(false, Ordering::Relaxed)
             {
                 shared.metrics.kafka_up.set(0);
-                tracing::warn!(timeout = ?shared.settings.ack_timeout, "Kafka is slow: acking from the local spill");
+                crate::warn_throttled!(timeout = ?shared.settings.ack_timeout, "Kafka is slow: acking from the local spill");
             }
             shared.metrics.durable_ack("spill");
             Ok(())
@@ -299,7 +301,7 @@ impl Shipper {
                     Some(item) if item.pos <= self.sent_through => {} // replayed already
                     Some(item) if item.pos == self.sent_through + 1 => {
                         if let Err(err) = self.send(item.pos, &item.event) {
-                            tracing::warn!(error = %err, "cannot hand a like to Kafka");
+                            crate::warn_throttled!(error = %err, "cannot hand a like to Kafka");
                             replaying = true;
                         }
                     }
@@ -308,7 +310,7 @@ impl Shipper {
                 },
                 Some((pos, seq, result)) = self.in_flight.next() => {
                     if let Err(err) = result {
-                        tracing::warn!(error = %err, "Kafka did not confirm a like; replaying from the spill");
+                        crate::warn_throttled!(error = %err, "Kafka did not confirm a like; replaying from the spill");
                         replaying = true;
                     } else {
                         self.confirm(pos, seq);
@@ -407,10 +409,6 @@ impl Shipper {
 
     /// Stores the confirmed position and drops shipped rows from the spill.
     async fn persist(&self, persisted: &mut u64) {
-        self.shared
-            .metrics
-            .kafka_spill_events
-            .set(self.shared.spilled() as i64);
         let confirmed = self.confirmed;
         if confirmed == *persisted {
             return;
@@ -429,6 +427,38 @@ impl Shipper {
 }
 
 /// Waits for Kafka's report on one event and judges it ([`stored_at`]).
+/// How often the spill's gauges are measured.
+const SPILL_GAUGE_PERIOD: Duration = Duration::from_millis(250);
+
+/// Keeps `fanfare_kafka_spill_events` and `fanfare_kafka_spill_oldest_seconds` current, apart
+/// from the shipper (which may wait seconds on an unreachable broker), until the log is gone.
+async fn measure_spill(shared: std::sync::Weak<Shared>, store: Store) {
+    loop {
+        tokio::time::sleep(SPILL_GAUGE_PERIOD).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let spilled = shared.spilled();
+        shared.metrics.kafka_spill_events.set(spilled as i64);
+        // The spill ships in order: the oldest unconfirmed like is the one after the cursor.
+        let age = if spilled == 0 {
+            0.0
+        } else {
+            let from = shared.shipped_pos.load(Ordering::Acquire);
+            match store.with_async(move |r| r.spill_after(from, 1)).await {
+                Ok(oldest) => oldest.first().map_or(0.0, |s| {
+                    (crate::clock::now_ms() - s.event.accepted_at_ms).max(0) as f64 / 1000.0
+                }),
+                Err(err) => {
+                    crate::warn_throttled!(error = %format!("{err:#}"), "cannot read the spill's oldest like");
+                    continue;
+                }
+            }
+        };
+        shared.metrics.kafka_spill_oldest_seconds.set(age);
+    }
+}
+
 async fn wait_delivery(pos: u64, seq: u64, delivery: DeliveryFuture) -> Delivery {
     let result = match delivery.await {
         Ok(report) => stored_at(report).map(|(partition, offset)| {

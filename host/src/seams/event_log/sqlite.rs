@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EventLog, EventLogError, LikeEvent, Shipped, Uncommitted};
@@ -58,8 +59,13 @@ pub struct SqliteEventLog {
 }
 
 impl SqliteEventLog {
-    /// Starts the writer thread on its own connection to the store.
-    pub fn start(store: &Store, forward: Option<Forward>) -> anyhow::Result<SqliteEventLog> {
+    /// Starts the writer thread on its own connection to the store; it keeps `queue_depth` at
+    /// the number of appends waiting after each commit.
+    pub fn start(
+        store: &Store,
+        forward: Option<Forward>,
+        queue_depth: Gauge,
+    ) -> anyhow::Result<SqliteEventLog> {
         let conn = store.writer()?;
         let uncommitted = Arc::new(Uncommitted::default());
         let (requests, inbox) = mpsc::channel(QUEUE_CAPACITY);
@@ -69,6 +75,7 @@ impl SqliteEventLog {
             uncommitted: uncommitted.clone(),
             healthy: healthy.clone(),
             forward,
+            queue_depth,
         };
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -138,6 +145,7 @@ struct Writer {
     uncommitted: Arc<Uncommitted>,
     healthy: Arc<AtomicBool>,
     forward: Option<Forward>,
+    queue_depth: Gauge,
 }
 
 impl Writer {
@@ -152,6 +160,7 @@ impl Writer {
                 }
             }
             self.commit_until_done(&batch);
+            self.queue_depth.set(inbox.len() as i64);
             let closing = batch.iter().any(|r| matches!(r, Request::Close(_)));
             for request in batch.drain(..) {
                 let _ = request.into_reply().send(Ok(()));

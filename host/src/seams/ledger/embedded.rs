@@ -314,7 +314,7 @@ mod tests {
     ) -> anyhow::Result<(tempfile::TempDir, SqliteEventLog, EmbeddedLedger)> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
-        let log = SqliteEventLog::start(&store, None)?;
+        let log = SqliteEventLog::start(&store, None, Default::default())?;
         let ledger =
             EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), capacity)?;
         Ok((dir, log, ledger))
@@ -334,7 +334,7 @@ mod tests {
         let store = Store::open(dir.path())?;
         let ana: Arc<str> = Arc::from("ana");
         {
-            let log = SqliteEventLog::start(&store, None)?;
+            let log = SqliteEventLog::start(&store, None, Default::default())?;
             let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
             let first = ledger
                 .decide(&ana, &request(Action::Like, "t", "k1"))
@@ -367,7 +367,7 @@ mod tests {
             log.close().await?;
         }
         // A new process sees the committed state: the like and its key.
-        let log = SqliteEventLog::start(&store, None)?;
+        let log = SqliteEventLog::start(&store, None, Default::default())?;
         let ledger = EmbeddedLedger::open(&store, "n1".into(), log.uncommitted())?;
         assert_eq!(ledger.count("t").await?, 1);
         let resent = ledger
@@ -390,7 +390,7 @@ mod tests {
     async fn a_pair_whose_event_is_not_committed_is_never_forgotten() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
-        let log = SqliteEventLog::start(&store, None)?;
+        let log = SqliteEventLog::start(&store, None, Default::default())?;
         let ledger = EmbeddedLedger::with_capacity(&store, "n1".into(), log.uncommitted(), 1)?;
         let (ana, ben): (Arc<str>, Arc<str>) = (Arc::from("ana"), Arc::from("ben"));
         let first = ledger
