@@ -71,6 +71,15 @@ impl KafkaBroker {
                 next_victim: 0,
             });
         }
+        KafkaBroker::launch(size, &Listener::default()).await
+    }
+
+    /// One broker of our own (never an outside one) whose client listener speaks `listener`.
+    pub async fn start_secured(listener: &Listener) -> anyhow::Result<KafkaBroker> {
+        KafkaBroker::launch(1, listener).await
+    }
+
+    async fn launch(size: usize, listener: &Listener) -> anyhow::Result<KafkaBroker> {
         anyhow::ensure!(size >= 1, "a Kafka cluster needs at least one broker");
         let dir = tempfile::tempdir()?;
         let ports: Vec<(u16, u16)> = (0..size)
@@ -85,7 +94,7 @@ impl KafkaBroker {
             let node_dir = dir.path().join(format!("node{}", i + 1));
             std::fs::create_dir_all(&node_dir)?;
             let config = node_dir.join("server.properties");
-            std::fs::write(&config, kafka_config(&node_dir, i + 1, &ports))?;
+            std::fs::write(&config, kafka_config(&node_dir, i + 1, &ports, listener))?;
             format_kafka_storage(&config, &cluster_id, size == 1).await?;
             specs.push(
                 Spec::new("kafka", "java", Ready::Port(*port))
@@ -211,10 +220,26 @@ impl Drop for KafkaBroker {
     }
 }
 
+/// The client listener of a broker: its security protocol (`PLAINTEXT`, `SASL_SSL`, …) and
+/// the broker properties that configure it (keys, SASL users), appended to the config.
+pub struct Listener {
+    pub protocol: String,
+    pub properties: String,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Listener {
+            protocol: "PLAINTEXT".to_owned(),
+            properties: String::new(),
+        }
+    }
+}
+
 /// Node `id` (1-based) of a cluster whose nodes listen on `ports` (client, controller), each
 /// broker and controller, sized for tests: no rebalance delay, auto-created topics with a few
 /// partitions, replicated three ways with two in sync from three nodes up.
-pub fn kafka_config(dir: &Path, id: usize, ports: &[(u16, u16)]) -> String {
+pub fn kafka_config(dir: &Path, id: usize, ports: &[(u16, u16)], listener: &Listener) -> String {
     let (port, controller) = ports[id - 1];
     let replicas = ports.len().min(3);
     let in_sync = if replicas >= 3 { 2 } else { 1 };
@@ -231,10 +256,11 @@ pub fn kafka_config(dir: &Path, id: usize, ports: &[(u16, u16)]) -> String {
     format!(
         "process.roles=broker,controller\n\
          node.id={id}\n\
-         listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-         advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+         listeners={protocol}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+         advertised.listeners={protocol}://127.0.0.1:{port}\n\
          controller.listener.names=CONTROLLER\n\
-         listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+         inter.broker.listener.name={protocol}\n\
+         listener.security.protocol.map={protocol}:{protocol},CONTROLLER:PLAINTEXT\n\
          {quorum}\n\
          log.dirs={}\n\
          num.partitions={TOPIC_PARTITIONS}\n\
@@ -246,8 +272,11 @@ pub fn kafka_config(dir: &Path, id: usize, ports: &[(u16, u16)]) -> String {
          transaction.state.log.replication.factor={replicas}\n\
          transaction.state.log.min.isr={in_sync}\n\
          share.coordinator.state.topic.replication.factor={replicas}\n\
-         group.initial.rebalance.delay.ms=0\n",
-        dir.join("data").display()
+         group.initial.rebalance.delay.ms=0\n\
+         {}\n",
+        dir.join("data").display(),
+        listener.properties,
+        protocol = listener.protocol,
     )
 }
 
@@ -311,6 +340,13 @@ fn base64_url(bytes: [u8; 16]) -> String {
 /// A MongoDB-protocol server of our own — FerretDB on its own PostgreSQL — or the one
 /// `FANFARE_TEST_MONGO` names. `kill`/`restart` hit FerretDB (the server clients talk to);
 /// PostgreSQL, its storage, keeps running.
+/// PEM files for a TLS listener: its certificate and key, and the CA clients trust.
+pub struct MongoTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
 pub struct MongoServer {
     ferretdb: Option<Service>,
     _postgres: Option<Service>,
@@ -328,9 +364,20 @@ impl MongoServer {
                 dir: None,
             });
         }
+        MongoServer::launch(None).await
+    }
+
+    /// Our own FerretDB that clients reach over TLS only (its plain listener is on a port
+    /// nobody is told): `url` carries `tls=true&tlsCAFile=…`.
+    pub async fn start_tls(tls: &MongoTls) -> anyhow::Result<MongoServer> {
+        MongoServer::launch(Some(tls)).await
+    }
+
+    async fn launch(tls: Option<&MongoTls>) -> anyhow::Result<MongoServer> {
         let dir = tempfile::tempdir()?;
         let (postgres, pg_port) = start_postgres(dir.path()).await?;
         let port = free_port()?;
+        let tls_port = free_port()?;
         let state = dir.path().join("ferretdb");
         std::fs::create_dir_all(&state)?;
         let spec = Spec::new("ferretdb", ferretdb_bin(), Ready::Port(port))
@@ -347,10 +394,30 @@ impl MongoServer {
             .args([format!("--state-dir={}", state.display())])
             .log(Log::File(dir.path().join("ferretdb.log")))
             .patience(PATIENCE * 3);
+        let (spec, url) = match tls {
+            None => (
+                spec,
+                format!("mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=2000"),
+            ),
+            Some(tls) => (
+                Spec {
+                    ready: Ready::Port(tls_port),
+                    ..spec.args([
+                        format!("--listen-tls=127.0.0.1:{tls_port}"),
+                        format!("--listen-tls-cert-file={}", tls.cert.display()),
+                        format!("--listen-tls-key-file={}", tls.key.display()),
+                    ])
+                },
+                format!(
+                    "mongodb://127.0.0.1:{tls_port}/?serverSelectionTimeoutMS=2000&tls=true&tlsCAFile={}",
+                    tls.ca.display()
+                ),
+            ),
+        };
         Ok(MongoServer {
             ferretdb: Some(Service::start(spec).await?),
             _postgres: Some(postgres),
-            url: format!("mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=2000"),
+            url,
             dir: Some(dir),
         })
     }
@@ -539,6 +606,15 @@ impl WorkerProcess {
     /// Starts it again with the same arguments.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.service.restart().await
+    }
+
+    /// Sends a signal by name ("HUP", "TERM", …).
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        self.service.signal(name)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.service.is_running()
     }
 }
 

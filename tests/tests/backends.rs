@@ -254,3 +254,164 @@ async fn sentinel_urls_carry_the_masters_password() -> anyhow::Result<()> {
     assert_eq!(refused.metric("fanfare_redis_up").await?, 0.0);
     Ok(())
 }
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// The `--kafka-option`s of a librdkafka client that logs in as `fanfare` with `password`
+/// over SASL_SSL, trusting `ca`.
+fn sasl_ssl_options(password: &str, ca: &str) -> Vec<String> {
+    [
+        "security.protocol=SASL_SSL".to_owned(),
+        "sasl.mechanism=PLAIN".to_owned(),
+        "sasl.username=fanfare".to_owned(),
+        format!("sasl.password={password}"),
+        format!("ssl.ca.location={ca}"),
+    ]
+    .into_iter()
+    .flat_map(|option| ["--kafka-option".to_owned(), option])
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kafka_over_sasl_ssl_and_mongodb_over_tls_carry_likes_to_storage() -> anyhow::Result<()> {
+    use fanfare_tests::NodeProcess;
+    use fanfare_tests::services::{
+        KafkaBroker, Listener, MongoServer, MongoTls, WorkerProcess, unique,
+    };
+
+    let dir = tempfile::tempdir()?;
+    certificates(dir.path())?;
+    let file = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    // Kafka's PEM key store: the (unencrypted PKCS#8) key, then the certificate.
+    std::fs::write(
+        dir.path().join("keystore.pem"),
+        [
+            std::fs::read_to_string(dir.path().join("server.key"))?,
+            std::fs::read_to_string(dir.path().join("server.pem"))?,
+        ]
+        .concat(),
+    )?;
+    // Clients must log in (SASL PLAIN, users `broker` and `fanfare`) over TLS only.
+    let listener = Listener {
+        protocol: "SASL_SSL".to_owned(),
+        properties: format!(
+            "sasl.enabled.mechanisms=PLAIN\n\
+             sasl.mechanism.inter.broker.protocol=PLAIN\n\
+             listener.name.sasl_ssl.plain.sasl.jaas.config=\
+             org.apache.kafka.common.security.plain.PlainLoginModule required \
+             username=\"broker\" password=\"broker-secret\" \
+             user_broker=\"broker-secret\" user_fanfare=\"fanfare-secret\";\n\
+             ssl.keystore.type=PEM\n\
+             ssl.keystore.location={}\n\
+             ssl.truststore.type=PEM\n\
+             ssl.truststore.location={}\n",
+            file("keystore.pem"),
+            file("ca.pem")
+        ),
+    };
+    let kafka = KafkaBroker::start_secured(&listener).await?;
+    // FerretDB reached over TLS only: the worker stores and the node reads history through it.
+    let mongo = MongoServer::start_tls(&MongoTls {
+        cert: dir.path().join("server.pem"),
+        key: dir.path().join("server.key"),
+        ca: dir.path().join("ca.pem"),
+    })
+    .await?;
+    assert!(mongo.url.contains("tls=true"), "{}", mongo.url);
+    let (topic, database) = (unique("likes"), unique("fanfare").replace('-', "_"));
+    let kafka_args = |password: &str| {
+        let mut args = vec![
+            "--kafka".to_owned(),
+            kafka.brokers.clone(),
+            "--kafka-topic".to_owned(),
+            topic.clone(),
+        ];
+        args.extend(sasl_ssl_options(password, &file("ca.pem")));
+        args
+    };
+
+    // The node produces and the worker consumes through the secured listener.
+    let node_dir = tempfile::tempdir()?;
+    let mut node_args = kafka_args("fanfare-secret");
+    node_args.extend(
+        ["--kafka-ack-timeout", "3000", "--mongo", &mongo.url]
+            .into_iter()
+            .chain(["--mongo-database", &database])
+            .map(str::to_owned),
+    );
+    let node = NodeProcess::start(node_dir.path(), &strs(&node_args)).await?;
+    let mut worker_args = kafka_args("fanfare-secret");
+    worker_args.extend(
+        ["--group", &unique("workers"), "--mongo", &mongo.url]
+            .into_iter()
+            .chain(["--mongo-database", &database])
+            .map(str::to_owned),
+    );
+    let _worker = WorkerProcess::start(&strs(&worker_args)).await?;
+    let mut liker = node.connect("liker").await?;
+    for i in 0..5 {
+        let ack = liker
+            .like("like", &format!("sasl:{i}"), &format!("k{i}"))
+            .await?;
+        assert_eq!(ack["count"], 1, "{ack}");
+    }
+    let db = mongo.database(&database).await?;
+    let stored =
+        fanfare_tests::stored::wait_stored(&db, 5, std::time::Duration::from_secs(60)).await?;
+    assert_eq!(
+        stored, 5,
+        "the worker stored the 5 likes it consumed over SASL_SSL"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let path = format!(
+        "/v1/tracks/sasl:0/history?bucket=minute&from={}&to={}",
+        now - 3_600_000,
+        now + 1
+    );
+    let (status, body) = node.get(&path).await?;
+    assert_eq!(status, 200, "{body}");
+    let history: serde_json::Value = serde_json::from_str(&body)?;
+    let likes: u64 = history["buckets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["likes"].as_u64())
+        .sum();
+    assert_eq!(likes, 1, "history read from MongoDB over TLS: {history}");
+    assert_eq!(node.metric("fanfare_kafka_up").await?, 1.0);
+    let from_kafka = node
+        .metric("fanfare_durable_acks_total{source=\"kafka\"}")
+        .await?;
+    assert!(
+        from_kafka >= 1.0,
+        "acks confirmed by the broker: {from_kafka}"
+    );
+
+    // A wrong password: the broker refuses the login, so likes are acked from the spill only.
+    let refused_dir = tempfile::tempdir()?;
+    let mut refused_args = kafka_args("wrong");
+    refused_args.extend(["--kafka-ack-timeout".to_owned(), "300".to_owned()]);
+    let refused = NodeProcess::start(refused_dir.path(), &strs(&refused_args)).await?;
+    let mut client = refused.connect("liker").await?;
+    assert_eq!(client.like("like", "sasl:refused", "r1").await?["count"], 1);
+    refused
+        .wait_metric("fanfare_kafka_up", |up| up == 0.0)
+        .await?;
+    assert_eq!(
+        refused
+            .metric("fanfare_durable_acks_total{source=\"kafka\"}")
+            .await?,
+        0.0,
+        "nothing confirmed by a broker that refused the login"
+    );
+    assert_eq!(
+        refused.metric("fanfare_kafka_spill_events").await?,
+        1.0,
+        "the like waits in the spill"
+    );
+    Ok(())
+}
