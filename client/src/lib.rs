@@ -5,6 +5,11 @@
 //! drains with 1001), resubscribes every track and resends every unacked like with its original
 //! key on return, so nothing is lost or counted twice.
 //!
+//! With `--auth jwt`, [`Client::connect_with_tokens`] takes a token source: it is asked for a
+//! token at every connect, and again before the session's `expires_at` (at 80 % of the time
+//! left), which the client sends as a `refresh`; after close 4001 (`token expired`) it
+//! reconnects at once with a fresh one.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), fanfare_client::ClientError> {
 //! let client = fanfare_client::Client::connect("ws://127.0.0.1:8080/v1/ws?user=ana");
@@ -15,7 +20,10 @@
 //! ```
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fanfare_protocol::{Action, ClientFrame, LikeRequest};
 use futures_util::{SinkExt, StreamExt};
@@ -26,6 +34,16 @@ use tokio_tungstenite::tungstenite::Message;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const DRAIN_SPREAD: Duration = Duration::from_secs(5);
+
+/// Where the client gets a JWT (e.g. from the application's login service): called at every
+/// connect and before the session ends. An `Err` is retried by the next connect attempt.
+pub type TokenSource =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+
+/// Close code of a session whose token expired without a refresh.
+const TOKEN_EXPIRED: u16 = 4001;
+/// The earliest a refresh is sent after a session (re)starts or was refreshed.
+const REFRESH_MIN: Duration = Duration::from_secs(1);
 
 /// Connection state, observable with [`Client::state`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,11 +95,27 @@ pub struct Client {
 impl Client {
     /// Starts connecting to a `/v1/ws` URL (with `?user=` or `?token=`); returns at once.
     pub fn connect(url: impl Into<String>) -> Client {
+        Client::start(url.into(), None)
+    }
+
+    /// Starts connecting to a `/v1/ws` URL with tokens from `get_token` (its `token=` is set
+    /// on every connect) and refreshes the session before it ends; returns at once.
+    pub fn connect_with_tokens<F, Fut>(url: impl Into<String>, get_token: F) -> Client
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        let source: TokenSource = Arc::new(move || Box::pin(get_token()));
+        Client::start(url.into(), Some(source))
+    }
+
+    fn start(url: String, tokens: Option<TokenSource>) -> Client {
         let (commands, inbox) = mpsc::channel(1024);
         let (state_tx, state) = watch::channel(State::Connecting);
         let (updates, _) = broadcast::channel(1024);
         let driver = Driver {
-            url: url.into(),
+            url,
+            tokens,
             inbox,
             state: state_tx,
             updates: updates.clone(),
@@ -163,6 +197,7 @@ impl Client {
 
 struct Driver {
     url: String,
+    tokens: Option<TokenSource>,
     inbox: mpsc::Receiver<Command>,
     state: watch::Sender<State>,
     updates: broadcast::Sender<Value>,
@@ -189,16 +224,54 @@ fn drain_delay(reason: &str) -> Duration {
         .unwrap_or_else(|| DRAIN_SPREAD.mul_f64(rand::random::<f64>()))
 }
 
+/// `url` with its `token=` parameter set to `token` (added, or replacing one).
+fn with_token(url: &str, token: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("token="))
+        .collect();
+    let token = format!("token={token}");
+    params.push(&token);
+    format!("{base}?{}", params.join("&"))
+}
+
+/// When to refresh a session that ends at `expires_at` (Unix seconds): at 80 % of the time
+/// left, never sooner than [`REFRESH_MIN`].
+fn refresh_delay(expires_at: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(expires_at)
+        .saturating_sub(now)
+        .mul_f64(0.8)
+        .max(REFRESH_MIN)
+}
+
 impl Driver {
+    /// The URL of the next connect: with a fresh token when there is a source.
+    async fn connect_url(&self) -> Result<String, String> {
+        match &self.tokens {
+            None => Ok(self.url.clone()),
+            Some(source) => Ok(with_token(&self.url, &source().await?)),
+        }
+    }
+
     async fn run(mut self) {
         let mut attempt: u32 = 0;
         loop {
-            let next = match tokio_tungstenite::connect_async(self.url.as_str()).await {
-                Ok((socket, _)) => self.serve(socket, &mut attempt).await,
+            let next = match self.connect_url().await {
                 Err(err) => {
-                    tracing::debug!(error = %err, "connect failed");
+                    tracing::debug!(error = %err, "no token to connect with");
                     Next::Reconnect { drained: None }
                 }
+                Ok(url) => match tokio_tungstenite::connect_async(url.as_str()).await {
+                    Ok((socket, _)) => self.serve(socket, &mut attempt).await,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "connect failed");
+                        Next::Reconnect { drained: None }
+                    }
+                },
             };
             let delay = match next {
                 Next::Stop => break,
@@ -272,8 +345,41 @@ impl Driver {
     {
         let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
         heartbeat.tick().await;
+        // The session's next refresh (with a token source and `--auth jwt`), and the token
+        // being fetched for it (fetched apart, so frames keep flowing meanwhile).
+        let refresh = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(refresh);
+        let mut refresh_due = false;
+        let mut fetching: Option<oneshot::Receiver<Result<String, String>>> = None;
         loop {
             tokio::select! {
+                _ = &mut refresh, if refresh_due => {
+                    refresh_due = false;
+                    if let Some(source) = self.tokens.clone() {
+                        let (done, fetched) = oneshot::channel();
+                        tokio::spawn(async move { let _ = done.send(source().await); });
+                        fetching = Some(fetched);
+                    }
+                }
+                fetched = async {
+                    match fetching.as_mut() {
+                        Some(fetched) => fetched.await,
+                        None => std::future::pending().await,
+                    }
+                }, if fetching.is_some() => {
+                    fetching = None;
+                    match fetched {
+                        Ok(Ok(token)) => {
+                            let frame = ClientFrame::Refresh { token };
+                            if socket.send(Message::text(frame.to_json())).await.is_err() {
+                                return Next::Reconnect { drained: None };
+                            }
+                        }
+                        // The session ends with 4001 and the reconnect asks again.
+                        Ok(Err(err)) => tracing::warn!(error = %err, "no token to refresh the session with"),
+                        Err(_) => {}
+                    }
+                }
                 command = self.inbox.recv() => {
                     let Some(command) = command else { return Next::Stop };
                     if matches!(command, Command::Close) {
@@ -294,6 +400,15 @@ impl Driver {
                 message = socket.next() => match message {
                     Some(Ok(Message::Text(text))) => {
                         let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+                        // A session's end, from `welcome` and `refreshed` (with `--auth jwt`).
+                        let ends_at = match frame["type"].as_str() {
+                            Some("welcome" | "refreshed") => frame["expires_at"].as_u64(),
+                            _ => None,
+                        };
+                        if let Some(expires_at) = ends_at.filter(|_| self.tokens.is_some()) {
+                            refresh.as_mut().reset(tokio::time::Instant::now() + refresh_delay(expires_at));
+                            refresh_due = true;
+                        }
                         if frame["type"] == "welcome" {
                             *attempt = 0;
                             let every = Duration::from_millis(frame["heartbeat_ms"].as_u64().unwrap_or(30_000).max(100));
@@ -308,7 +423,12 @@ impl Driver {
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
-                        let drained = frame.filter(|f| u16::from(f.code) == 1001).map(|f| drain_delay(&f.reason));
+                        let drained = frame.and_then(|f| match u16::from(f.code) {
+                            1001 => Some(drain_delay(&f.reason)),
+                            // Token expired: come back at once with a fresh one.
+                            TOKEN_EXPIRED if self.tokens.is_some() => Some(Duration::ZERO),
+                            _ => None,
+                        });
                         return Next::Reconnect { drained };
                     }
                     Some(Ok(_)) => {}
@@ -386,5 +506,36 @@ impl Driver {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_parameter_is_set_or_replaced() {
+        assert_eq!(
+            with_token("ws://h/v1/ws", "a.b.c"),
+            "ws://h/v1/ws?token=a.b.c"
+        );
+        assert_eq!(
+            with_token("ws://h/v1/ws?token=old&x=1", "new"),
+            "ws://h/v1/ws?x=1&token=new"
+        );
+    }
+
+    #[test]
+    fn refreshes_come_at_80_percent_of_the_time_left_and_not_too_soon() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let delay = refresh_delay(now + 100);
+        assert!(
+            delay > Duration::from_secs(78) && delay <= Duration::from_secs(80),
+            "{delay:?}"
+        );
+        assert_eq!(refresh_delay(now.saturating_sub(5)), REFRESH_MIN);
     }
 }

@@ -117,3 +117,96 @@ async fn reconnects_resubscribes_and_resends_after_a_restart() -> anyhow::Result
     listener.close().await;
     Ok(())
 }
+
+const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
+
+/// A token for `sub` that expires in `seconds`.
+fn token(sub: &str, seconds: u64) -> Result<String, String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs()
+        + seconds;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_before_the_session_ends_and_renewed_after_4001() -> anyhow::Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let node =
+        NodeProcess::fresh(&["--auth", "jwt", "--jwt-secret", SECRET, "--jwt-leeway", "0"]).await?;
+    let url = format!("ws://{}/v1/ws", node.addr);
+    // 3-second tokens; `refuse` makes the source fail (a login service that is down).
+    let asked = Arc::new(AtomicUsize::new(0));
+    let refuse = Arc::new(AtomicBool::new(false));
+    let client = Client::connect_with_tokens(url, {
+        let (asked, refuse) = (asked.clone(), refuse.clone());
+        move || {
+            asked.fetch_add(1, Ordering::SeqCst);
+            let refused = refuse.load(Ordering::SeqCst);
+            async move {
+                if refused {
+                    Err("the login service is down".to_owned())
+                } else {
+                    token("ana", 3)
+                }
+            }
+        }
+    });
+    wait_connected(&client).await?;
+    let mut state = client.state();
+    state.mark_unchanged();
+    assert_eq!(client.subscribe("tokens").await?, 0);
+
+    // Refreshed at 80 % of each token's time: served for 7 s on 3-second tokens, never
+    // reconnecting, no session expired.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(!state.has_changed()?, "the client never reconnected");
+    assert!(
+        asked.load(Ordering::SeqCst) >= 3,
+        "connect + refreshes: {}",
+        asked.load(Ordering::SeqCst)
+    );
+    assert_eq!(client.like("tokens", "k1").await?.count, 1);
+    assert_eq!(node.metric("fanfare_tokens_expired_total").await?, 0.0);
+
+    // No token for the refresh: the session ends with 4001; the client comes back with a
+    // fresh token once the source answers again, subscribed as before.
+    refuse.store(true, Ordering::SeqCst);
+    node.wait_metric("fanfare_tokens_expired_total", |v| v == 1.0)
+        .await?;
+    tokio::time::timeout(
+        PATIENCE,
+        state.wait_for(|s| matches!(s, State::Reconnecting { .. })),
+    )
+    .await??;
+    refuse.store(false, Ordering::SeqCst);
+    wait_connected(&client).await?;
+    let mut updates = client.updates();
+    let other = Client::connect_with_tokens(format!("ws://{}/v1/ws", node.addr), || async {
+        token("bo", 60)
+    });
+    assert_eq!(other.like("tokens", "b1").await?.count, 2);
+    let update = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let frame = updates.recv().await?;
+            if frame["type"] == "likes" {
+                return anyhow::Ok(frame);
+            }
+        }
+    })
+    .await??;
+    assert_eq!(
+        update["count"], 2,
+        "resubscribed after the renewal: {update}"
+    );
+    Ok(())
+}

@@ -1,5 +1,7 @@
 //! Likes end to end on one node: broadcast, exact counts, idempotency, durability.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use fanfare_tests::{NodeProcess, PATIENCE};
 use futures_util::future::try_join_all;
@@ -272,8 +274,8 @@ async fn counts_and_health_over_http() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_slow_store_shows_in_the_queue_depth_and_the_ack_latency() -> anyhow::Result<()> {
-    // Every group commit held 1 s: the first like's commit holds the 19 after it in the queue.
-    let node = NodeProcess::fresh(&["--test-commit-delay-ms=1000"]).await?;
+    // Every group commit held 1.5 s: the first like's commit holds the 19 sent after it.
+    let node = NodeProcess::fresh(&["--test-commit-delay-ms=1500"]).await?;
     let mut clients = Vec::new();
     for i in 0..20 {
         clients.push(node.connect(&format!("user{i}")).await?);
@@ -283,6 +285,10 @@ async fn a_slow_store_shows_in_the_queue_depth_and_the_ack_latency() -> anyhow::
         client
             .send(json!({"type":"like","track":"slow","id":format!("k{i}")}))
             .await?;
+        if i == 0 {
+            // The writer takes the first like alone and holds its commit.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
     let depth = node
         .wait_metric("fanfare_event_log_queue_depth", |v| v >= 10.0)

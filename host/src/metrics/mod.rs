@@ -59,7 +59,7 @@ pub struct Metrics {
     pub kafka_spill_events: Gauge,
     /// Age of the oldest like in the spill (0 when empty).
     pub kafka_spill_oldest_seconds: Gauge<f64, AtomicU64>,
-    /// Appends waiting for the SQLite group commit after its last commit.
+    /// Requests waiting for the SQLite group commit.
     pub event_log_queue_depth: Gauge,
     /// Events the reconciler replayed into Redis (after a reconnect, failover or data loss).
     pub replay_events: Counter,
@@ -304,7 +304,7 @@ impl Metrics {
         );
         registry.register(
             "fanfare_event_log_queue_depth",
-            "Appends waiting for the local store's group commit, seen after each commit",
+            "Requests waiting for the local store's group commit (updated on every append and when the writer takes a batch)",
             m.event_log_queue_depth.clone(),
         );
         registry.register(

@@ -54,13 +54,15 @@ pub struct Committed {
 
 pub struct SqliteEventLog {
     requests: mpsc::Sender<Request>,
+    /// Requests waiting for the writer: set on every append and when the writer takes a batch.
+    queue_depth: Gauge,
     uncommitted: Arc<Uncommitted>,
     healthy: Arc<AtomicBool>,
 }
 
 impl SqliteEventLog {
-    /// Starts the writer thread on its own connection to the store; it keeps `queue_depth` at
-    /// the number of appends waiting after each commit.
+    /// Starts the writer thread on its own connection to the store; `queue_depth` follows the
+    /// number of requests waiting for it.
     pub fn start(
         store: &Store,
         forward: Option<Forward>,
@@ -75,7 +77,7 @@ impl SqliteEventLog {
             uncommitted: uncommitted.clone(),
             healthy: healthy.clone(),
             forward,
-            queue_depth,
+            queue_depth: queue_depth.clone(),
         };
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -83,6 +85,7 @@ impl SqliteEventLog {
             .context("cannot start the SQLite writer thread")?;
         Ok(SqliteEventLog {
             requests,
+            queue_depth,
             uncommitted,
             healthy,
         })
@@ -102,6 +105,8 @@ impl SqliteEventLog {
         if self.requests.send(make(done)).await.is_err() {
             return Err(EventLogError::Closed);
         }
+        self.queue_depth
+            .set((self.requests.max_capacity() - self.requests.capacity()) as i64);
         wait.await.map_err(|_| EventLogError::Closed)?
     }
 }
@@ -159,8 +164,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_until_done(&batch);
             self.queue_depth.set(inbox.len() as i64);
+            self.commit_until_done(&batch);
             let closing = batch.iter().any(|r| matches!(r, Request::Close(_)));
             for request in batch.drain(..) {
                 let _ = request.into_reply().send(Ok(()));
