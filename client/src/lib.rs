@@ -74,7 +74,8 @@ pub enum ClientError {
 }
 
 enum Command {
-    Subscribe(String, oneshot::Sender<u64>),
+    /// A track, whether `listeners` frames are wanted, who waits for the count.
+    Subscribe(String, bool, oneshot::Sender<u64>),
     Unsubscribe(String),
     Like(
         ClientFrame,
@@ -133,8 +134,18 @@ impl Client {
 
     /// Subscribes (and stays subscribed across reconnects); resolves with the current count.
     pub async fn subscribe(&self, track: &str) -> Result<u64, ClientError> {
+        self.subscribe_with(track, false).await
+    }
+
+    /// Subscribes, also receiving `listeners` frames in [`Client::updates`] when only the
+    /// number of listeners changes (at most every 2 s); resolves with the current count.
+    pub async fn subscribe_with_listeners(&self, track: &str) -> Result<u64, ClientError> {
+        self.subscribe_with(track, true).await
+    }
+
+    async fn subscribe_with(&self, track: &str, listeners: bool) -> Result<u64, ClientError> {
         let (done, count) = oneshot::channel();
-        self.send(Command::Subscribe(track.to_owned(), done))
+        self.send(Command::Subscribe(track.to_owned(), listeners, done))
             .await?;
         count.await.map_err(|_| ClientError::Closed)
     }
@@ -173,8 +184,9 @@ impl Client {
         ack.await.map_err(|_| ClientError::Closed)?
     }
 
-    /// Every frame that carries a track's count, as JSON: `likes` updates, and the
-    /// `subscribed` confirmations that bring the current count after each (re)subscribe.
+    /// Every frame that carries a track's count, as JSON: `likes` updates, the `subscribed`
+    /// confirmations that bring the current count after each (re)subscribe (both carry
+    /// `listeners`, listening now), and `listeners` frames where asked for.
     pub fn updates(&self) -> broadcast::Receiver<Value> {
         self.updates.subscribe()
     }
@@ -201,8 +213,8 @@ struct Driver {
     inbox: mpsc::Receiver<Command>,
     state: watch::Sender<State>,
     updates: broadcast::Sender<Value>,
-    /// Subscribed tracks with their last known count.
-    tracks: HashMap<String, u64>,
+    /// Subscribed tracks with their last known count and whether `listeners` frames are wanted.
+    tracks: HashMap<String, (u64, bool)>,
     /// Unacked likes by key: the frame to resend and who waits.
     pending: HashMap<String, (ClientFrame, oneshot::Sender<Result<Ack, ClientError>>)>,
     waiting: HashMap<String, Vec<oneshot::Sender<u64>>>,
@@ -318,10 +330,10 @@ impl Driver {
     /// Records a command so that it is (re)sent on the next connection.
     fn remember(&mut self, command: Command) -> Option<ClientFrame> {
         match command {
-            Command::Subscribe(track, done) => {
-                self.tracks.entry(track.clone()).or_insert(0);
+            Command::Subscribe(track, listeners, done) => {
+                self.tracks.entry(track.clone()).or_insert((0, listeners)).1 = listeners;
                 self.waiting.entry(track.clone()).or_default().push(done);
-                Some(ClientFrame::Subscribe { track })
+                Some(ClientFrame::Subscribe { track, listeners })
             }
             Command::Unsubscribe(track) => {
                 self.tracks.remove(&track);
@@ -448,10 +460,11 @@ impl Driver {
     {
         let mut frames: Vec<String> = self
             .tracks
-            .keys()
-            .map(|track| {
+            .iter()
+            .map(|(track, (_, listeners))| {
                 ClientFrame::Subscribe {
                     track: track.clone(),
+                    listeners: *listeners,
                 }
                 .to_json()
             })
@@ -468,7 +481,7 @@ impl Driver {
         let count = frame["count"].as_u64().unwrap_or(0);
         match frame["type"].as_str() {
             Some("subscribed") => {
-                if let Some(known) = self.tracks.get_mut(&track) {
+                if let Some((known, _)) = self.tracks.get_mut(&track) {
                     *known = count;
                 }
                 for done in self.waiting.remove(&track).unwrap_or_default() {
@@ -478,9 +491,12 @@ impl Driver {
                 let _ = self.updates.send(frame);
             }
             Some("likes") => {
-                if let Some(known) = self.tracks.get_mut(&track) {
+                if let Some((known, _)) = self.tracks.get_mut(&track) {
                     *known = count;
                 }
+                let _ = self.updates.send(frame);
+            }
+            Some("listeners") => {
                 let _ = self.updates.send(frame);
             }
             Some("ack") => {

@@ -12,6 +12,7 @@ use crate::farm::bus::RedisBus;
 use crate::farm::counters::RedisCounters;
 use crate::farm::ledger::FarmLedger;
 use crate::farm::link::RedisLink;
+use crate::farm::presence::RedisPresence;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::plugins::Plugins;
@@ -21,6 +22,7 @@ use crate::seams::counters::MemoryCounters;
 use crate::seams::event_log::{EventLog, KafkaEventLog, SqliteEventLog};
 use crate::seams::history::{History, SqliteHistory};
 use crate::seams::ledger::EmbeddedLedger;
+use crate::seams::presence::Alone;
 use crate::store::Store;
 use crate::tasks::Tasks;
 use crate::worker::archive::MongoArchive;
@@ -47,6 +49,7 @@ pub async fn embedded(cx: &Context<'_>) -> anyhow::Result<Parts> {
         bus: Arc::new(LocalBus::default()),
         counters: Arc::new(MemoryCounters::default()),
         history: history(cx.config, store).await?,
+        presence: Arc::new(Alone),
     })
 }
 
@@ -78,8 +81,9 @@ pub async fn farm(cx: &Context<'_>, redis_url: &str) -> anyhow::Result<Parts> {
         ledger,
         event_log,
         bus: Arc::new(bus),
-        counters: Arc::new(RedisCounters::new(link)),
+        counters: Arc::new(RedisCounters::new(link.clone())),
         history: history(cx.config, store).await?,
+        presence: Arc::new(RedisPresence::new(link, cx.id.clone())),
     })
 }
 
@@ -151,7 +155,16 @@ pub async fn assemble(
         metrics.clone(),
     ));
     plugins.load_initial().await?;
-    let registry = Arc::new(Registry::new(metrics.clone(), parts.bus.clone()));
+    let registry = Arc::new(Registry::new(
+        metrics.clone(),
+        parts.bus.clone(),
+        parts.presence.clone(),
+    ));
+    crate::broadcast::listeners::spawn(registry.clone(), metrics.clone(), &tasks);
+    let counted = registry.clone();
+    parts
+        .presence
+        .start(Arc::new(move || counted.local_counts()), &tasks);
     let fanout = Arc::new(Fanout::new(
         registry.clone(),
         metrics.clone(),

@@ -181,9 +181,7 @@ async fn run(config: Config, log: LogFilter) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr().unwrap_or(listen);
     tracing::info!(node = %node.id, listen = %local, data_dir = %node.config.data_dir.display(), "fanfare node serving");
-    // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`.
     let scheme = if edge.tls.is_some() { "https" } else { "http" };
-    println!("fanfare listening on {scheme}://{local}");
     if let Some(addr) = node.config.shared.metrics_listen {
         let metrics_listener = TcpListener::bind(addr)
             .await
@@ -196,13 +194,14 @@ async fn run(config: Config, log: LogFilter) -> anyhow::Result<()> {
             &node.tasks,
         );
     }
+    let mut admin_local = None;
     if let Some(addr) = node.config.admin_listen {
         let admin_listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for admin on {addr}"))?;
         let local = admin_listener.local_addr().unwrap_or(addr);
         tracing::info!(listen = %local, "admin served on its own address");
-        println!("fanfare admin on {scheme}://{local}");
+        admin_local = Some(local);
         node.tasks.spawn(server::serve(
             node.clone(),
             edge.admin_only(),
@@ -216,6 +215,13 @@ async fn run(config: Config, log: LogFilter) -> anyhow::Result<()> {
     }
     edge.auth.spawn_watch(&node.tasks, node.metrics.clone())?;
     spawn_config_reload(edge.clone(), log, &node)?;
+    // One machine-readable line on stdout, so scripts and tests can use `--listen 127.0.0.1:0`;
+    // written once every listener is bound and every signal is handled, so whoever waits for
+    // it may use any of them (and send SIGHUP) at once.
+    if let Some(admin) = admin_local {
+        println!("fanfare admin on {scheme}://{admin}");
+    }
+    println!("fanfare listening on {scheme}://{local}");
     server::serve(node.clone(), edge, listener).await;
     shutdown(node).await
 }

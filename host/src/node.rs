@@ -40,7 +40,7 @@ pub struct Node {
     /// Every WebSocket session, so shutdown can wait for their in-flight likes.
     pub sessions: TaskTracker,
     /// Every part, for readiness and shutdown (in close order).
-    parts: [Arc<dyn Part>; 5],
+    parts: [Arc<dyn Part>; 6],
     next_conn: AtomicU64,
 }
 
@@ -63,6 +63,7 @@ impl Node {
             bus,
             counters: _,
             history,
+            presence: _,
         } = parts;
         Node {
             config,

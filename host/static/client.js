@@ -39,6 +39,7 @@ export class FanfareClient extends EventTarget {
     this.user = options.user ?? null;
     this.state = "idle";
     this.tracks = new Map(); // track -> last known count
+    this.watching = new Set(); // tracks subscribed with { listeners: true }
     this.pending = new Map(); // key -> { frame, resolve, reject, sentAt }
     this.waitingSubscribe = new Map(); // track -> [resolve]
     this.attempt = 0;
@@ -66,20 +67,31 @@ export class FanfareClient extends EventTarget {
     this.#setState("closed");
   }
 
-  /** Subscribes (and stays subscribed across reconnects); resolves with the current count. */
-  subscribe(track) {
+  /**
+   * Subscribes (and stays subscribed across reconnects); resolves with the current count.
+   * With `{ listeners: true }` the node also sends `listeners` frames (event "listeners") when
+   * only the number of listeners changes, at most every 2 s.
+   */
+  subscribe(track, { listeners = false } = {}) {
     if (!this.tracks.has(track)) this.tracks.set(track, null);
+    if (listeners) this.watching.add(track);
+    else this.watching.delete(track);
     const counted = new Promise((resolve) => {
       const list = this.waitingSubscribe.get(track) ?? [];
       list.push(resolve);
       this.waitingSubscribe.set(track, list);
     });
-    this.#send({ type: "subscribe", track });
+    this.#send(this.#subscribeFrame(track));
     return counted;
+  }
+
+  #subscribeFrame(track) {
+    return this.watching.has(track) ? { type: "subscribe", track, listeners: true } : { type: "subscribe", track };
   }
 
   unsubscribe(track) {
     this.tracks.delete(track);
+    this.watching.delete(track);
     this.#send({ type: "unsubscribe", track });
   }
 
@@ -154,7 +166,7 @@ export class FanfareClient extends EventTarget {
         this.#scheduleRefresh(frame.expires_at);
         this.#setState("connected", { user: frame.user });
         // Resume: resubscribe everything, resend every unacked like with its original key.
-        for (const track of this.tracks.keys()) this.ws.send(JSON.stringify({ type: "subscribe", track }));
+        for (const track of this.tracks.keys()) this.ws.send(JSON.stringify(this.#subscribeFrame(track)));
         for (const { frame: pendingFrame } of this.pending.values()) this.ws.send(JSON.stringify(pendingFrame));
         break;
       case "subscribed":
@@ -162,11 +174,16 @@ export class FanfareClient extends EventTarget {
         for (const resolve of this.waitingSubscribe.get(frame.track) ?? []) resolve(frame.count);
         this.waitingSubscribe.delete(frame.track);
         this.#emit("count", { track: frame.track, count: frame.count });
+        this.#emit("listeners", { track: frame.track, listeners: frame.listeners });
         break;
       case "likes":
         if (this.tracks.has(frame.track)) this.tracks.set(frame.track, frame.count);
         this.#emit("likes", frame);
         this.#emit("count", { track: frame.track, count: frame.count });
+        this.#emit("listeners", { track: frame.track, listeners: frame.listeners });
+        break;
+      case "listeners":
+        this.#emit("listeners", { track: frame.track, listeners: frame.listeners });
         break;
       case "ack": {
         const waiting = this.pending.get(frame.id);

@@ -19,6 +19,8 @@ use serde_json::{Map, Value};
 pub enum ClientFrame {
     Subscribe {
         track: String,
+        /// Also send `listeners` frames when only the number of listeners changes.
+        listeners: bool,
     },
     Unsubscribe {
         track: String,
@@ -140,9 +142,14 @@ impl ClientFrame {
     /// The frame as a client sends it: exactly what [`decode`] reads back.
     pub fn to_json(&self) -> String {
         let value = match self {
-            ClientFrame::Subscribe { track } => {
-                serde_json::json!({"type": "subscribe", "track": track})
-            }
+            ClientFrame::Subscribe {
+                track,
+                listeners: false,
+            } => serde_json::json!({"type": "subscribe", "track": track}),
+            ClientFrame::Subscribe {
+                track,
+                listeners: true,
+            } => serde_json::json!({"type": "subscribe", "track": track, "listeners": true}),
             ClientFrame::Unsubscribe { track } => {
                 serde_json::json!({"type": "unsubscribe", "track": track})
             }
@@ -179,6 +186,11 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     match kind {
         "subscribe" => Ok(ClientFrame::Subscribe {
             track: track_field(&fields, &key)?,
+            listeners: match fields.get("listeners") {
+                None | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(_) => return Err(FrameError::bad("field `listeners` must be a boolean", key)),
+            },
         }),
         "unsubscribe" => Ok(ClientFrame::Unsubscribe {
             track: track_field(&fields, &key)?,
@@ -252,6 +264,13 @@ pub enum ServerFrame<'a> {
     Subscribed {
         track: &'a str,
         count: u64,
+        /// Listening now: sockets on this track across the farm (this one included).
+        listeners: u64,
+    },
+    /// Only the number of listeners changed (to subscriptions that asked, at most every 2 s).
+    Listeners {
+        track: &'a str,
+        listeners: u64,
     },
     Unsubscribed {
         track: &'a str,
@@ -304,6 +323,8 @@ pub struct LikesFrame<'a> {
     pub count: u64,
     pub delta: i64,
     pub recent: &'a [RecentLike],
+    /// Listening now, as in `subscribed`.
+    pub listeners: u64,
 }
 
 #[cfg(test)]
@@ -315,6 +336,11 @@ mod tests {
         let frames = [
             ClientFrame::Subscribe {
                 track: "demo:t1".into(),
+                listeners: false,
+            },
+            ClientFrame::Subscribe {
+                track: "demo:t1".into(),
+                listeners: true,
             },
             ClientFrame::Unsubscribe {
                 track: "demo:t1".into(),
@@ -339,8 +365,14 @@ mod tests {
         assert_eq!(
             decode(r#"{"type":"subscribe","track":"album:1"}"#),
             Ok(ClientFrame::Subscribe {
-                track: "album:1".into()
+                track: "album:1".into(),
+                listeners: false,
             })
+        );
+        assert_eq!(
+            decode(r#"{"type":"subscribe","track":"album:1","listeners":1}"#)
+                .map_err(|e| e.message),
+            Err("field `listeners` must be a boolean".to_owned())
         );
         assert_eq!(
             decode(r#"{"type":"unlike","track":"t","id":"k1","extra":true}"#),

@@ -59,8 +59,18 @@ async function main() {
     await waitFor("pages connected", async () => (await stateOf(page)) === "connected", 10000);
   }
 
+  // Listening now: both pages count the two of them on every track.
+  for (const page of [ana, bob]) {
+    await waitFor("both pages show 2 listening now", async () =>
+      (await page.locator(`[data-listeners="demo:track-1"]`).textContent()) === "2 listening now", 5000);
+  }
+  console.log("ok  both pages show 2 listening now");
+
   // A click on one page updates the other within 1 s.
   const track = "demo:track-2";
+  // A user clicks on the page in front: a page in the background gets one animation frame a
+  // second, and the click's actionability checks wait for two of them.
+  await ana.bringToFront();
   const clicked = Date.now();
   await ana.locator(`button[data-track="${track}"]`).click();
   await waitFor("bob sees ana's like within 1 s", async () => (await countOf(bob, track).textContent()) === "1", 1000);
@@ -81,6 +91,7 @@ async function main() {
   console.log("ok  both pages reconnected after a restart and show the stored count");
 
   // And they are live again.
+  await bob.bringToFront();
   await bob.locator(`button[data-track="${track}"]`).click();
   await waitFor("ana sees bob's like", async () => (await countOf(ana, track).textContent()) === "2", 2000);
   console.log("ok  updates flow again after the restart");

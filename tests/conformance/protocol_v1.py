@@ -30,17 +30,28 @@ async def conversation(base):
         expect(await recv(ana), {"type": "welcome", "user": "ana", "heartbeat_ms": 30000}, "welcome")
         await recv(bob)
         await bob.send(json.dumps({"type": "subscribe", "track": "T"}))
-        expect(await recv(bob), {"type": "subscribed", "track": "T", "count": 0}, "subscribe")
+        expect(await recv(bob), {"type": "subscribed", "track": "T", "count": 0, "listeners": 1}, "subscribe")
         await ana.send(json.dumps({"type": "like", "track": "T", "id": "K"}))
         expect(await recv(ana), {"type": "ack", "id": "K", "track": "T", "count": 1, "duplicate": False}, "like ack")
         expect(await recv(bob), {"type": "likes", "track": "T", "count": 1, "delta": 1,
-                                 "recent": [{"user": "ana", "id": "K", "action": "like"}]}, "likes update")
+                                 "recent": [{"user": "ana", "id": "K", "action": "like"}], "listeners": 1},
+               "likes update")
         await ana.send(json.dumps({"type": "like", "track": "T", "id": "K2"}))
         expect(await recv(ana), {"type": "ack", "id": "K2", "track": "T", "count": 1, "duplicate": True},
                "second like is a duplicate")
         await ana.send(json.dumps({"type": "unlike", "track": "T", "id": "K3"}))
         expect(await recv(ana), {"type": "ack", "id": "K3", "track": "T", "count": 0, "duplicate": False}, "unlike ack")
         expect((await recv(bob))["count"], 0, "update after unlike")
+        # Listening now: a subscription that asks gets `listeners` frames when only the number
+        # of listeners changes (checked every 2 s).
+        await bob.send(json.dumps({"type": "subscribe", "track": "L", "listeners": True}))
+        expect(await recv(bob), {"type": "subscribed", "track": "L", "count": 0, "listeners": 1},
+               "subscribe asking for listener updates")
+        await ana.send(json.dumps({"type": "subscribe", "track": "L"}))
+        expect((await recv(ana))["listeners"], 2, "a second listener is counted")
+        expect(await recv(bob), {"type": "listeners", "track": "L", "listeners": 2}, "listeners update")
+        await bob.send(json.dumps({"type": "subscribe", "track": "L", "listeners": "yes"}))
+        expect((await recv(bob))["code"], "bad_request", "listeners must be a boolean")
         await bob.send(json.dumps({"type": "unsubscribe", "track": "T"}))
         expect(await recv(bob), {"type": "unsubscribed", "track": "T"}, "unsubscribe")
         await bob.send(json.dumps({"type": "ping"}))

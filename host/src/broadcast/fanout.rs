@@ -164,6 +164,7 @@ impl Fanout {
                     count: pending.count,
                     delta: pending.delta,
                     recent: &pending.recent,
+                    listeners: self.registry.listening(track),
                 };
                 match serde_json::to_string(&frame) {
                     Ok(text) => text,
@@ -250,7 +251,11 @@ mod tests {
     fn window_grows_with_audience_within_bounds() {
         let metrics = Arc::new(Metrics::new());
         let bus: Arc<dyn crate::seams::bus::Bus> = Arc::new(crate::seams::bus::LocalBus::default());
-        let registry = Arc::new(Registry::new(metrics.clone(), bus));
+        let registry = Arc::new(Registry::new(
+            metrics.clone(),
+            bus,
+            Arc::new(crate::seams::presence::Alone),
+        ));
         let counters = Arc::new(crate::seams::counters::MemoryCounters::default());
         let plugins = Arc::new(Plugins::new(
             None,

@@ -32,6 +32,16 @@ impl<V> ShardedMap<V> {
         self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A snapshot of every key with a value derived from its entry, one shard at a time.
+    pub fn collect<T>(&self, value: impl Fn(&V) -> T) -> Vec<(Arc<str>, T)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            all.extend(shard.iter().map(|(key, v)| (key.clone(), value(v))));
+        }
+        all
+    }
+
     /// A snapshot of every key, one shard at a time.
     pub fn collect_keys(&self) -> Vec<Arc<str>> {
         let mut keys = Vec::new();

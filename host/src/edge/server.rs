@@ -324,7 +324,11 @@ async fn track_count(node: &Node, track: &str) -> Response<Body> {
     match node.ledger.count(track).await {
         Ok(count) => json(
             StatusCode::OK,
-            serde_json::json!({ "track": track, "count": count }),
+            serde_json::json!({
+                "track": track,
+                "count": count,
+                "listeners": node.registry.listening(track),
+            }),
         ),
         Err(err) => {
             crate::error_throttled!(error = %err, "cannot read count");

@@ -275,7 +275,7 @@ where
                 self.inflight.push(Box::pin(work));
                 Ok(())
             }
-            ClientFrame::Subscribe { track } => self.subscribe(track).await,
+            ClientFrame::Subscribe { track, listeners } => self.subscribe(track, listeners).await,
             ClientFrame::Refresh { token } => self.refresh(&token).await,
             ClientFrame::Unsubscribe { track } => {
                 if let Some(name) = self.tracks.take(track.as_str()) {
@@ -313,7 +313,7 @@ where
         }
     }
 
-    async fn subscribe(&mut self, track: String) -> Result<(), End> {
+    async fn subscribe(&mut self, track: String, watch_listeners: bool) -> Result<(), End> {
         let limit = self.node.config.max_subscriptions;
         if !self.tracks.contains(track.as_str()) && self.tracks.len() >= limit {
             let message = format!("subscription limit of {limit} tracks per connection reached");
@@ -321,6 +321,9 @@ where
         }
         // Register first, then read the count: no update can fall between the two.
         let (name, _) = self.node.registry.subscribe(&track, &self.outbox);
+        self.node
+            .registry
+            .watch_listeners(&name, &self.outbox, watch_listeners);
         self.tracks.insert(name);
         match self.node.ledger.count(&track).await {
             Ok(count) => {
@@ -328,6 +331,7 @@ where
                     ServerFrame::Subscribed {
                         track: &track,
                         count,
+                        listeners: self.node.registry.listening(&track),
                     }
                     .to_json(),
                 )

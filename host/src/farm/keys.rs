@@ -42,6 +42,14 @@ pub fn counter(key: &str) -> String {
     format!("ff:counter:{key}")
 }
 
+/// Sorted set of the nodes sharing listener counts, scored by their last refresh (ms).
+pub const PRESENCE_NODES: &str = "ff:presence:nodes";
+
+/// Hash track → listeners on one node (expires when the node stops refreshing it).
+pub fn presence(node: &str) -> String {
+    format!("ff:presence:{node}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 //! `link` keeps one self-healing connection (direct or via Sentinel), `keys` owns the key
 //! schema, `ledger` makes Redis the authority for the once-only rule and global counts (with a
 //! degraded fallback and reconciliation), `bus` carries likes between nodes over Pub/Sub, and
-//! `counters` backs plugin rate limits so they hold across nodes. Each implements a seam
+//! `counters` backs plugin rate limits so they hold across nodes, `presence` sums listeners
+//! over the nodes. Each implements a seam
 //! (`crate::seams`); nothing outside the composition root names these types.
 
 pub mod bus;
@@ -12,3 +13,4 @@ pub mod keys;
 pub mod ledger;
 pub mod ledger_script;
 pub mod link;
+pub mod presence;

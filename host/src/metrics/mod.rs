@@ -37,6 +37,8 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     redis_scripts: HistogramFamily,
     pub broadcast_updates: Counter,
+    /// `listeners` frames built (one per track whose listener count changed, per period).
+    pub listener_updates: Counter,
     pub frames_delivered: Counter,
     pub outbound_conflated: Counter,
     pub slow_consumer_disconnects: Counter,
@@ -120,6 +122,7 @@ impl Metrics {
             ]),
             redis_scripts: Family::new_with_constructor(plugin_latency_histogram),
             broadcast_updates: Counter::default(),
+            listener_updates: Counter::default(),
             frames_delivered: Counter::default(),
             outbound_conflated: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
@@ -196,6 +199,11 @@ impl Metrics {
             "fanfare_broadcast_updates",
             "Per-track updates built (each serialized once)",
             m.broadcast_updates.clone(),
+        );
+        registry.register(
+            "fanfare_listener_updates",
+            "Listener-count updates built (a track whose listeners changed, at most one per track every 2 s, each serialized once)",
+            m.listener_updates.clone(),
         );
         registry.register(
             "fanfare_frames_delivered",

@@ -9,6 +9,7 @@
 //! | [`bus::Bus`] (likes between nodes) | `LocalBus` | `farm::bus::RedisBus` (Pub/Sub) |
 //! | [`counters::Counters`] (plugin rate-limit counters) | `MemoryCounters` | `farm::counters::RedisCounters` |
 //! | [`history::History`] (history endpoint) | `SqliteHistory` | `worker::archive::MongoArchive` |
+//! | [`presence::Presence`] (listeners on other nodes) | `Alone` | `farm::presence::RedisPresence` |
 //!
 //! Every implementation is also a [`Part`]: readiness and shutdown go over the parts without
 //! knowing which ones are there.
@@ -18,6 +19,7 @@ pub mod counters;
 pub mod event_log;
 pub mod history;
 pub mod ledger;
+pub mod presence;
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ use self::counters::Counters;
 use self::event_log::EventLog;
 use self::history::History;
 use self::ledger::Ledger;
+use self::presence::Presence;
 
 /// How a part is doing, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,18 +64,20 @@ pub struct Parts {
     pub bus: Arc<dyn Bus>,
     pub counters: Arc<dyn Counters>,
     pub history: Arc<dyn History>,
+    pub presence: Arc<dyn Presence>,
 }
 
 impl Parts {
     /// Every part, in the order shutdown closes them: the event log first (it flushes what the
     /// last sessions appended), then the rest.
-    pub fn all(&self) -> [Arc<dyn Part>; 5] {
+    pub fn all(&self) -> [Arc<dyn Part>; 6] {
         [
             self.event_log.clone(),
             self.ledger.clone(),
             self.bus.clone(),
             self.counters.clone(),
             self.history.clone(),
+            self.presence.clone(),
         ]
     }
 }

@@ -329,6 +329,7 @@ async fn listen(
     ws.send(Message::text(
         ClientFrame::Subscribe {
             track: track.clone(),
+            listeners: false,
         }
         .to_json(),
     ))
