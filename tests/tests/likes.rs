@@ -243,7 +243,7 @@ async fn counts_and_health_over_http() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&body)?,
-        serde_json::json!({"count": 0, "track": "fresh:1"})
+        serde_json::json!({"count": 0, "track": "fresh:1", "listeners": 0})
     );
     assert_eq!(node.get("/v1/tracks/bad%20id").await?.0, 400);
     assert_eq!(node.get("/nope").await?.0, 404);
