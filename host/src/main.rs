@@ -22,6 +22,9 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "worker") {
         return worker_main();
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "plugin") {
+        return plugin_main();
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -48,6 +51,23 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!("{err:#}");
             eprintln!("fanfare: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `fanfare plugin sign|public-key …`: signing components for the manifest.
+fn plugin_main() -> ExitCode {
+    use clap::Parser;
+    let args = std::iter::once("fanfare plugin".into()).chain(std::env::args_os().skip(2));
+    let command = match plugins::signing::PluginCommand::try_parse_from(args) {
+        Ok(command) => command,
+        Err(err) => err.exit(),
+    };
+    match plugins::signing::run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fanfare plugin: {err:#}");
             ExitCode::FAILURE
         }
     }

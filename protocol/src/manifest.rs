@@ -1,5 +1,7 @@
 //! The deployment manifest (`plugins/fanfare.toml`): which component fills which slot, with
-//! its config table, failure policy, time budget and memory cap.
+//! its config table, failure policy, time budget and memory cap — and what a component must
+//! be: its `sha256` pinned per slot, and, with `[signing]`, an ed25519 signature
+//! (`<component>.sig`) by one of the listed public keys.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,9 +50,17 @@ pub enum Policy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
+    signing: Option<RawSigning>,
     rate_limit: Option<RawSlot>,
     validate: Option<RawSlot>,
     shape: Option<RawSlot>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    /// ed25519 public keys (base64 of the 32 raw bytes) whose signatures are accepted.
+    public_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +71,7 @@ struct RawSlot {
     budget_ms: Option<u64>,
     memory_mb: Option<u64>,
     fuel: Option<u64>,
+    sha256: Option<String>,
     #[serde(default)]
     config: toml::Table,
 }
@@ -78,6 +89,12 @@ pub struct SlotSpec {
     /// Instructions (wasmtime fuel) one call may run, whatever the machine's speed or load.
     pub fuel: u64,
     pub config: HashMap<String, String>,
+    /// The component's SHA-256 (lowercase hex) if the manifest pins it: any other file is
+    /// refused.
+    pub sha256: Option<String>,
+    /// With `[signing]`: the public keys (base64) one of which must have signed the component
+    /// (`<component>.sig`, base64 of the ed25519 signature of its bytes).
+    pub signers: Vec<String>,
 }
 
 pub const DEFAULT_BUDGET_MS: u64 = 5;
@@ -95,6 +112,13 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<SlotSpec>> {
 
 pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
     let raw: RawManifest = toml::from_str(text)?;
+    let signers = match raw.signing {
+        Some(signing) if signing.public_keys.is_empty() => {
+            bail!("[signing] public_keys must list at least one key")
+        }
+        Some(signing) => signing.public_keys,
+        None => Vec::new(),
+    };
     let mut specs = Vec::new();
     for (kind, slot) in [
         (SlotKind::RateLimit, raw.rate_limit),
@@ -117,6 +141,14 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
         if slot.component.as_os_str().is_empty() {
             bail!("[{}] component must name a .wasm file", kind.as_str());
         }
+        if let Some(pin) = &slot.sha256
+            && !(pin.len() == 64
+                && pin
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            bail!("[{}] sha256 must be 64 lowercase hex digits", kind.as_str());
+        }
         let mut config = HashMap::new();
         for (key, value) in slot.config {
             let Some(text) = crate::toml_text::toml_text(&value) else {
@@ -135,6 +167,8 @@ pub fn parse(text: &str, base: &Path) -> anyhow::Result<Vec<SlotSpec>> {
             memory_bytes: (memory_mb as usize) << 20,
             fuel,
             config,
+            sha256: slot.sha256,
+            signers: signers.clone(),
         });
     }
     Ok(specs)
@@ -182,5 +216,27 @@ mod tests {
             "component missing"
         );
         assert!(parse("not toml [", base).is_err());
+        assert!(
+            parse("[validate]\ncomponent = \"x\"\nsha256 = \"ABC\"", base).is_err(),
+            "a pin is 64 lowercase hex digits"
+        );
+        assert!(parse("[signing]\npublic_keys = []", base).is_err());
+    }
+
+    #[test]
+    fn pins_and_signers_reach_every_slot() -> anyhow::Result<()> {
+        let pin = "ab".repeat(32);
+        let specs = parse(
+            &format!(
+                "[signing]\npublic_keys = [\"k1\", \"k2\"]\n[validate]\ncomponent = \"v.wasm\"\nsha256 = \"{pin}\"\n[shape]\ncomponent = \"s.wasm\""
+            ),
+            Path::new("/p"),
+        )?;
+        assert_eq!(specs[0].sha256.as_deref(), Some(pin.as_str()));
+        assert_eq!(specs[1].sha256, None);
+        for spec in &specs {
+            assert_eq!(spec.signers, ["k1", "k2"]);
+        }
+        Ok(())
     }
 }

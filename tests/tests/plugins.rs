@@ -411,3 +411,91 @@ async fn a_failing_shaper_falls_back_to_the_built_in_frame() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Runs `fanfare plugin …`; its stdout.
+fn plugin_tool(args: &[&str]) -> anyhow::Result<String> {
+    let output = std::process::Command::new(fanfare_tests::fanfare_bin())
+        .arg("plugin")
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "fanfare plugin {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+#[tokio::test]
+async fn only_pinned_and_signed_components_load() -> anyhow::Result<()> {
+    let plugins = PluginDir::new()?;
+    let key = plugins.path("key.pem").to_string_lossy().to_string();
+    let status_of = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out", &key])
+        .status()?;
+    anyhow::ensure!(status_of.success(), "openssl genpkey failed");
+    let public = plugin_tool(&["public-key", "--key", &key])?;
+    let component = plugins.path("validate_basic.wasm");
+    plugin_tool(&["sign", "--key", &key, &component.to_string_lossy()])?;
+    let good = std::fs::read(&component)?;
+    let sha256 = {
+        let out = std::process::Command::new("sha256sum")
+            .arg(&component)
+            .output()?;
+        String::from_utf8(out.stdout)?
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(sha256.len(), 64, "{sha256}");
+    let manifest = |pin: &str| {
+        format!(
+            "[signing]\npublic_keys = [\"{public}\"]\n[validate]\ncomponent = \"validate_basic.wasm\"\n\
+             sha256 = \"{pin}\"\nconfig = {{ banned_users = [\"spammer\"] }}\n"
+        )
+    };
+    plugins.write_manifest(&manifest(&sha256))?;
+    let (_data, node) = start_with(&plugins).await?;
+    let active = slot(&status(&node).await?, "validate").clone();
+    assert_eq!(active["sha256"], sha256.as_str(), "{active}");
+    let mut spammer = node.connect("spammer").await?;
+    assert_eq!(spammer.like("like", "t", "s1").await?["code"], "rejected");
+
+    // Another component dropped over it: its signature no longer matches; refused, and the
+    // signed one keeps serving.
+    let other = std::fs::read(plugins.path("misbehave.wasm"))?;
+    plugins.replace_file("validate_basic.wasm", &other)?;
+    let refused = wait_slot(&node, "validate", |s| !s["last_refusal"].is_null()).await?;
+    let reason = refused["last_refusal"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("pin"),
+        "the pin is checked first: {refused}"
+    );
+    assert_eq!(
+        refused["sha256"],
+        sha256.as_str(),
+        "old version still active"
+    );
+    assert_eq!(spammer.like("like", "t", "s2").await?["code"], "rejected");
+
+    // Without the pin the signature decides: still refused.
+    let unpinned = manifest("").replace("sha256 = \"\"\n", "");
+    plugins.write_manifest(&unpinned)?;
+    let (code, report) = node.post("/admin/plugins/reload").await?;
+    assert_eq!(code, 200, "{report}");
+    assert!(
+        report.contains("not a signature of this component"),
+        "{report}"
+    );
+    assert_eq!(spammer.like("like", "t", "s3").await?["code"], "rejected");
+
+    // The signed bytes back: accepted again.
+    plugins.replace_file("validate_basic.wasm", &good)?;
+    let (code, report) = node.post("/admin/plugins/reload").await?;
+    assert_eq!(code, 200, "{report}");
+    assert!(!report.contains("refused"), "{report}");
+    Ok(())
+}

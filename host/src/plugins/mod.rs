@@ -9,6 +9,7 @@ mod bindings;
 mod engine;
 mod loaded;
 pub mod reload;
+pub mod signing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -128,6 +128,13 @@ impl Plugins {
             Ok(hashed) => hashed,
             Err(err) => return self.refuse(kind, component, anyhow!("hashing failed: {err}")),
         };
+        // Supply chain first: a component the manifest does not vouch for is never compiled.
+        let signature = tokio::fs::read_to_string(super::signing::signature_path(&spec.component))
+            .await
+            .ok();
+        if let Err(err) = super::signing::check(&spec, &bytes, &sha256, signature.as_deref()) {
+            return self.refuse(kind, component, err);
+        }
         if let Some(current) = &current
             && current.sha256 == sha256
             && current.spec == spec
