@@ -73,6 +73,42 @@ async def conversation(base):
             expect(closed.rcvd.code, 1009, "oversized frame closes with 1009")
 
 
+async def next_event(reader):
+    """The next server-sent event as (name, JSON data); chunk sizes and comments skipped."""
+    name = None
+    while True:
+        line = (await asyncio.wait_for(reader.readline(), 10)).decode().rstrip("\r\n")
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            return name, json.loads(line[len("data: "):])
+
+
+async def event_stream(addr):
+    """GET /v1/tracks/{t}/events: server-sent events, read as an EventSource would."""
+    host, port = addr.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /v1/tracks/E/events?user=embed HTTP/1.1\r\nHost: {addr}\r\n\r\n".encode())
+    await writer.drain()
+    status = (await reader.readline()).decode()
+    expect(status.split()[1], "200", "event stream status")
+    headers = {}
+    while (line := (await reader.readline()).decode().strip()):
+        key, _, value = line.partition(":")
+        headers[key.lower()] = value.strip()
+    expect(headers.get("content-type"), "text/event-stream", "event stream content type")
+    expect(await next_event(reader), ("subscribed", {"type": "subscribed", "track": "E", "count": 0, "listeners": 1}),
+           "event stream starts with the current count")
+    async with websockets.connect(f"ws://{addr}/v1/ws?user=carol") as carol:
+        await recv(carol)
+        await carol.send(json.dumps({"type": "like", "track": "E", "id": "E1"}))
+        expect((await recv(carol))["count"], 1, "like for the stream")
+        name, update = await next_event(reader)
+        expect((name, update["type"], update["count"], update["listeners"]), ("likes", "likes", 1, 1),
+               "event stream update")
+    writer.close()
+
+
 def main():
     binary = sys.argv[1]
     with tempfile.TemporaryDirectory() as data:
@@ -84,6 +120,7 @@ def main():
             if not line.startswith(prefix):
                 raise SystemExit(f"unexpected first line from fanfare: {line!r}")
             asyncio.run(conversation("ws://" + line[len(prefix):]))
+            asyncio.run(event_stream(line[len(prefix):]))
         finally:
             node.terminate()
             node.wait(timeout=15)

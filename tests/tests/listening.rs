@@ -139,3 +139,120 @@ async fn a_farm_sums_listeners_over_its_nodes() -> anyhow::Result<()> {
     assert_eq!(http_listeners(&nodes[1], "farm:live").await?, 2);
     Ok(())
 }
+
+/// A server-sent-events reader over a plain TCP connection (what an `EventSource` does).
+struct EventStream {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl EventStream {
+    async fn open(addr: &str, path: &str) -> anyhow::Result<(u16, EventStream)> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        let status_line = lines.next_line().await?.unwrap_or_default();
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut content_type = String::new();
+        while let Some(line) = lines.next_line().await? {
+            if line.is_empty() {
+                break;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-type:") {
+                content_type = value.trim().to_owned();
+            }
+        }
+        anyhow::ensure!(
+            status != 200 || content_type == "text/event-stream",
+            "content type {content_type}"
+        );
+        Ok((status, EventStream { lines }))
+    }
+
+    /// The next event's name and JSON data (chunked-encoding size lines and comments skipped).
+    async fn next(&mut self) -> anyhow::Result<(String, Value)> {
+        let mut kind = None;
+        loop {
+            let line = tokio::time::timeout(PATIENCE, self.lines.next_line())
+                .await??
+                .ok_or_else(|| anyhow::anyhow!("the stream ended"))?;
+            if let Some(name) = line.strip_prefix("event: ") {
+                kind = Some(name.to_owned());
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                let kind = kind.take().unwrap_or_default();
+                return Ok((kind, serde_json::from_str(data)?));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_event_stream_counts_as_a_listener_and_carries_updates() -> anyhow::Result<()> {
+    let node = NodeProcess::fresh(&[]).await?;
+    let (status, mut stream) = EventStream::open(
+        &node.addr,
+        "/v1/tracks/embed/events?user=widget&listeners=true",
+    )
+    .await?;
+    assert_eq!(status, 200);
+    let (kind, first) = stream.next().await?;
+    assert_eq!(kind, "subscribed");
+    assert_eq!(
+        first,
+        json!({"type":"subscribed","track":"embed","count":0,"listeners":1})
+    );
+    assert_eq!(
+        http_listeners(&node, "embed").await?,
+        1,
+        "the stream is a listener"
+    );
+
+    // A like on a WebSocket reaches the stream as the same JSON a socket gets.
+    let mut fan = node.connect("fan").await?;
+    subscribe(&mut fan, "embed", false).await?;
+    fan.like("like", "embed", "k1").await?;
+    let (kind, update) = loop {
+        let (kind, data) = stream.next().await?;
+        if kind == "likes" {
+            break (kind, data);
+        }
+        assert_eq!(kind, "listeners", "{data}"); // the WebSocket joining, within 2 s
+    };
+    assert_eq!(kind, "likes");
+    assert_eq!(
+        (update["count"].as_u64(), update["listeners"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(update["recent"][0]["user"], "fan");
+
+    // Gone: no longer counted.
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while http_listeners(&node, "embed").await? != 1 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the stream still counts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Same auth as a WebSocket: with tokens, no token is 401; a bad track is 400.
+    let jwt = NodeProcess::fresh(&[
+        "--auth",
+        "jwt",
+        "--jwt-secret",
+        "a-test-secret-that-is-at-least-32-bytes-long",
+    ])
+    .await?;
+    let (status, _) = EventStream::open(&jwt.addr, "/v1/tracks/embed/events").await?;
+    assert_eq!(status, 401);
+    let (status, _) = EventStream::open(&node.addr, "/v1/tracks/bad%20id/events").await?;
+    assert_eq!(status, 400);
+    Ok(())
+}

@@ -1,5 +1,5 @@
 //! The node's edge: the listener and HTTP routes (`server`), one WebSocket connection
-//! (`session`), who a connection is (`auth`), wss/https (`tls`) and connection and message
+//! (`session`), a read-only event stream (`sse`), who a connection is (`auth`), wss/https (`tls`) and connection and message
 //! limits (`limits`), the client's address from a balancer's PROXY header (`proxy_protocol`). The edge reaches the rest only through [`crate::node::Node`] and the
 //! seams' traits; it never names farm, pipeline or worker code.
 
@@ -10,5 +10,6 @@ pub mod proxy_protocol;
 pub mod respond;
 pub mod server;
 pub mod session;
+pub mod sse;
 pub mod tls;
 pub mod watch;

@@ -1,22 +1,31 @@
 //! The small JSON, text and asset responses every listener gives.
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
-pub type Body = Full<Bytes>;
+/// Every response body: a whole one, or a stream (server-sent events).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A body given whole.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
 
 pub fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(Body::from(body));
+    let mut response = Response::new(full(body));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
-pub fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
-    let mut response = Response::new(body.into());
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -26,7 +35,7 @@ pub fn text(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
 }
 
 pub fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Body::from(value.to_string()));
+    let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

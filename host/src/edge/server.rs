@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -287,15 +288,39 @@ async fn route_inner(
         _ => match path.strip_prefix("/v1/tracks/") {
             Some(rest) => match edge.http_reads.take(&peer.ip()) {
                 Err(retry_ms) => read_limited(&node, retry_ms),
-                Ok(()) => match rest.strip_suffix("/history") {
-                    Some(track) => track_history(&node, track, req.uri().query()).await,
-                    None => track_count(&node, rest).await,
+                Ok(()) => match (rest.strip_suffix("/history"), rest.strip_suffix("/events")) {
+                    (Some(track), _) => track_history(&node, track, req.uri().query()).await,
+                    (_, Some(track)) => events(node.clone(), &edge, peer, &req, track).await,
+                    _ => track_count(&node, rest).await,
                 },
             },
             None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
         },
     };
     Ok(response)
+}
+
+/// `GET /v1/tracks/{track}/events`: a read-only event stream, admitted like a WebSocket.
+async fn events(
+    node: Arc<Node>,
+    edge: &Edge,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+    track: &str,
+) -> Response<Body> {
+    if !node.is_ready() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "node is shutting down",
+        );
+    }
+    match admit_listener(&node, edge, peer, req) {
+        Ok((_, _, admission)) => {
+            crate::edge::sse::open(node, track, req.uri().query(), admission).await
+        }
+        Err(refused) => *refused,
+    }
 }
 
 /// 429 for a client address over `--max-http-reads-per-ip`, saying when to come back.
@@ -382,6 +407,90 @@ async fn track_history(node: &Node, track: &str, query: Option<&str>) -> Respons
     }
 }
 
+/// A listener let in: its user, how it proved it, and its slot in the connection limits.
+type Admitted = (
+    Arc<str>,
+    crate::edge::auth::Identity,
+    crate::edge::limits::Admission,
+);
+
+/// Who may listen, for a WebSocket and an event stream alike: the browser origin, the
+/// identity (token or dev user) and the connection limits. The admission frees its slot when
+/// dropped.
+pub(crate) fn admit_listener(
+    node: &Node,
+    edge: &Edge,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Result<Admitted, Box<Response<Body>>> {
+    let allowed_origins = edge.allowed_origins.load();
+    if let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        && !allowed_origins.is_empty()
+        && !allowed_origins.iter().any(|allowed| allowed == origin)
+    {
+        node.metrics.upgrade_refused("origin");
+        return Err(Box::new(json_error(
+            StatusCode::FORBIDDEN,
+            "unauthorized",
+            "origin not allowed",
+        )));
+    }
+    let identity = match edge.auth.authenticate(req.headers(), req.uri().query()) {
+        Ok(identity) => identity,
+        Err(reason) => {
+            node.metrics.upgrade_refused("unauthorized");
+            return Err(Box::new(json_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                &reason,
+            )));
+        }
+    };
+    let user = match identity.user.clone() {
+        None => format!("anon-{:012x}", rand::random::<u64>() >> 16),
+        Some(user) if protocol::is_valid_user(&user) => user,
+        Some(_) => {
+            return Err(Box::new(json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "user ids match [A-Za-z0-9_.-]{1,64}",
+            )));
+        }
+    };
+    let user: Arc<str> = Arc::from(user);
+    let admission = match edge.gate.admit(peer.ip(), &user) {
+        Ok(admission) => admission,
+        Err(Refusal::NodeFull) => {
+            node.metrics.upgrade_refused("node_full");
+            return Err(Box::new(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "this node is full; try another",
+            )));
+        }
+        Err(Refusal::IpFull) => {
+            node.metrics.upgrade_refused("ip_full");
+            return Err(Box::new(json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many connections from your address",
+            )));
+        }
+        Err(Refusal::UserFull) => {
+            node.metrics.upgrade_refused("user_full");
+            return Err(Box::new(json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many connections for this user",
+            )));
+        }
+    };
+    Ok((user, identity, admission))
+}
+
 /// Answers the WebSocket handshake and spawns the session on the upgraded stream.
 fn upgrade(
     node: Arc<Node>,
@@ -427,59 +536,9 @@ fn upgrade(
         );
         return response;
     };
-    let allowed_origins = edge.allowed_origins.load();
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
-        && !allowed_origins.is_empty()
-        && !allowed_origins.iter().any(|allowed| allowed == origin)
-    {
-        node.metrics.upgrade_refused("origin");
-        return json_error(StatusCode::FORBIDDEN, "unauthorized", "origin not allowed");
-    }
-    let identity = match edge.auth.authenticate(headers, req.uri().query()) {
-        Ok(identity) => identity,
-        Err(reason) => {
-            node.metrics.upgrade_refused("unauthorized");
-            return json_error(StatusCode::UNAUTHORIZED, "unauthorized", &reason);
-        }
-    };
-    let user = match identity.user {
-        None => format!("anon-{:012x}", rand::random::<u64>() >> 16),
-        Some(user) if protocol::is_valid_user(&user) => user,
-        Some(_) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "user ids match [A-Za-z0-9_.-]{1,64}",
-            );
-        }
-    };
-    let user: Arc<str> = Arc::from(user);
-    let admission = match edge.gate.admit(peer.ip(), &user) {
-        Ok(admission) => admission,
-        Err(Refusal::NodeFull) => {
-            node.metrics.upgrade_refused("node_full");
-            return json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "this node is full; try another",
-            );
-        }
-        Err(Refusal::IpFull) => {
-            node.metrics.upgrade_refused("ip_full");
-            return json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                "too many connections from your address",
-            );
-        }
-        Err(Refusal::UserFull) => {
-            node.metrics.upgrade_refused("user_full");
-            return json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                "too many connections for this user",
-            );
-        }
+    let (user, identity, admission) = match admit_listener(&node, edge, peer, &req) {
+        Ok(admitted) => admitted,
+        Err(refused) => return *refused,
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(1024)
@@ -511,7 +570,7 @@ fn upgrade(
             Err(err) => tracing::debug!(error = %err, "upgrade failed"),
         }
     });
-    let mut response = Response::new(Body::default());
+    let mut response = Response::new(crate::edge::respond::full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -529,5 +588,6 @@ fn upgrade(
 }
 
 fn metrics_response(node: &Node) -> Response<Body> {
-    crate::metrics::http::response(node.metrics.render())
+    use http_body_util::BodyExt;
+    crate::metrics::http::response(node.metrics.render()).map(|body| body.boxed_unsync())
 }
