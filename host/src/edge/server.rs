@@ -286,12 +286,15 @@ async fn route_inner(
         "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/client.js" => asset(CLIENT_JS, "text/javascript; charset=utf-8"),
         _ => match path.strip_prefix("/v1/tracks/") {
-            Some(rest) => match edge.http_reads.take(&peer.ip()) {
-                Err(retry_ms) => read_limited(&node, retry_ms),
-                Ok(()) => match (rest.strip_suffix("/history"), rest.strip_suffix("/events")) {
-                    (Some(track), _) => track_history(&node, track, req.uri().query()).await,
-                    (_, Some(track)) => events(node.clone(), &edge, peer, &req, track).await,
-                    _ => track_count(&node, rest).await,
+            // A stream is a listener: the connection limits apply, not the read rate.
+            Some(rest) => match rest.strip_suffix("/events") {
+                Some(track) => events(node.clone(), &edge, peer, &req, track).await,
+                None => match edge.http_reads.take(&peer.ip()) {
+                    Err(retry_ms) => read_limited(&node, retry_ms),
+                    Ok(()) => match rest.strip_suffix("/history") {
+                        Some(track) => track_history(&node, track, req.uri().query()).await,
+                        None => track_count(&node, rest).await,
+                    },
                 },
             },
             None => json_error(StatusCode::NOT_FOUND, "bad_request", "no such endpoint"),
