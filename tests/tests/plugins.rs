@@ -499,3 +499,34 @@ async fn only_pinned_and_signed_components_load() -> anyhow::Result<()> {
     assert!(!report.contains("refused"), "{report}");
     Ok(())
 }
+
+#[tokio::test]
+async fn plugin_check_loads_components_as_a_node_would() -> anyhow::Result<()> {
+    let plugins = PluginDir::new()?;
+    let run = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+        let output = std::process::Command::new(fanfare_tests::fanfare_bin())
+            .args(["plugin", "check"])
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        Ok((output.status.success(), text))
+    };
+    let path = |name: &str| plugins.path(name).to_string_lossy().to_string();
+
+    let (ok, report) = run(&["--slot", "validate", &path("validate_basic.wasm")])?;
+    assert!(ok && report.contains("\"outcome\": \"loaded\""), "{report}");
+    // A component for another slot does not link against this one's world.
+    let (ok, report) = run(&["--slot", "validate", &path("shape_json.wasm")])?;
+    assert!(!ok && report.contains("does not fit its slot"), "{report}");
+    // A whole manifest, with a pin that does not match.
+    plugins.write_manifest(&format!(
+        "[validate]\ncomponent = \"validate_basic.wasm\"\nsha256 = \"{}\"\n",
+        "0".repeat(64)
+    ))?;
+    let (ok, report) = run(&[&plugins.manifest_path().to_string_lossy()])?;
+    assert!(!ok && report.contains("pin"), "{report}");
+    let (ok, report) = run(&["--slot", "nope", &path("validate_basic.wasm")])?;
+    assert!(!ok && report.contains("--slot must be"), "{report}");
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! Supply chain: what a component must be before it is compiled — the manifest's `sha256` pin,
 //! and with `[signing]` an ed25519 signature of its bytes (`<component>.sig`, base64) by one of
-//! the listed public keys — and `fanfare plugin sign | public-key` to make them.
+//! the listed public keys — and the `fanfare plugin` tools: `sign` and `public-key` to make
+//! them, `check` to load a manifest (or one component) exactly as a node would, without one.
 //!
 //! Keys are PKCS#8 PEM files, as `openssl genpkey -algorithm ed25519 -out key.pem` writes.
 
@@ -104,6 +105,16 @@ pub enum PluginCommand {
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
     },
+    /// Loads a manifest's slots — or one component in a slot — as a node does (pin,
+    /// signature, compile, link against the slot's world, the canary call within the limits)
+    /// and prints the per-slot report; exits 1 if any slot is refused.
+    Check {
+        /// The manifest (`fanfare.toml`), or a `.wasm` component with `--slot`.
+        file: PathBuf,
+        /// The slot a lone component is checked for (rate_limit, validate, shape).
+        #[arg(long)]
+        slot: Option<String>,
+    },
 }
 
 pub fn run(command: PluginCommand) -> anyhow::Result<()> {
@@ -124,6 +135,67 @@ pub fn run(command: PluginCommand) -> anyhow::Result<()> {
                 BASE64.encode(signing_key(&key)?.verifying_key().to_bytes())
             );
         }
+        PluginCommand::Check { file, slot } => {
+            let scratch = std::env::temp_dir().join(format!(
+                "fanfare-plugin-check-{}-{:x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&scratch)
+                .with_context(|| format!("cannot make {}", scratch.display()))?;
+            let result = check_files(&scratch, file, slot);
+            let _ = std::fs::remove_dir_all(&scratch);
+            return result;
+        }
+    }
+    Ok(())
+}
+
+/// `fanfare plugin check`: the node's own load path (`Plugins::reload`) with a scratch cache.
+fn check_files(scratch: &Path, file: PathBuf, slot: Option<String>) -> anyhow::Result<()> {
+    let manifest = match slot {
+        None => file,
+        Some(slot) => {
+            if !["rate_limit", "validate", "shape"].contains(&slot.as_str()) {
+                bail!("--slot must be rate_limit, validate or shape, not {slot:?}");
+            }
+            let component = std::fs::canonicalize(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let manifest = scratch.join("fanfare.toml");
+            let text = format!(
+                "[{slot}]\ncomponent = {}\n",
+                toml::Value::String(component.to_string_lossy().into_owned())
+            );
+            std::fs::write(&manifest, text)?;
+            manifest
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let report = runtime.block_on(async {
+        let plugins = super::Plugins::new(
+            Some(manifest),
+            scratch.join("cache"),
+            std::sync::Arc::new(crate::seams::counters::MemoryCounters::default()),
+            std::sync::Arc::new(crate::metrics::Metrics::new()),
+        );
+        plugins.reload().await
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(error) = report["error"].as_str() {
+        bail!("{error}");
+    }
+    let refused: Vec<&str> = report["slots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["outcome"] == "refused")
+        .filter_map(|s| s["slot"].as_str())
+        .collect();
+    if !refused.is_empty() {
+        bail!("refused: {}", refused.join(", "));
     }
     Ok(())
 }
