@@ -61,7 +61,7 @@ pub struct Metrics {
     pub kafka_spill_events: Gauge,
     /// Age of the oldest like in the spill (0 when empty).
     pub kafka_spill_oldest_seconds: Gauge<f64, AtomicU64>,
-    /// Requests waiting for the SQLite group commit.
+    /// Requests not committed to SQLite yet (queued or in the batch being written).
     pub event_log_queue_depth: Gauge,
     /// Events the reconciler replayed into Redis (after a reconnect, failover or data loss).
     pub replay_events: Counter,
@@ -312,7 +312,7 @@ impl Metrics {
         );
         registry.register(
             "fanfare_event_log_queue_depth",
-            "Requests waiting for the local store's group commit (updated on every append and when the writer takes a batch)",
+            "Requests not committed to the local store yet: waiting for the group commit or in the batch being written (updated on every append and around every commit)",
             m.event_log_queue_depth.clone(),
         );
         registry.register(

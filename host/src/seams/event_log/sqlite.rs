@@ -5,7 +5,7 @@
 //! waiter. Under load batches grow by themselves, so throughput rises without raising latency.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -54,15 +54,18 @@ pub struct Committed {
 
 pub struct SqliteEventLog {
     requests: mpsc::Sender<Request>,
-    /// Requests waiting for the writer: set on every append and when the writer takes a batch.
+    /// Requests not committed yet (waiting for the writer, or in the batch it is writing): set
+    /// on every append and around every commit.
     queue_depth: Gauge,
+    /// How many requests the batch being written holds (0 between commits).
+    committing: Arc<AtomicUsize>,
     uncommitted: Arc<Uncommitted>,
     healthy: Arc<AtomicBool>,
 }
 
 impl SqliteEventLog {
     /// Starts the writer thread on its own connection to the store; `queue_depth` follows the
-    /// number of requests waiting for it.
+    /// number of requests not committed yet.
     pub fn start(
         store: &Store,
         forward: Option<Forward>,
@@ -72,12 +75,14 @@ impl SqliteEventLog {
         let uncommitted = Arc::new(Uncommitted::default());
         let (requests, inbox) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
+        let committing = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             conn,
             uncommitted: uncommitted.clone(),
             healthy: healthy.clone(),
             forward,
             queue_depth: queue_depth.clone(),
+            committing: committing.clone(),
         };
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -86,6 +91,7 @@ impl SqliteEventLog {
         Ok(SqliteEventLog {
             requests,
             queue_depth,
+            committing,
             uncommitted,
             healthy,
         })
@@ -105,8 +111,9 @@ impl SqliteEventLog {
         if self.requests.send(make(done)).await.is_err() {
             return Err(EventLogError::Closed);
         }
+        let queued = self.requests.max_capacity() - self.requests.capacity();
         self.queue_depth
-            .set((self.requests.max_capacity() - self.requests.capacity()) as i64);
+            .set((queued + self.committing.load(Ordering::Relaxed)) as i64);
         wait.await.map_err(|_| EventLogError::Closed)?
     }
 }
@@ -151,6 +158,7 @@ struct Writer {
     healthy: Arc<AtomicBool>,
     forward: Option<Forward>,
     queue_depth: Gauge,
+    committing: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -164,8 +172,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.queue_depth.set(inbox.len() as i64);
+            self.committing.store(batch.len(), Ordering::Relaxed);
+            self.queue_depth.set((inbox.len() + batch.len()) as i64);
             self.commit_until_done(&batch);
+            self.committing.store(0, Ordering::Relaxed);
+            self.queue_depth.set(inbox.len() as i64);
             let closing = batch.iter().any(|r| matches!(r, Request::Close(_)));
             for request in batch.drain(..) {
                 let _ = request.into_reply().send(Ok(()));
