@@ -10,22 +10,16 @@ measures over 20 s idle, a reconnect storm (every non-watcher socket closes and 
 once) and 10 s after it: Redis commands/s (INFO commandstats), `listeners` frames the watchers
 received, and the nodes' CPU seconds. Everything it starts is stopped by pid at the end.
 """
-import asyncio, json, os, signal, socket, subprocess, sys, tempfile, time
+import asyncio, json, os, signal, subprocess, sys, tempfile, time
 
 import websockets
+
+from loopback import free_port, wait_port
 
 BIN = sys.argv[1]
 SOCKETS = int(sys.argv[2]) if len(sys.argv) > 2 else 6000
 TRACKS = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
 WATCHERS = 30
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def cpu_seconds(pid):
@@ -45,17 +39,6 @@ def redis_commands(port):
             by[name] = calls
             total += calls
     return total, by
-
-
-async def wait_port(port):
-    for _ in range(200):
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing on {port}")
 
 
 async def connect(addr, user, track, watch):

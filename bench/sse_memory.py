@@ -7,20 +7,14 @@ For each kind, a fresh node (loopback, free port); `listeners` connections each 
 one of 100 tracks (WebSocket: `subscribe`; stream: GET /v1/tracks/{t}/events) and stay idle;
 the node's RSS (VmRSS) before and after gives KiB per listener. Nodes are stopped by pid.
 """
-import asyncio, json, os, signal, socket, subprocess, sys, tempfile
+import asyncio, json, os, signal, subprocess, sys, tempfile
 
 import websockets
 
+from loopback import free_port, wait_port
+
 BIN = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 5000
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def rss_kib(pid):
@@ -29,17 +23,6 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-async def wait_port(port):
-    for _ in range(200):
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing on {port}")
 
 
 async def websocket(addr, i):

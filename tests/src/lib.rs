@@ -173,6 +173,27 @@ impl NodeProcess {
         value["count"].as_u64().context("count missing")
     }
 
+    /// A track's history over the last hour in `bucket`s (minute, hour, day): the summed
+    /// (likes, unlikes).
+    pub async fn history_last_hour(&self, track: &str, bucket: &str) -> anyhow::Result<(u64, u64)> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis();
+        let path = format!(
+            "/v1/tracks/{track}/history?bucket={bucket}&from={}&to={}",
+            now - 3_600_000,
+            now + 1
+        );
+        let (status, body) = self.get(&path).await?;
+        if status != 200 {
+            bail!("history: {status} {body}");
+        }
+        let reply: Value = serde_json::from_str(&body)?;
+        let buckets = reply["buckets"].as_array().context("no buckets")?;
+        let sum = |field: &str| buckets.iter().filter_map(|b| b[field].as_u64()).sum();
+        Ok((sum("likes"), sum("unlikes")))
+    }
+
     /// Reads one sample from `/metrics` (the exact series name with labels, if any).
     pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
         metric_at(&self.addr, series).await

@@ -17,6 +17,22 @@ async fn wait_connected(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The next `likes` update among the client's updates for which `want` holds.
+async fn next_likes(
+    updates: &mut tokio::sync::broadcast::Receiver<serde_json::Value>,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let frame = updates.recv().await?;
+            if frame["type"] == "likes" && want(&frame) {
+                return anyhow::Ok(frame);
+            }
+        }
+    })
+    .await?
+}
+
 #[tokio::test]
 async fn reconnects_resubscribes_and_resends_after_a_restart() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -33,15 +49,7 @@ async fn reconnects_resubscribes_and_resends_after_a_restart() -> anyhow::Result
             duplicate: false
         }
     );
-    let update = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let frame = updates.recv().await?;
-            if frame["type"] == "likes" {
-                return anyhow::Ok(frame);
-            }
-        }
-    })
-    .await??;
+    let update = next_likes(&mut updates, |_| true).await?;
     assert_eq!(update["count"], 1);
 
     // The node dies; both clients notice and keep retrying.
@@ -88,15 +96,7 @@ async fn reconnects_resubscribes_and_resends_after_a_restart() -> anyhow::Result
     // ...and hears new likes again.
     let third = Client::connect(node.ws_url("third"));
     assert_eq!(third.like("resume", "k3").await?.count, 3);
-    let update = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let frame = updates.recv().await?;
-            if frame["type"] == "likes" && frame["count"] == 3 {
-                return anyhow::Ok(frame);
-            }
-        }
-    })
-    .await??;
+    let update = next_likes(&mut updates, |f| f["count"] == 3).await?;
     assert_eq!(update["recent"][0]["user"], "third");
 
     // Re-sending the first like's key after the restart changes nothing.
@@ -162,19 +162,24 @@ async fn tokens_are_refreshed_before_the_session_ends_and_renewed_after_4001() -
         }
     });
     wait_connected(&client).await?;
+    let connected = std::time::Instant::now();
     let mut state = client.state();
     state.mark_unchanged();
     assert_eq!(client.subscribe("tokens").await?, 0);
 
-    // Refreshed at 80 % of each token's time: served for 7 s on 3-second tokens, never
-    // reconnecting, no session expired.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Refreshed at 80 % of each token's time: on 3-second tokens, served past the first two
+    // tokens' ends (the third asked, more than 4 s after connecting), never reconnecting.
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    while asked.load(Ordering::SeqCst) < 3 || connected.elapsed() < Duration::from_secs(4) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} tokens asked in {:?}",
+            asked.load(Ordering::SeqCst),
+            connected.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!state.has_changed()?, "the client never reconnected");
-    assert!(
-        asked.load(Ordering::SeqCst) >= 3,
-        "connect + refreshes: {}",
-        asked.load(Ordering::SeqCst)
-    );
     assert_eq!(client.like("tokens", "k1").await?.count, 1);
     assert_eq!(node.metric("fanfare_tokens_expired_total").await?, 0.0);
 
@@ -195,15 +200,7 @@ async fn tokens_are_refreshed_before_the_session_ends_and_renewed_after_4001() -
         token("bo", 60)
     });
     assert_eq!(other.like("tokens", "b1").await?.count, 2);
-    let update = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let frame = updates.recv().await?;
-            if frame["type"] == "likes" {
-                return anyhow::Ok(frame);
-            }
-        }
-    })
-    .await??;
+    let update = next_likes(&mut updates, |_| true).await?;
     assert_eq!(
         update["count"], 2,
         "resubscribed after the renewal: {update}"

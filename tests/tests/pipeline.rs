@@ -31,29 +31,13 @@ async fn finish(traffic: Traffic) -> anyhow::Result<(BTreeMap<String, Expected>,
 
 /// Sums a node's history for a track over the last hour, in minute and in day buckets.
 async fn history_sums(node: &NodeProcess, track: &str) -> anyhow::Result<(u64, u64)> {
-    let mut sums = Vec::new();
-    for bucket in ["minute", "day"] {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis();
-        let path = format!(
-            "/v1/tracks/{track}/history?bucket={bucket}&from={}&to={}",
-            now - 3_600_000,
-            now + 1
-        );
-        let (status, body) = node.get(&path).await?;
-        anyhow::ensure!(status == 200, "history: {status} {body}");
-        let reply: serde_json::Value = serde_json::from_str(&body)?;
-        let buckets = reply["buckets"].as_array().context("no buckets")?;
-        let likes: u64 = buckets.iter().filter_map(|b| b["likes"].as_u64()).sum();
-        let unlikes: u64 = buckets.iter().filter_map(|b| b["unlikes"].as_u64()).sum();
-        sums.push((likes, unlikes));
-    }
+    let minutes = node.history_last_hour(track, "minute").await?;
+    let days = node.history_last_hour(track, "day").await?;
     anyhow::ensure!(
-        sums[0] == sums[1],
-        "minute and day buckets disagree: {sums:?}"
+        minutes == days,
+        "minute and day buckets disagree: {minutes:?} {days:?}"
     );
-    Ok(sums[0])
+    Ok(minutes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
