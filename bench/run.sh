@@ -18,7 +18,7 @@ cargo build --release --locked -q --workspace --bins
 BIN="$CARGO_TARGET_DIR/release"
 STAMP="${STAMP:-$(date -u +%Y%m%dT%H%M%SZ)}"
 OUT="bench/results/$STAMP"
-mkdir -p "$OUT"
+mkdir -p "$OUT/raw"
 TMP="$(mktemp -d)"
 PIDS=()
 cleanup() { for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$TMP"; }
@@ -30,17 +30,22 @@ else
   IDLE=19000; STEADY=5000; ALBUM=15000; STORM=10000; FARM=100000; SECONDS_EACH=10
 fi
 
+# The server runs on SERVER_CORE, the load generator on LOADGEN_CORE: the server's CPU figures
+# are its own, and the generator's share of its core is reported (instrument-bound above 85 %).
+SERVER_CORE="${SERVER_CORE:-0}"; LOADGEN_CORE="${LOADGEN_CORE:-1}"
+PIN_SERVER=(taskset -c "$SERVER_CORE"); PIN_LOADGEN=(taskset -c "$LOADGEN_CORE")
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # start_server NAME → sets SERVER_PID and TARGET
 start_server() {
   local name="$1" port; port="$(free_port)"
   case "$name" in
-    fanfare) "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/data-$port" --log warn \
+    fanfare) "${PIN_SERVER[@]}" "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/data-$port" --log warn \
                --max-connections 100000 --max-connections-per-ip 100000 \
                --max-messages-per-second 100000 --max-likes-per-user 0 --max-connections-per-user 1000000 >/dev/null 2>"$TMP/$name.log" & ;;
-    python-mvp) python3 bench/baselines/python_mvp.py "$port" >/dev/null 2>"$TMP/$name.log" & ;;
-    node-ws) node bench/baselines/node_ws.js "$port" >/dev/null 2>"$TMP/$name.log" & ;;
+    python-mvp) "${PIN_SERVER[@]}" python3 bench/baselines/python_mvp.py "$port" >/dev/null 2>"$TMP/$name.log" & ;;
+    node-ws) "${PIN_SERVER[@]}" node bench/baselines/node_ws.js "$port" >/dev/null 2>"$TMP/$name.log" & ;;
   esac
   SERVER_PID=$!; PIDS+=("$SERVER_PID")
   TARGET="ws://127.0.0.1:$port/v1/ws"
@@ -52,11 +57,22 @@ loadgen() { # label scenario connections [extra args…]
   local label="$1" scenario="$2" n="$3"; shift 3
   local procs=$(( (n + 14999) / 15000 ))
   echo "== $label $scenario ($n listeners, $procs processes)" >&2
-  "$BIN/fanfare-loadgen" run --target "$TARGET" --label "$label" --scenario "$scenario" \
+  "${PIN_LOADGEN[@]}" "$BIN/fanfare-loadgen" run --target "$TARGET" --label "$label" --scenario "$scenario" \
     --connections "$n" --processes "$procs" --source-ips 50 --duration "$SECONDS_EACH" \
     --server-pid "$SERVER_PID" --out "$OUT" "$@" >/dev/null \
     || echo "$label $scenario: the load generator failed (server fell over?)" >&2
 }
+
+# The physical limit: one pre-framed write per socket per round (and four frames per write),
+# on the server's core, drained on the generator's.
+for sockets in ${RAW_SOCKETS-2000 15000}; do
+  for coalesce in 1 4; do
+    echo "== raw_writer $sockets sockets, $coalesce frames per write" >&2
+    "$BIN/raw_writer" --sockets "$sockets" --coalesce "$coalesce" --seconds 4 \
+      --writer-core "$SERVER_CORE" --reader-core "$LOADGEN_CORE" >"$OUT/raw/$sockets-$coalesce.json" 2>>"$TMP/raw.log" \
+      || echo "raw_writer $sockets: failed" >&2
+  done
+done
 
 for server in ${SERVERS-fanfare python-mvp node-ws}; do
   for scenario in ${SCENARIOS:-idle steady album-release reconnect-storm}; do
@@ -96,12 +112,16 @@ fi
 
 {
   echo "Run $STAMP on $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -sr); command: \`bench/run.sh\`."
-  echo "Raw results: \`$OUT/\`. Loadgen, servers and Redis share the machine."
+  echo "Raw results: \`$OUT/\`. Server pinned to core $SERVER_CORE, load generator to core $LOADGEN_CORE (\`taskset\`);"
+  echo "latency from 1 000 sampled listeners (every update parsed), the rest counted on raw bytes."
   echo
-  "$BIN/fanfare-loadgen" report --charts "docs/charts" "$OUT"/*.json
+  RAW_ARGS=(); for f in "$OUT"/raw/*.json; do [ -s "$f" ] && RAW_ARGS+=(--raw "$f"); done
+  "$BIN/fanfare-loadgen" report --charts "docs/charts" "${RAW_ARGS[@]}" "$OUT"/*.json
+  if [ -z "${SKIP_FARM:-}" ]; then
   echo "### idle over a farm of 6 nodes"
   echo
   "$BIN/fanfare-loadgen" report --charts "$OUT/farm" "$OUT"/farm/*.json | sed -n '/^| server/,$p'
+  fi
 } > "$OUT/report.md"
 
 python3 - "$OUT/report.md" <<'PY'

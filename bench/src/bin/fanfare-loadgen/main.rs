@@ -45,6 +45,9 @@ enum Command {
     Report {
         /// Result JSON files written by `run --out`.
         files: Vec<std::path::PathBuf>,
+        /// `raw_writer` results: the machine's floor, shown beside every server's CPU per frame.
+        #[arg(long)]
+        raw: Vec<std::path::PathBuf>,
         /// Directory for `<scenario>-latency.png` and `<scenario>-throughput.png`.
         #[arg(long)]
         charts: std::path::PathBuf,
@@ -94,6 +97,11 @@ struct RunArgs {
     /// Split the listeners over this many processes (each must stay under the fd limit).
     #[arg(long, default_value_t = 1)]
     processes: usize,
+    /// Listeners (in all processes together) whose every update is parsed for latency; the
+    /// others only count frames and likes on the raw bytes, so the generator stays cheaper
+    /// than the server it measures.
+    #[arg(long, default_value_t = 1000)]
+    sample: usize,
     /// Server process ids to read RSS and CPU time from (/proc).
     #[arg(long)]
     server_pid: Vec<u32>,
@@ -112,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
-        Command::Report { files, charts } => report::write(&files, &charts),
+        Command::Report { files, raw, charts } => report::write(&files, &raw, &charts),
     }
 }
 
@@ -145,17 +153,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         args.connections
     };
-    let listeners = start_listeners(&args, 0, own, shared.clone()).await?;
+    let sample = if args.processes > 1 {
+        args.sample.div_ceil(args.processes)
+    } else {
+        args.sample
+    };
+    let listeners = start_listeners(&args, 0, own, sample, shared.clone()).await?;
     for child in &mut children {
         child.wait_ready().await?;
     }
     let cpu_before = server_cpu(&args.server_pid);
+    let own_cpu_before = server_cpu(&[std::process::id()]);
     let started = Instant::now();
     for child in &mut children {
         child.go().await?;
     }
     let (sent, _reconnected) = drive(&args, &shared, started, &listeners).await?;
     let mut result = collect(&args, &shared, sent, started.elapsed());
+    result.loadgen_cpu_s = server_cpu(&[std::process::id()]) - own_cpu_before;
     for child in &mut children {
         result.merge(child.result().await?);
     }
@@ -179,13 +194,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn run_child(args: RunArgs) -> anyhow::Result<()> {
     let index = args.child.unwrap_or(0);
     let shared = Arc::new(Shared::default());
-    let _listeners = start_listeners(&args, index, args.connections, shared.clone()).await?;
+    let _listeners =
+        start_listeners(&args, index, args.connections, args.sample, shared.clone()).await?;
     println!("ready");
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     stdin.next_line().await?;
+    let own_cpu_before = server_cpu(&[std::process::id()]);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.duration) + SETTLE).await;
-    let result = collect(&args, &shared, 0, started.elapsed());
+    let mut result = collect(&args, &shared, 0, started.elapsed());
+    result.loadgen_cpu_s = server_cpu(&[std::process::id()]) - own_cpu_before;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
@@ -214,6 +232,7 @@ fn spawn_child(args: &RunArgs, index: usize, connections: usize) -> anyhow::Resu
         .args(["--zipf", &args.zipf.to_string()])
         .args(["--duration", &args.duration.to_string()])
         .args(["--source-ips", &args.source_ips.to_string()])
+        .args(["--sample", &args.sample.div_ceil(args.processes.max(1)).to_string()])
         .args(["--child", &index.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -278,6 +297,7 @@ async fn start_listeners(
     args: &RunArgs,
     process: usize,
     count: usize,
+    sample: usize,
     shared: Arc<Shared>,
 ) -> anyhow::Result<Listeners> {
     let zipf = stats::Zipf::new(args.tracks.max(1), args.zipf);
@@ -299,7 +319,9 @@ async fn start_listeners(
                 .specs
                 .push((target.clone(), user.clone(), track.clone(), source));
             let shared = shared.clone();
-            connecting.push(async move { listen(target, user, track, source, shared).await });
+            let sampled = i < sample;
+            connecting
+                .push(async move { listen(target, user, track, source, sampled, shared).await });
         }
         for stop in futures_util::future::join_all(connecting).await {
             match stop {
@@ -323,6 +345,7 @@ async fn listen(
     user: String,
     track: String,
     source: Option<IpAddr>,
+    sampled: bool,
     shared: Arc<Shared>,
 ) -> anyhow::Result<tokio::sync::watch::Sender<bool>> {
     let mut ws = connect(&target, &user, source).await?;
@@ -336,6 +359,13 @@ async fn listen(
     .await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    if !sampled {
+        tokio::spawn(async move {
+            drain_raw(&mut ws, &mut stopped, &shared).await;
+            shared.connected.fetch_sub(1, Ordering::Relaxed);
+        });
+        return Ok(stop);
+    }
     tokio::spawn(async move {
         loop {
             let message = tokio::select! {
@@ -414,6 +444,60 @@ fn observe(text: &str, shared: &Shared) {
     for sent in sent_times {
         latency.record(now.saturating_sub(sent));
     }
+}
+
+/// An unsampled listener: reads the socket under the WebSocket (the subscribe is flushed and
+/// the server sent nothing before it, so nothing is left in tungstenite's buffer), walks the
+/// frame headers and counts `likes` frames and the likes they name — no UTF-8 check, no
+/// message allocation, no clock read.
+async fn drain_raw(
+    ws: &mut Ws,
+    stopped: &mut tokio::sync::watch::Receiver<bool>,
+    shared: &Shared,
+) {
+    use tokio::io::AsyncReadExt;
+    let likes = memchr::memmem::Finder::new(br#""likes""#);
+    let ids = memchr::memmem::Finder::new(br#""id":"#);
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            _ = stopped.changed() => return,
+            read = ws.get_mut().read(&mut chunk) => read,
+        };
+        match read {
+            Ok(0) | Err(_) => {
+                shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+        let mut at = 0;
+        while let Some((payload, next)) = server_frame(&buffer[at..]) {
+            let payload = &buffer[at + payload.0..at + payload.1];
+            if likes.find(payload).is_some() {
+                shared.frames.fetch_add(1, Ordering::Relaxed);
+                let named = ids.find_iter(payload).count() as u64;
+                shared.likes_seen.fetch_add(named, Ordering::Relaxed);
+            }
+            at += next;
+        }
+        buffer.drain(..at);
+    }
+}
+
+/// (payload start, payload end) and the frame's length, if a whole unmasked frame is there.
+fn server_frame(bytes: &[u8]) -> Option<((usize, usize), usize)> {
+    let short = *bytes.get(1)? & 0x7f;
+    let (len, header) = match short {
+        126 => (u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    (bytes.len() >= header + len).then_some(((header, header + len), header + len))
 }
 
 /// Runs the scenario's active part in the parent: likes at the offered rate (and the storm).
@@ -523,6 +607,7 @@ async fn storm(
                     user.clone(),
                     track.clone(),
                     source,
+                    true,
                     shared.clone(),
                 )
                 .await

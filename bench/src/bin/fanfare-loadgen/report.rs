@@ -16,8 +16,47 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(120, 120, 120),
 ];
 
-pub fn write(files: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
+/// One `raw_writer` result: the machine's cost of a write to one of `sockets` sockets.
+#[derive(serde::Deserialize)]
+struct Raw {
+    sockets: u64,
+    coalesce: u64,
+    us_per_write: f64,
+    us_per_frame: f64,
+    frames_per_cpu_s: f64,
+    round_ms: f64,
+}
+
+pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
     register_font()?;
+    let mut floors: Vec<Raw> = Vec::new();
+    for file in raw {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        floors.push(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a raw_writer result", file.display()))?,
+        );
+    }
+    if !floors.is_empty() {
+        println!("### physical limit (raw_writer: one pre-framed write per socket per round)\n");
+        println!("| sockets | frames per write | µs per write | µs per frame | frames per CPU-s | round |");
+        println!("|---|---|---|---|---|---|");
+        for f in &floors {
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} ms |",
+                f.sockets, f.coalesce, f.us_per_write, f.us_per_frame, f.frames_per_cpu_s, f.round_ms
+            );
+        }
+        println!();
+    }
+    // The one-frame-per-write floor nearest in socket count to a run's listeners.
+    let floor_for = |listeners: u64| {
+        floors
+            .iter()
+            .filter(|f| f.coalesce == 1)
+            .min_by_key(|f| f.sockets.abs_diff(listeners))
+    };
     let mut by_scenario: BTreeMap<String, Vec<RunResult>> = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(file)
@@ -33,13 +72,13 @@ pub fn write(files: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
     for (scenario, runs) in &by_scenario {
         println!("### {scenario}\n");
         println!(
-            "| server | listeners up | likes/s offered | update frames/s | likes delivered/s | p50 | p90 | p99 | max | server RSS | RSS per listener | server CPU s | errors / disconnects |"
+            "| server | listeners up | likes/s offered | update frames/s | likes delivered/s | p50 | p90 | p99 | max | server RSS | RSS per listener | server CPU s | server µs per frame (× raw) | server µs per like | likes per server CPU-s | generator CPU | errors / disconnects |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for run in runs {
             let ms = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1} ms"));
             println!(
-                "| {} | {} / {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} MiB | {} | {:.1} | {} / {} |",
+                "| {} | {} / {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} MiB | {} | {:.1} | {} | {} | {} | {} | {} / {} |",
                 run.label,
                 run.connected,
                 run.connections,
@@ -54,6 +93,20 @@ pub fn write(files: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
                 run.server_rss_per_conn_kib
                     .map_or("–".to_owned(), |v| format!("{v:.2} KiB")),
                 run.server_cpu_s,
+                run.server_us_per_frame.map_or("–".to_owned(), |us| {
+                    match floor_for(run.connections) {
+                        Some(f) => format!("{us:.2} ({:.2}×)", us / f.us_per_write),
+                        None => format!("{us:.2}"),
+                    }
+                }),
+                run.server_us_per_like
+                    .map_or("–".to_owned(), |us| format!("{us:.2}")),
+                per_cpu_second(run).map_or("–".to_owned(), |v| format!("{v:.0}")),
+                format!(
+                    "{:.0} %{}",
+                    run.loadgen_core_share * 100.0,
+                    if run.instrument_bound { " **instrument-bound**" } else { "" }
+                ),
                 run.errors,
                 run.disconnects,
             );
@@ -83,8 +136,12 @@ pub fn write(files: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
                     );
                     continue;
                 }
+                let per_cpu = match (per_cpu_second(first), per_cpu_second(other)) {
+                    (Some(a), Some(b)) => format!(", likes delivered per server CPU-s {}", ratio(a, b)),
+                    _ => String::new(),
+                };
                 println!(
-                    "\n{} ÷ {}: likes delivered/s {}, update frames/s {}{rss}",
+                    "\n{} ÷ {}: likes delivered/s {}, update frames/s {}{per_cpu}{rss}",
                     first.label,
                     other.label,
                     ratio(first.deliveries_per_s, other.deliveries_per_s),
@@ -122,6 +179,11 @@ pub fn write(files: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
 }
 
 /// plotters draws text with ab_glyph, which needs a font registered by hand.
+/// Likes delivered per CPU second of the server.
+fn per_cpu_second(run: &RunResult) -> Option<f64> {
+    (run.server_cpu_s > 0.0 && run.likes_seen > 0).then(|| run.likes_seen as f64 / run.server_cpu_s)
+}
+
 fn register_font() -> anyhow::Result<()> {
     let candidates = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

@@ -133,6 +133,15 @@ pub struct RunResult {
     /// (RSS − base) ÷ connected listeners.
     pub server_rss_per_conn_kib: Option<f64>,
     pub server_cpu_s: f64,
+    /// CPU seconds of the load generator's own processes during the run.
+    pub loadgen_cpu_s: f64,
+    /// `loadgen_cpu_s` ÷ (seconds × cores it may use).
+    pub loadgen_core_share: f64,
+    /// The generator used more than 85 % of its cores: its latency figures include its lag.
+    pub instrument_bound: bool,
+    /// Server CPU µs per delivered update frame, and per delivered like.
+    pub server_us_per_frame: Option<f64>,
+    pub server_us_per_like: Option<f64>,
 }
 
 impl RunResult {
@@ -146,6 +155,7 @@ impl RunResult {
         self.disconnects += other.disconnects;
         self.frames += other.frames;
         self.likes_seen += other.likes_seen;
+        self.loadgen_cpu_s += other.loadgen_cpu_s;
         self.latency.merge(&other.latency);
         for (i, n) in other.per_second.iter().enumerate() {
             match self.per_second.get_mut(i) {
@@ -164,6 +174,13 @@ impl RunResult {
         self.p90_ms = self.latency.quantile_ms(0.9);
         self.p99_ms = self.latency.quantile_ms(0.99);
         self.max_ms = (self.latency.count > 0).then(|| self.latency.max_us as f64 / 1000.0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.loadgen_core_share = self.loadgen_cpu_s / (seconds * cores);
+        self.instrument_bound = self.loadgen_core_share > 0.85;
+        self.server_us_per_frame =
+            (self.frames > 0).then(|| self.server_cpu_s * 1e6 / self.frames as f64);
+        self.server_us_per_like =
+            (self.likes_seen > 0).then(|| self.server_cpu_s * 1e6 / self.likes_seen as f64);
         self.server_rss_per_conn_kib = (self.connected > 0 && self.server_rss_kib > 0).then(|| {
             self.server_rss_kib.saturating_sub(self.server_rss_base_kib) as f64
                 / self.connected as f64
