@@ -3,7 +3,11 @@
 //!
 //! The window adapts to the audience: a track with a handful of listeners flushes after a
 //! couple of milliseconds, a track with thousands waits up to `--broadcast-window`, which
-//! trades a little latency for far fewer frames. Delivery never awaits a socket.
+//! trades a little latency for far fewer frames. And to the load: a track's next update
+//! waits until its previous round has been taken by every listener that was not already
+//! behind (at most `ROUND_WAIT`), so when one core cannot touch every socket within a window,
+//! windows stretch to the round time and counts stay fresh instead of queuing. Delivery never
+//! awaits a socket.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::broadcast::outbox::{ConnId, Push};
+use crate::broadcast::outbox::{ConnId, Push, Round, Update};
 use crate::broadcast::registry::Registry;
 use crate::broadcast::sharded::ShardedMap;
 use crate::metrics::Metrics;
@@ -26,6 +30,9 @@ pub const RECENT_LIMIT: usize = 10;
 const FULL_WINDOW_AUDIENCE: u64 = 5_000;
 /// Shortest window for any audience (unless batching is switched off with a window of 0).
 const MIN_WINDOW: Duration = Duration::from_millis(2);
+/// Longest a track's update waits for its previous round: past it, listeners still holding
+/// the previous update get the new one in its place (conflation).
+const ROUND_WAIT: Duration = Duration::from_millis(250);
 
 struct Pending {
     count: u64,
@@ -52,6 +59,8 @@ pub struct Fanout {
     /// than the one before it delivered; it shows the newer one (seen as 4 runs in 50 of
     /// `concurrent_likes_from_many_users_give_exact_counts`: a listener left on an old count).
     delivered: ShardedMap<(u64, u64)>,
+    /// Each listened track's last round, which its next flush waits for.
+    rounds: ShardedMap<Arc<Round>>,
     /// A flush holds its track's lock from taking the window to queuing the frame, so a newer
     /// window never queues before an older one still shaping.
     flush_order: Box<[tokio::sync::Mutex<()>]>,
@@ -73,6 +82,7 @@ impl Fanout {
         Fanout {
             pending: ShardedMap::default(),
             delivered: ShardedMap::default(),
+            rounds: ShardedMap::default(),
             flush_order: (0..FLUSH_ORDER_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -102,6 +112,7 @@ impl Fanout {
         if audience == 0 {
             // Bounded by the tracks someone listens to.
             self.delivered.lock(&like.track).remove(&like.track);
+            self.rounds.lock(&like.track).remove(&like.track);
             return;
         }
         let track = like.track.clone();
@@ -124,6 +135,10 @@ impl Fanout {
             self.tasks.spawn(async move {
                 if !window.is_zero() {
                     tokio::time::sleep(window).await;
+                }
+                let previous = fanout.rounds.lock(&track).get(&track).cloned();
+                if let Some(previous) = previous {
+                    previous.finished(ROUND_WAIT).await;
                 }
                 fanout.flush(&track).await;
             });
@@ -175,25 +190,33 @@ impl Fanout {
                 }
             }
         };
-        let bytes = Utf8Bytes::from(text);
+        let round = Round::new();
+        let update = Update::new(Utf8Bytes::from(text), round.clone());
         let mut listeners = Vec::new();
         self.registry.listeners(track, &mut listeners);
         let skip = match pending.origin {
             Origin::One(conn) => Some(conn),
             Origin::Many => None,
         };
-        let mut delivered = 0u64;
+        let (mut delivered, mut written) = (0u64, 0u64);
         for outbox in listeners.iter().filter(|o| Some(o.conn) != skip) {
-            match outbox.push(track, &bytes) {
+            match outbox.push(track, &update) {
                 Push::Queued => delivered += 1,
+                Push::Written => {
+                    delivered += 1;
+                    written += 1;
+                }
                 Push::Conflated => {
                     self.metrics.outbound_conflated.inc();
                 }
                 Push::Overflowed => {}
             }
         }
+        round.release();
+        self.rounds.lock(track).insert(track.clone(), round);
         self.metrics.broadcast_updates.inc();
         self.metrics.frames_delivered.inc_by(delivered);
+        self.metrics.frames_written_directly.inc_by(written);
         self.metrics
             .broadcast_lag
             .observe(pending.since.elapsed().as_secs_f64());

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::broadcast::outbox::Push;
+use crate::broadcast::outbox::{Push, Round, Update};
 use crate::broadcast::registry::Registry;
 use crate::metrics::Metrics;
 use crate::tasks::Tasks;
@@ -46,18 +46,21 @@ pub fn spawn(registry: Arc<Registry>, metrics: Arc<Metrics>, tasks: &Tasks) {
                     continue;
                 }
                 *before = now;
-                let frame = Utf8Bytes::from(
-                    ServerFrame::Listeners {
-                        track: &track,
-                        listeners: now,
-                    }
-                    .to_json(),
+                let frame = Update::new(
+                    Utf8Bytes::from(
+                        ServerFrame::Listeners {
+                            track: &track,
+                            listeners: now,
+                        }
+                        .to_json(),
+                    ),
+                    Round::new(),
                 );
                 registry.watchers(&track, &mut watchers);
                 let mut queued = 0u64;
                 for outbox in &watchers {
                     match outbox.push(key, &frame) {
-                        Push::Queued => queued += 1,
+                        Push::Queued | Push::Written => queued += 1,
                         Push::Conflated => {
                             metrics.outbound_conflated.inc();
                         }

@@ -146,7 +146,8 @@ pub struct Config {
     )]
     pub max_frame_bytes: usize,
 
-    /// Outbound frames queued per connection before updates are conflated (latest per track).
+    /// Unsent updates a connection may hold beyond one per subscribed track and its listener
+    /// count (a newer update of a track always replaces its unsent one); past it, 1013.
     #[arg(
         long,
         env = "FANFARE_OUTBOUND_QUEUE",

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod direct;
 pub mod limits;
 pub mod proxy_protocol;
 pub mod respond;

@@ -19,9 +19,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -147,7 +146,7 @@ pub async fn serve(node: Arc<Node>, edge: Arc<Edge>, listener: TcpListener) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        crate::edge::session::tune_socket(&stream);
         connections.spawn(serve_connection(node.clone(), edge.clone(), peer, stream));
     }
     drop(listener);
@@ -561,15 +560,7 @@ fn upgrade(
     node.sessions.spawn(async move {
         let _admission = admission;
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                session::run(session_node, ws, credential).await;
-            }
+            Ok(upgraded) => session::serve(session_node, upgraded, config, credential).await,
             Err(err) => tracing::debug!(error = %err, "upgrade failed"),
         }
     });

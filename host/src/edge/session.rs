@@ -12,17 +12,19 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
-use crate::broadcast::outbox::Outbox;
+use crate::broadcast::outbox::{Outbox, Update};
 use crate::edge::auth::Auth;
+use crate::edge::direct::DirectTcp;
 use crate::edge::limits::{MessageBucket, RateByKey};
 use crate::like::{self, Reply};
 use crate::node::Node;
@@ -87,6 +89,37 @@ struct Session<S> {
     /// When the session ends unless refreshed (Unix seconds; none without tokens).
     expires_at: Option<u64>,
     user_likes: Arc<RateByKey<Arc<str>>>,
+    /// Several queued updates copied into one write; empty (no capacity) while idle.
+    coalesced: Vec<u8>,
+}
+
+/// A coalescing buffer larger than this is dropped after its write, not kept.
+const COALESCE_KEEP: usize = 16 * 1024;
+
+/// Unsent bytes the kernel may hold per socket (`TCP_NOTSENT_LOWAT`): beyond, the socket is
+/// not writable and updates wait in the outbox, where a newer one replaces an older one,
+/// instead of seconds of stale updates sitting in a send buffer.
+const NOTSENT_LOWAT: u32 = 16 * 1024;
+
+/// Socket options for an accepted connection: no Nagle delay, a small unsent backlog.
+pub fn tune_socket(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+}
+
+/// A write that does not finish within the slow-consumer timeout ends the session.
+async fn within_write_timeout(
+    node: &Node,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), End> {
+    match tokio::time::timeout(node.config.slow_consumer_timeout(), write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Broken),
+        Err(_) => {
+            node.metrics.slow_consumer_disconnects.inc();
+            Err(End::SlowConsumer)
+        }
+    }
 }
 
 /// Who the connection proved to be at the upgrade, and until when.
@@ -100,19 +133,50 @@ pub struct Credential {
     pub messages_per_second: u32,
 }
 
-/// Serves one upgraded connection until it ends.
-pub async fn run<S>(node: Arc<Node>, ws: WebSocketStream<S>, credential: Credential)
-where
+/// Serves one upgraded connection until it ends: plain TCP through [`DirectTcp`] (fan-out
+/// writes updates to it itself), anything else (TLS) as hyper hands it over.
+pub async fn serve(
+    node: Arc<Node>,
+    upgraded: hyper::upgrade::Upgraded,
+    config: WebSocketConfig,
+    credential: Credential,
+) {
+    // One unsent update per track and per track's listener count, plus the margin.
+    let outbox = Arc::new(Outbox::new(
+        node.next_conn_id(),
+        node.config.outbound_queue + 2 * node.config.max_subscriptions,
+    ));
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => {
+            let stream = DirectTcp::new(parts.io.into_inner(), outbox.clone());
+            // A copy of what hyper read past the request; its own buffer (≥ 8 KiB) is freed
+            // here, not held for the life of the connection.
+            let read = parts.read_buf.to_vec();
+            drop(parts.read_buf);
+            let ws = WebSocketStream::from_partially_read(stream, read, Role::Server, Some(config));
+            run(node, ws.await, credential, outbox).await
+        }
+        Err(upgraded) => {
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            );
+            run(node, ws.await, credential, outbox).await
+        }
+    }
+}
+
+async fn run<S>(
+    node: Arc<Node>,
+    ws: WebSocketStream<S>,
+    credential: Credential,
+    outbox: Arc<Outbox>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let conn = node.next_conn_id();
+    let conn = outbox.conn;
     let node_rate = credential.messages_per_second;
-    let soft = node.config.outbound_queue;
-    let outbox = Arc::new(Outbox::new(
-        conn,
-        soft,
-        soft + node.config.max_subscriptions,
-    ));
     node.metrics.connections_opened.inc();
     node.metrics.connections_active.inc();
     let mut session = Session {
@@ -128,6 +192,7 @@ where
         auth: credential.auth,
         expires_at: credential.expires_at,
         user_likes: credential.likes,
+        coalesced: Vec::new(),
     };
     // Every log line of this connection carries its id and user (fields in JSON logs).
     let span = tracing::info_span!("conn", id = conn, user = %session.user);
@@ -157,7 +222,7 @@ where
         let mut heartbeat = pin!(tokio::time::sleep(timeout));
         let shutdown = self.node.shutdown.clone();
         let max_inflight = self.node.config.max_inflight;
-        let mut frames = Vec::new();
+        let mut updates = Vec::new();
         // On shutdown each connection keeps being served until its own random moment within
         // the drain period, so closes (and reconnects) spread out instead of stampeding.
         let mut drain_at: Option<Instant> = None;
@@ -187,11 +252,11 @@ where
                     }
                 }
                 _ = self.outbox.wait() => {
-                    if !self.outbox.take(&mut frames) {
+                    if !self.outbox.take(&mut updates) {
                         self.node.metrics.slow_consumer_disconnects.inc();
                         return End::SlowConsumer;
                     }
-                    if let Err(end) = self.send_all(&mut frames).await {
+                    if let Err(end) = self.send_updates(&mut updates).await {
                         return end;
                     }
                 }
@@ -411,19 +476,41 @@ where
         let ws = &mut self.ws;
         let write = async move {
             for frame in frames.drain(..) {
-                ws.feed(Message::Text(frame)).await?;
+                ws.feed(Message::Text(frame))
+                    .await
+                    .map_err(std::io::Error::other)?;
             }
-            ws.flush().await
+            ws.flush().await.map_err(std::io::Error::other)
         };
-        let timeout = self.node.config.slow_consumer_timeout();
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Broken),
-            Err(_) => {
-                self.node.metrics.slow_consumer_disconnects.inc();
-                Err(End::SlowConsumer)
+        within_write_timeout(&self.node, write).await
+    }
+
+    /// Broadcast updates: the frames fan-out built once, written under the WebSocket in one
+    /// write (several queued updates coalesced into one buffer). Tungstenite is flushed first
+    /// so nothing of its own (a pong) is half-written; between its writes its buffer is
+    /// empty, which makes the raw write safe.
+    async fn send_updates(&mut self, updates: &mut Vec<Arc<Update>>) -> Result<(), End> {
+        let (ws, buffer) = (&mut self.ws, &mut self.coalesced);
+        let write = async move {
+            ws.flush().await.map_err(std::io::Error::other)?;
+            let stream = ws.get_mut();
+            match updates.as_slice() {
+                [one] => stream.write_all(one.ws_frame()).await?,
+                many => {
+                    buffer.clear();
+                    for update in many {
+                        buffer.extend_from_slice(update.ws_frame());
+                    }
+                    stream.write_all(buffer).await?;
+                    if buffer.capacity() > COALESCE_KEEP {
+                        *buffer = Vec::new();
+                    }
+                }
             }
-        }
+            updates.clear();
+            stream.flush().await
+        };
+        within_write_timeout(&self.node, write).await
     }
 
     /// Leaves the registry, lets in-flight likes finish (their acks still go out when the
@@ -432,6 +519,7 @@ where
         for track in self.tracks.drain() {
             self.node.registry.unsubscribe(&track, self.outbox.conn);
         }
+        self.outbox.close();
         let deadline = Instant::now() + self.node.config.shutdown_timeout();
         let socket_usable = !matches!(end, End::Broken | End::SlowConsumer | End::ClientClosed);
         // Draining: no more reading; what was accepted finishes and is acked below.

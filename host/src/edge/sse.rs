@@ -48,8 +48,8 @@ pub async fn open(
         .into_iter()
         .flat_map(|q| q.split('&'))
         .any(|pair| pair == "listeners=true" || pair == "listeners=1");
-    let soft = node.config.outbound_queue;
-    let outbox = Arc::new(Outbox::new(node.next_conn_id(), soft, soft + 2));
+    // One track and its listener count: at most two unsent updates.
+    let outbox = Arc::new(Outbox::new(node.next_conn_id(), 2));
     // Register first, then read the count: no update can fall between the two.
     let (name, _) = node.registry.subscribe(track, &outbox);
     node.registry
@@ -121,12 +121,12 @@ async fn forward(node: &Node, outbox: &Outbox, events: mpsc::Sender<Bytes>) {
                     .drain(..)
                     .map(|frame| {
                         id += 1;
-                        let kind = if frame.as_str().starts_with(r#"{"type":"listeners""#) {
+                        let kind = if frame.text.as_str().starts_with(r#"{"type":"listeners""#) {
                             "listeners"
                         } else {
                             "likes"
                         };
-                        event(kind, id, frame.as_str())
+                        event(kind, id, frame.text.as_str())
                     })
                     .collect()
             }

@@ -40,6 +40,8 @@ pub struct Metrics {
     /// `listeners` frames built (one per track whose listener count changed, per period).
     pub listener_updates: Counter,
     pub frames_delivered: Counter,
+    /// Of those, written by fan-out straight to an idle socket (no session wake-up).
+    pub frames_written_directly: Counter,
     pub outbound_conflated: Counter,
     pub slow_consumer_disconnects: Counter,
     pub heartbeat_reaps: Counter,
@@ -124,6 +126,7 @@ impl Metrics {
             broadcast_updates: Counter::default(),
             listener_updates: Counter::default(),
             frames_delivered: Counter::default(),
+            frames_written_directly: Counter::default(),
             outbound_conflated: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             heartbeat_reaps: Counter::default(),
@@ -207,8 +210,13 @@ impl Metrics {
         );
         registry.register(
             "fanfare_frames_delivered",
-            "Update frames queued to sockets",
+            "Update frames queued to sockets (or written to them directly)",
             m.frames_delivered.clone(),
+        );
+        registry.register(
+            "fanfare_frames_written_directly",
+            "Update frames fan-out wrote itself to an idle plain-TCP socket, without waking its session",
+            m.frames_written_directly.clone(),
         );
         registry.register(
             "fanfare_outbound_conflated",
