@@ -57,7 +57,8 @@ loadgen() { # label scenario connections [extra args…]
   local label="$1" scenario="$2" n="$3"; shift 3
   local procs=$(( (n + 14999) / 15000 ))
   echo "== $label $scenario ($n listeners, $procs processes)" >&2
-  "${PIN_LOADGEN[@]}" "$BIN/fanfare-loadgen" run --target "$TARGET" --label "$label" --scenario "$scenario" \
+  # Bounded: a server that falls over must not hang the run (Node.js `ws` in album-release).
+  timeout $(( SECONDS_EACH * 6 + 120 )) "${PIN_LOADGEN[@]}" "$BIN/fanfare-loadgen" run --target "$TARGET" --label "$label" --scenario "$scenario" \
     --connections "$n" --processes "$procs" --source-ips 50 --duration "$SECONDS_EACH" \
     --server-pid "$SERVER_PID" --out "$OUT" "$@" >/dev/null \
     || echo "$label $scenario: the load generator failed (server fell over?)" >&2

@@ -32,6 +32,9 @@ async fn a_like_reaches_every_other_listener_with_the_total() -> anyhow::Result<
             json!([{"user":"ana","id":"k1","action":"like"}])
         );
     }
+    // Idle plain-TCP listeners: fan-out wrote the frame to each socket itself.
+    let direct = node.metric("fanfare_frames_written_directly_total").await?;
+    assert!(direct >= 1.0, "no update was written directly: {direct}");
     // The liker gets no update that holds only its own like: the next frame it sees is the pong.
     liker.send(json!({"type":"ping"})).await?;
     assert_eq!(liker.recv().await?, json!({"type":"pong"}));

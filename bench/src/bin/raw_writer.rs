@@ -170,7 +170,10 @@ fn pin_to(core: usize) -> anyhow::Result<()> {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(core, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("cannot pin to core {core}: {}", std::io::Error::last_os_error());
+            bail!(
+                "cannot pin to core {core}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
     Ok(())

@@ -166,8 +166,16 @@ impl Outbox {
 
     /// The session is closing: a fan-out still holding this outbox (it listed the listeners
     /// before the unsubscribe) queues and writes nothing after the close frame.
+    /// Updates it still holds stop holding their rounds: a connection that went away must
+    /// not make its tracks' next updates wait.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut state = self.lock();
+        state.closed = true;
+        for (_, update, holds) in state.updates.drain(..) {
+            if holds {
+                update.round.release();
+            }
+        }
     }
 
     /// A write of the session's own (edge/direct.rs): the rest of a half-written direct frame
@@ -384,8 +392,13 @@ mod tests {
         outbox.session_flushed().unwrap();
         let wire = socket.wire.lock().unwrap().clone();
         assert_eq!(wire, b"\x81\x02a1S1\x81\x02a2S2");
+        let next = Round::new();
+        outbox.push(&a, &update("a3", &next));
+        next.release();
+        assert!(!next.is_finished());
         outbox.close();
-        assert_eq!(outbox.push(&a, &update("a3", &round)), Push::Overflowed);
+        assert!(next.is_finished(), "a closed connection holds no round");
+        assert_eq!(outbox.push(&a, &update("a4", &next)), Push::Overflowed);
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn open(
         let _admission = admission;
         forward(&task_node, &outbox, events).await;
         task_node.registry.unsubscribe(&name, outbox.conn);
+        outbox.close();
         task_node.metrics.connections_active.dec();
     });
     let body = StreamBody::new(futures_util::stream::unfold(stream, |mut stream| async {

@@ -232,7 +232,10 @@ fn spawn_child(args: &RunArgs, index: usize, connections: usize) -> anyhow::Resu
         .args(["--zipf", &args.zipf.to_string()])
         .args(["--duration", &args.duration.to_string()])
         .args(["--source-ips", &args.source_ips.to_string()])
-        .args(["--sample", &args.sample.div_ceil(args.processes.max(1)).to_string()])
+        .args([
+            "--sample",
+            &args.sample.div_ceil(args.processes.max(1)).to_string(),
+        ])
         .args(["--child", &index.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -450,11 +453,7 @@ fn observe(text: &str, shared: &Shared) {
 /// the server sent nothing before it, so nothing is left in tungstenite's buffer), walks the
 /// frame headers and counts `likes` frames and the likes they name — no UTF-8 check, no
 /// message allocation, no clock read.
-async fn drain_raw(
-    ws: &mut Ws,
-    stopped: &mut tokio::sync::watch::Receiver<bool>,
-    shared: &Shared,
-) {
+async fn drain_raw(ws: &mut Ws, stopped: &mut tokio::sync::watch::Receiver<bool>, shared: &Shared) {
     use tokio::io::AsyncReadExt;
     let likes = memchr::memmem::Finder::new(br#""likes""#);
     let ids = memchr::memmem::Finder::new(br#""id":"#);
@@ -490,7 +489,10 @@ async fn drain_raw(
 fn server_frame(bytes: &[u8]) -> Option<((usize, usize), usize)> {
     let short = *bytes.get(1)? & 0x7f;
     let (len, header) = match short {
-        126 => (u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize, 4),
+        126 => (
+            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
+            4,
+        ),
         127 => (
             u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
             10,

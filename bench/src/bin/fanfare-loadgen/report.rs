@@ -40,12 +40,19 @@ pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Resul
     }
     if !floors.is_empty() {
         println!("### physical limit (raw_writer: one pre-framed write per socket per round)\n");
-        println!("| sockets | frames per write | µs per write | µs per frame | frames per CPU-s | round |");
+        println!(
+            "| sockets | frames per write | µs per write | µs per frame | frames per CPU-s | round |"
+        );
         println!("|---|---|---|---|---|---|");
         for f in &floors {
             println!(
                 "| {} | {} | {:.2} | {:.2} | {:.0} | {:.1} ms |",
-                f.sockets, f.coalesce, f.us_per_write, f.us_per_frame, f.frames_per_cpu_s, f.round_ms
+                f.sockets,
+                f.coalesce,
+                f.us_per_write,
+                f.us_per_frame,
+                f.frames_per_cpu_s,
+                f.round_ms
             );
         }
         println!();
@@ -105,7 +112,11 @@ pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Resul
                 format!(
                     "{:.0} %{}",
                     run.loadgen_core_share * 100.0,
-                    if run.instrument_bound { " **instrument-bound**" } else { "" }
+                    if run.instrument_bound {
+                        " **instrument-bound**"
+                    } else {
+                        ""
+                    }
                 ),
                 run.errors,
                 run.disconnects,
@@ -137,7 +148,9 @@ pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Resul
                     continue;
                 }
                 let per_cpu = match (per_cpu_second(first), per_cpu_second(other)) {
-                    (Some(a), Some(b)) => format!(", likes delivered per server CPU-s {}", ratio(a, b)),
+                    (Some(a), Some(b)) => {
+                        format!(", likes delivered per server CPU-s {}", ratio(a, b))
+                    }
                     _ => String::new(),
                 };
                 println!(
