@@ -118,7 +118,7 @@ fi
   echo
   RAW_ARGS=(); for f in "$OUT"/raw/*.json; do [ -s "$f" ] && RAW_ARGS+=(--raw "$f"); done
   "$BIN/fanfare-loadgen" report --charts "docs/charts" "${RAW_ARGS[@]}" "$OUT"/*.json
-  if [ -z "${SKIP_FARM:-}" ]; then
+  if compgen -G "$OUT/farm/*.json" >/dev/null; then
   echo "### idle over a farm of 6 nodes"
   echo
   "$BIN/fanfare-loadgen" report --charts "$OUT/farm" "$OUT"/farm/*.json | sed -n '/^| server/,$p'

@@ -573,7 +573,7 @@ async fn drive(
     let mut reconnected = Vec::new();
     if args.scenario == Scenario::ReconnectStorm {
         tokio::time::sleep(duration / 3).await;
-        reconnected = storm(listeners, shared).await;
+        reconnected = storm(listeners, args.sample, shared).await;
     }
     // A server that stops reading blocks a liker's send; the run still ends on time.
     let deadline = tokio::time::Instant::from_std(started) + duration + SETTLE;
@@ -592,6 +592,7 @@ async fn drive(
 /// records how long until all are subscribed again. Returns the new listeners' stop switches.
 async fn storm(
     listeners: &Listeners,
+    sample: usize,
     shared: &Arc<Shared>,
 ) -> Vec<tokio::sync::watch::Sender<bool>> {
     for stop in &listeners.stop {
@@ -599,32 +600,41 @@ async fn storm(
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let began = Instant::now();
-    let reconnects = listeners.specs.iter().map(|(target, user, track, source)| {
-        let shared = shared.clone();
-        let (target, user, track, source) = (target.clone(), user.clone(), track.clone(), *source);
-        async move {
-            for _ in 0..20 {
-                match listen(
-                    target.clone(),
-                    user.clone(),
-                    track.clone(),
-                    source,
-                    true,
-                    shared.clone(),
-                )
-                .await
-                {
-                    Ok(stop) => return Some(stop),
-                    Err(_) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                        let pause = 50 + rand::rng().random_range(0..200);
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
+    // The same listeners as before the storm parse every update (the sample); the others are
+    // drained on raw bytes again, so the generator's own parsing does not slow the reconnects.
+    let reconnects =
+        listeners
+            .specs
+            .iter()
+            .enumerate()
+            .map(|(i, (target, user, track, source))| {
+                let shared = shared.clone();
+                let sampled = i < sample;
+                let (target, user, track, source) =
+                    (target.clone(), user.clone(), track.clone(), *source);
+                async move {
+                    for _ in 0..20 {
+                        match listen(
+                            target.clone(),
+                            user.clone(),
+                            track.clone(),
+                            source,
+                            sampled,
+                            shared.clone(),
+                        )
+                        .await
+                        {
+                            Ok(stop) => return Some(stop),
+                            Err(_) => {
+                                shared.errors.fetch_add(1, Ordering::Relaxed);
+                                let pause = 50 + rand::rng().random_range(0..200);
+                                tokio::time::sleep(Duration::from_millis(pause)).await;
+                            }
+                        }
                     }
+                    None
                 }
-            }
-            None
-        }
-    });
+            });
     let stops: Vec<_> = futures_util::stream::iter(reconnects)
         .buffer_unordered(500)
         .filter_map(|stop| async move { stop })
