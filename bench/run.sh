@@ -27,7 +27,7 @@ trap cleanup EXIT
 if [ -n "${QUICK:-}" ]; then
   IDLE=2000; STEADY=1000; ALBUM=2000; STORM=1000; FARM=6000; SECONDS_EACH=5
 else
-  IDLE=19000; STEADY=5000; ALBUM=15000; STORM=10000; FARM=100000; SECONDS_EACH=10
+  IDLE=19000; STEADY=5000; ALBUM=15000; STORM=10000; FARM="${FARM:-100000}"; SECONDS_EACH=10
 fi
 
 # The server runs on SERVER_CORE, the load generator on LOADGEN_CORE: the server's CPU figures
@@ -95,7 +95,9 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/d
 PIDS+=("$!")
 sleep 0.5
 FARM_TARGETS=(); FARM_PIDS=()
-for i in 1 2 3 4 5 6; do
+# FARM=250000 FARM_NODES=14 bench/run.sh: each node stays under the 20 000-file limit.
+FARM_NODES="${FARM_NODES:-6}"
+for i in $(seq "$FARM_NODES"); do
   port="$(free_port)"
   "$BIN/fanfare" --listen "127.0.0.1:$port" --data-dir "$TMP/farm-$i" --redis "redis://127.0.0.1:$REDIS_PORT" \
     --insecure-dev-auth --log warn --max-connections 100000 --max-connections-per-ip 100000 \
@@ -104,8 +106,8 @@ for i in 1 2 3 4 5 6; do
   FARM_TARGETS+=(--target "ws://127.0.0.1:$port/v1/ws")
 done
 sleep 1
-echo "== fanfare-farm idle ($FARM listeners over 6 nodes)" >&2
-"$BIN/fanfare-loadgen" run "${FARM_TARGETS[@]}" --label fanfare-farm-6 --scenario idle \
+echo "== fanfare-farm idle ($FARM listeners over $FARM_NODES nodes)" >&2
+"$BIN/fanfare-loadgen" run "${FARM_TARGETS[@]}" --label "fanfare-farm-$FARM_NODES" --scenario idle \
   --connections "$FARM" --processes $(( (FARM + 14999) / 15000 )) --source-ips 200 \
   --duration "$SECONDS_EACH" $(printf -- '--server-pid %s ' "${FARM_PIDS[@]}") --out "$OUT/farm" >/dev/null \
   || echo "farm idle: the load generator failed" >&2
@@ -117,9 +119,11 @@ fi
   echo "latency from 1 000 sampled listeners (every update parsed), the rest counted on raw bytes."
   echo
   RAW_ARGS=(); for f in "$OUT"/raw/*.json; do [ -s "$f" ] && RAW_ARGS+=(--raw "$f"); done
+  if compgen -G "$OUT/*.json" >/dev/null; then
   "$BIN/fanfare-loadgen" report --charts "docs/charts" "${RAW_ARGS[@]}" "$OUT"/*.json
+  fi
   if compgen -G "$OUT/farm/*.json" >/dev/null; then
-  echo "### idle over a farm of 6 nodes"
+  echo "### idle over a farm of ${FARM_NODES:-6} nodes"
   echo
   "$BIN/fanfare-loadgen" report --charts "$OUT/farm" "$OUT"/farm/*.json | sed -n '/^| server/,$p'
   fi
