@@ -84,6 +84,15 @@ pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Resul
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for run in runs {
             let ms = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1} ms"));
+            let generator_share = format!(
+                "{:.0} %{}",
+                run.loadgen_core_share * 100.0,
+                if run.instrument_bound {
+                    " **instrument-bound**"
+                } else {
+                    ""
+                }
+            );
             println!(
                 "| {} | {} / {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.1} MiB | {} | {:.1} | {} | {} | {} | {} | {} / {} |",
                 run.label,
@@ -109,15 +118,7 @@ pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Resul
                 run.server_us_per_like
                     .map_or("–".to_owned(), |us| format!("{us:.2}")),
                 per_cpu_second(run).map_or("–".to_owned(), |v| format!("{v:.0}")),
-                format!(
-                    "{:.0} %{}",
-                    run.loadgen_core_share * 100.0,
-                    if run.instrument_bound {
-                        " **instrument-bound**"
-                    } else {
-                        ""
-                    }
-                ),
+                generator_share,
                 run.errors,
                 run.disconnects,
             );
