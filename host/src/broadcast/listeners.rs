@@ -67,6 +67,8 @@ pub fn spawn(registry: Arc<Registry>, metrics: Arc<Metrics>, tasks: &Tasks) {
                         Push::Overflowed => {}
                     }
                 }
+                // Hold no connection past its use: a closed one's socket goes with its outbox.
+                watchers.clear();
                 metrics.listener_updates.inc();
                 metrics.frames_delivered.inc_by(queued);
             }

@@ -178,6 +178,13 @@ impl Outbox {
         }
     }
 
+    /// The session is over: the socket is released (closed once the session drops its end).
+    pub fn detach(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.direct = None;
+    }
+
     /// A write of the session's own (edge/direct.rs): the rest of a half-written direct frame
     /// first, then `bytes`; fan-out writes nothing until the session has flushed.
     pub fn session_write(&self, bytes: &[u8]) -> std::io::Result<usize> {

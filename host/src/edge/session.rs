@@ -548,6 +548,10 @@ where
             })
             .await;
         }
+        // The outbox may outlive the session (a fan-out or the listener-count task still holds
+        // it for a moment); the socket must not, or the client waits for a FIN after the close
+        // handshake (seen with Python's websockets: 10 s).
+        self.outbox.detach();
         self.node.metrics.connections_active.dec();
     }
 }
