@@ -463,33 +463,27 @@ pub(crate) fn admit_listener(
         }
     };
     let user: Arc<str> = Arc::from(user);
-    let admission = match edge.gate.admit(peer.ip(), &user) {
-        Ok(admission) => admission,
-        Err(Refusal::NodeFull) => {
-            node.metrics.upgrade_refused("node_full");
-            return Err(Box::new(json_error(
+    let admission = edge.gate.admit(peer.ip(), &user).map_err(|refusal| {
+        let (reason, status, message) = match refusal {
+            Refusal::NodeFull => (
+                "node_full",
                 StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
                 "this node is full; try another",
-            )));
-        }
-        Err(Refusal::IpFull) => {
-            node.metrics.upgrade_refused("ip_full");
-            return Err(Box::new(json_error(
+            ),
+            Refusal::IpFull => (
+                "ip_full",
                 StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
                 "too many connections from your address",
-            )));
-        }
-        Err(Refusal::UserFull) => {
-            node.metrics.upgrade_refused("user_full");
-            return Err(Box::new(json_error(
+            ),
+            Refusal::UserFull => (
+                "user_full",
                 StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
                 "too many connections for this user",
-            )));
-        }
-    };
+            ),
+        };
+        node.metrics.upgrade_refused(reason);
+        Box::new(json_error(status, "overloaded", message))
+    })?;
     Ok((user, identity, admission))
 }
 
