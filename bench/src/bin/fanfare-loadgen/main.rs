@@ -13,6 +13,7 @@
 
 mod report;
 mod stats;
+mod sweep;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -48,6 +49,10 @@ enum Command {
         /// `raw_writer` results: the machine's floor, shown beside every server's CPU per frame.
         #[arg(long)]
         raw: Vec<std::path::PathBuf>,
+        /// A load sweep's directory (`<rate>/<label>-steady.json`): latency and CPU against
+        /// offered load.
+        #[arg(long)]
+        sweep: Option<std::path::PathBuf>,
         /// Directory for `<scenario>-latency.png` and `<scenario>-throughput.png`.
         #[arg(long)]
         charts: std::path::PathBuf,
@@ -120,7 +125,12 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Run(args) => runtime.block_on(run(args)),
-        Command::Report { files, raw, charts } => report::write(&files, &raw, &charts),
+        Command::Report {
+            files,
+            raw,
+            sweep,
+            charts,
+        } => report::write(&files, &raw, sweep.as_deref(), &charts),
     }
 }
 

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 
 use crate::stats::RunResult;
 
-const COLORS: [RGBColor; 4] = [
+pub(crate) const COLORS: [RGBColor; 4] = [
     RGBColor(200, 30, 60),
     RGBColor(40, 90, 200),
     RGBColor(30, 150, 70),
@@ -18,16 +18,21 @@ const COLORS: [RGBColor; 4] = [
 
 /// One `raw_writer` result: the machine's cost of a write to one of `sockets` sockets.
 #[derive(serde::Deserialize)]
-struct Raw {
-    sockets: u64,
-    coalesce: u64,
-    us_per_write: f64,
-    us_per_frame: f64,
-    frames_per_cpu_s: f64,
-    round_ms: f64,
+pub(crate) struct Raw {
+    pub sockets: u64,
+    pub coalesce: u64,
+    pub us_per_write: f64,
+    pub us_per_frame: f64,
+    pub frames_per_cpu_s: f64,
+    pub round_ms: f64,
 }
 
-pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Result<()> {
+pub fn write(
+    files: &[PathBuf],
+    raw: &[PathBuf],
+    sweep: Option<&Path>,
+    charts: &Path,
+) -> anyhow::Result<()> {
     register_font()?;
     let mut floors: Vec<Raw> = Vec::new();
     for file in raw {
@@ -189,15 +194,18 @@ pub fn write(files: &[PathBuf], raw: &[PathBuf], charts: &Path) -> anyhow::Resul
             runs,
         )?;
     }
+    if let Some(dir) = sweep {
+        crate::sweep::write(dir, &floors, charts)?;
+    }
     Ok(())
 }
 
-/// plotters draws text with ab_glyph, which needs a font registered by hand.
 /// Likes delivered per CPU second of the server.
 fn per_cpu_second(run: &RunResult) -> Option<f64> {
     (run.server_cpu_s > 0.0 && run.likes_seen > 0).then(|| run.likes_seen as f64 / run.server_cpu_s)
 }
 
+/// plotters draws text with ab_glyph, which needs a font registered by hand.
 fn register_font() -> anyhow::Result<()> {
     let candidates = [
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -312,6 +320,6 @@ fn throughput_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::
     Ok(())
 }
 
-fn draw<E: std::fmt::Debug>(err: E) -> anyhow::Error {
+pub(crate) fn draw<E: std::fmt::Debug>(err: E) -> anyhow::Error {
     anyhow::anyhow!("cannot draw chart: {err:?}")
 }
