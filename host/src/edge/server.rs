@@ -552,9 +552,10 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session_node = node.clone();
     node.sessions.spawn(async move {
-        let _admission = admission;
         match on_upgrade.await {
-            Ok(upgraded) => session::serve(session_node, upgraded, config, credential).await,
+            Ok(upgraded) => {
+                session::serve(session_node, upgraded, config, credential, admission).await
+            }
             Err(err) => tracing::debug!(error = %err, "upgrade failed"),
         }
     });

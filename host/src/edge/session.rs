@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::broadcast::outbox::{Outbox, Update, push_ws_text_frame};
 use crate::edge::auth::Auth;
 use crate::edge::direct::DirectTcp;
-use crate::edge::limits::{MessageBucket, RateByKey};
+use crate::edge::limits::{Admission, MessageBucket, RateByKey};
 use crate::like::{self, Reply};
 use crate::node::Node;
 use fanfare_protocol::{self as protocol, ClientFrame, ErrorCode, FrameError, ServerFrame};
@@ -135,18 +135,22 @@ pub struct Credential {
 }
 
 /// Serves one upgraded connection until it ends: plain TCP through [`DirectTcp`] (fan-out
-/// writes updates to it itself), anything else (TLS) as hyper hands it over.
+/// writes updates to it itself), anything else (TLS) as hyper hands it over. The session runs
+/// as a task of its own and this one ends: an idle socket then holds only the session's
+/// future, not also the upgrade's.
 pub async fn serve(
     node: Arc<Node>,
     upgraded: hyper::upgrade::Upgraded,
     config: WebSocketConfig,
     credential: Credential,
+    admission: Admission,
 ) {
     // One unsent update per track and per track's listener count, plus the margin.
     let outbox = Arc::new(Outbox::new(
         node.next_conn_id(),
         node.config.outbound_queue + 2 * node.config.max_subscriptions,
     ));
+    let sessions = node.sessions.clone();
     match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
         Ok(parts) => {
             let stream = DirectTcp::new(parts.io.into_inner(), outbox.clone());
@@ -154,27 +158,34 @@ pub async fn serve(
             // here, not held for the life of the connection.
             let read = parts.read_buf.to_vec();
             drop(parts.read_buf);
-            let ws = WebSocketStream::from_partially_read(stream, read, Role::Server, Some(config));
-            run(node, ws.await, credential, outbox).await
+            let ws = WebSocketStream::from_partially_read(stream, read, Role::Server, Some(config))
+                .await;
+            sessions.spawn(run(node, ws, credential, outbox, admission));
         }
         Err(upgraded) => {
             let ws = WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 Role::Server,
                 Some(config),
-            );
-            run(node, ws.await, credential, outbox).await
+            )
+            .await;
+            sessions.spawn(run(node, ws, credential, outbox, admission));
         }
     }
 }
 
-async fn run<S>(
+/// The connection's session, made before its future so that the future holds it once (an
+/// `async fn` keeps its arguments and the session made from them side by side): an idle
+/// socket's memory is mostly this future.
+fn run<S>(
     node: Arc<Node>,
     ws: WebSocketStream<S>,
     credential: Credential,
     outbox: Arc<Outbox>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    admission: Admission,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = outbox.conn;
     let node_rate = credential.messages_per_second;
@@ -197,13 +208,14 @@ async fn run<S>(
     };
     // Every log line of this connection carries its id and user (fields in JSON logs).
     let span = tracing::info_span!("conn", id = conn, user = %session.user);
-    async {
+    async move {
+        // The connection's slot in the limits, freed when the session ends.
+        let _admission = admission;
         let end = session.serve().await;
         tracing::debug!(?end, "session ended");
-        session.finish(end).await;
+        Box::pin(session.finish(end)).await;
     }
     .instrument(span)
-    .await;
 }
 
 impl<S> Session<S>
@@ -216,36 +228,61 @@ where
             heartbeat_ms: self.node.config.heartbeat_interval,
             expires_at: self.expires_at,
         };
-        if let Err(end) = self.send(welcome.to_json()).await {
+        if let Err(end) = Box::pin(self.send(welcome.to_json())).await {
             return end;
         }
         let timeout = self.node.config.heartbeat_timeout();
-        let mut heartbeat = pin!(tokio::time::sleep(timeout));
         let shutdown = self.node.shutdown.clone();
         let max_inflight = self.node.config.max_inflight;
         let mut updates = Vec::new();
-        // On shutdown each connection keeps being served until its own random moment within
-        // the drain period, so closes (and reconnects) spread out instead of stampeding.
+        // Three deadlines share one timer (an idle socket's memory is mostly this future): the
+        // heartbeat, moved on every message without touching the timer; on shutdown, this
+        // connection's own random moment within the drain period, so closes (and reconnects)
+        // spread out instead of stampeding; and the token's expiry. The timer fires at the
+        // earliest it was told of; a deadline that moved later is found then and re-armed.
+        let mut heartbeat_at = Instant::now() + timeout;
         let mut drain_at: Option<Instant> = None;
-        let mut drain = pin!(tokio::time::sleep(Duration::ZERO));
         let mut armed = self.expires_at;
-        let mut expiry = pin!(tokio::time::sleep_until(instant_of(armed)));
+        let mut expiry_at = instant_of(armed);
+        let earliest = |heartbeat_at: Instant, drain_at: Option<Instant>, expiry_at: Instant| {
+            let first = heartbeat_at.min(expiry_at);
+            drain_at.map_or(first, |at| at.min(first))
+        };
+        let mut timer = pin!(tokio::time::sleep_until(earliest(
+            heartbeat_at,
+            drain_at,
+            expiry_at
+        )));
         loop {
             if self.expires_at != armed {
                 armed = self.expires_at;
-                expiry.as_mut().reset(instant_of(armed));
+                expiry_at = instant_of(armed);
+            }
+            let next = earliest(heartbeat_at, drain_at, expiry_at);
+            if next < timer.deadline() {
+                timer.as_mut().reset(next);
             }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if drain_at.is_none() => {
                     let period = self.node.config.drain_period();
-                    let at = Instant::now() + period.mul_f64(rand::random::<f64>());
-                    drain_at = Some(at);
-                    drain.as_mut().reset(at);
+                    drain_at = Some(Instant::now() + period.mul_f64(rand::random::<f64>()));
                 }
-                _ = &mut drain, if drain_at.is_some() => {
-                    let spread = self.node.config.drain_period().max(Duration::from_secs(1));
-                    return End::Shutdown(spread.mul_f64(rand::random::<f64>()).as_millis() as u64);
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if drain_at.is_some_and(|at| at <= now) {
+                        let spread = self.node.config.drain_period().max(Duration::from_secs(1));
+                        return End::Shutdown(spread.mul_f64(rand::random::<f64>()).as_millis() as u64);
+                    }
+                    if heartbeat_at <= now {
+                        self.node.metrics.heartbeat_reaps.inc();
+                        return End::HeartbeatTimeout;
+                    }
+                    if armed.is_some() && expiry_at <= now {
+                        self.node.metrics.tokens_expired.inc();
+                        return End::TokenExpired;
+                    }
+                    timer.as_mut().reset(earliest(heartbeat_at, drain_at, expiry_at));
                 }
                 Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
                     // Likes of one group commit finish together, but each on its own task,
@@ -259,7 +296,7 @@ where
                     while let Some(Some(reply)) = self.inflight.next().now_or_never() {
                         frames.push(self.reply_frame(reply));
                     }
-                    if let Err(end) = self.send_all(&mut frames).await {
+                    if let Err(end) = Box::pin(self.send_all(&mut frames)).await {
                         return end;
                     }
                 }
@@ -268,28 +305,20 @@ where
                         self.node.metrics.slow_consumer_disconnects.inc();
                         return End::SlowConsumer;
                     }
-                    if let Err(end) = self.send_updates(&mut updates).await {
+                    if let Err(end) = Box::pin(self.send_updates(&mut updates)).await {
                         return end;
                     }
                 }
                 message = self.ws.next(), if self.inflight.len() < max_inflight => {
-                    heartbeat.as_mut().reset(Instant::now() + timeout);
+                    heartbeat_at = Instant::now() + timeout;
                     let result = match message {
                         None => Err(End::ClientClosed),
                         Some(Err(err)) => Err(read_error(err)),
-                        Some(Ok(message)) => self.on_message(message).await,
+                        Some(Ok(message)) => Box::pin(self.on_message(message)).await,
                     };
                     if let Err(end) = result {
                         return end;
                     }
-                }
-                _ = &mut heartbeat => {
-                    self.node.metrics.heartbeat_reaps.inc();
-                    return End::HeartbeatTimeout;
-                }
-                _ = &mut expiry, if armed.is_some() => {
-                    self.node.metrics.tokens_expired.inc();
-                    return End::TokenExpired;
                 }
             }
         }
