@@ -17,16 +17,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::Instrument;
 
 use crate::broadcast::outbox::{Outbox, Update, push_ws_text_frame};
 use crate::edge::auth::Auth;
 use crate::edge::direct::DirectTcp;
 use crate::edge::limits::{Admission, MessageBucket, RateByKey};
+use crate::edge::session_end::{End, read_error};
 use crate::like::{self, Reply};
 use crate::node::Node;
 use fanfare_protocol::{self as protocol, ClientFrame, ErrorCode, FrameError, ServerFrame};
@@ -36,45 +35,6 @@ const GARBAGE_LIMIT: u32 = 20;
 const GARBAGE_PERIOD: Duration = Duration::from_secs(10);
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why a session ended; decides the close frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    ClientClosed,
-    /// Drained on shutdown; the client is told to reconnect after this many milliseconds.
-    Shutdown(u64),
-    HeartbeatTimeout,
-    SlowConsumer,
-    TooLarge,
-    Garbage,
-    /// Its token's `exp` passed (plus the leeway) with no refresh.
-    TokenExpired,
-    Broken,
-}
-
-impl End {
-    fn close_frame(self) -> Option<CloseFrame> {
-        let (code, reason) = match self {
-            End::ClientClosed | End::Broken => return None,
-            End::Shutdown(after_ms) => {
-                let reason = format!("node draining; reconnect_after_ms={after_ms}");
-                return Some(CloseFrame {
-                    code: CloseCode::Away,
-                    reason: reason.into(),
-                });
-            }
-            End::HeartbeatTimeout => (CloseCode::Normal, "heartbeat timeout"),
-            End::SlowConsumer => (CloseCode::Again, "slow consumer"),
-            End::TooLarge => (CloseCode::Size, "frame too large"),
-            End::Garbage => (CloseCode::Policy, "too many bad frames"),
-            End::TokenExpired => (CloseCode::Library(4001), "token expired"),
-        };
-        Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })
-    }
-}
 
 struct Session<S> {
     node: Arc<Node>,
@@ -622,13 +582,4 @@ fn instant_of(expires_at: Option<u64>) -> Instant {
         .unwrap_or_default();
     let left = Duration::from_secs(at).saturating_sub(now);
     Instant::now().checked_add(left).unwrap_or(far)
-}
-
-fn read_error(err: WsError) -> End {
-    match err {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => End::TooLarge,
-        WsError::Capacity(_) => End::TooLarge,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => End::ClientClosed,
-        _ => End::Broken,
-    }
 }

@@ -11,6 +11,7 @@
 //! in the local port range, and over `--processes` child processes so each stays under the
 //! open-file limit. `fanfare-loadgen report` merges runs into a markdown table and PNG charts.
 
+mod charts;
 mod report;
 mod stats;
 mod sweep;

@@ -7,25 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use plotters::prelude::*;
 
+use crate::charts::{COLORS, Raw, draw};
 use crate::stats::RunResult;
-
-pub(crate) const COLORS: [RGBColor; 4] = [
-    RGBColor(200, 30, 60),
-    RGBColor(40, 90, 200),
-    RGBColor(30, 150, 70),
-    RGBColor(120, 120, 120),
-];
-
-/// One `raw_writer` result: the machine's cost of a write to one of `sockets` sockets.
-#[derive(serde::Deserialize)]
-pub(crate) struct Raw {
-    pub sockets: u64,
-    pub coalesce: u64,
-    pub us_per_write: f64,
-    pub us_per_frame: f64,
-    pub frames_per_cpu_s: f64,
-    pub round_ms: f64,
-}
 
 pub fn write(
     files: &[PathBuf],
@@ -318,8 +301,4 @@ fn throughput_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::
         .map_err(draw)?;
     root.present().map_err(draw)?;
     Ok(())
-}
-
-pub(crate) fn draw<E: std::fmt::Debug>(err: E) -> anyhow::Error {
-    anyhow::anyhow!("cannot draw chart: {err:?}")
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::report::{COLORS, Raw, draw};
+use crate::charts::{COLORS, Raw, draw};
 use crate::stats::RunResult;
 
 /// Reads every `DIR/<rate>/<label>-steady.json`, prints the table, draws the charts.
