@@ -312,3 +312,33 @@ async fn handshakes_that_never_upgrade_and_clients_that_vanish() -> anyhow::Resu
     drop(zombies);
     still_serves(&node).await
 }
+
+/// A client that closes gets the close frame back and then the end of the stream at once, even
+/// after watching a track's listener count (that task once still held the socket, so the FIN
+/// never came and Python's websockets waited 10 s for it).
+#[tokio::test]
+async fn a_closing_client_gets_the_close_frame_then_the_fin() -> anyhow::Result<()> {
+    let node = NodeProcess::fresh(&[]).await?;
+    let mut socket = RawSocket::open(&node, "leaver").await?;
+    socket
+        .frame(
+            true,
+            1,
+            br#"{"type":"subscribe","track":"t1","listeners":true}"#,
+        )
+        .await?;
+    let subscribed = socket.read_text().await?;
+    anyhow::ensure!(subscribed["type"] == "subscribed", "{subscribed}");
+    socket.frame(true, 8, &1000u16.to_be_bytes()).await?;
+    let code = socket.close_code().await?;
+    anyhow::ensure!(
+        code == Some(1000),
+        "the node answered the close with {code:?}"
+    );
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), socket.stream.read(&mut rest))
+        .await
+        .context("no FIN within 2 s of the close handshake")??;
+    anyhow::ensure!(read == 0, "{read} more bytes after the close frame");
+    still_serves(&node).await
+}

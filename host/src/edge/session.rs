@@ -552,6 +552,11 @@ where
             );
             let _ = self.send_error(ErrorCode::TooLarge, &message, None).await;
         }
+        if end == End::ClientClosed {
+            // The client's close frame was read, and tungstenite queued the answer: send it, or
+            // the client sees the connection end abnormally (1006 in a browser) instead of 1000.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.ws.flush()).await;
+        }
         if let Some(frame) = end.close_frame() {
             let ws = &mut self.ws;
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async move {
