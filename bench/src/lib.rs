@@ -1,5 +1,5 @@
-//! Shared by the benchmark binaries: the node flags a load generator needs, and what a
-//! process costs, read from `/proc`.
+//! Shared by the benchmark binaries: the node flags a load generator needs, what a process
+//! costs, read from `/proc`, and where a server's WebSocket frame ends in raw bytes.
 
 /// Node flags for a load generator: few users and connections sending fast, so the per-user,
 /// per-connection and per-address limits meant for real clients are lifted.
@@ -34,4 +34,21 @@ pub fn proc_stats(pid: u32) -> (u64, f64) {
         })
         .unwrap_or(0.0);
     (rss, cpu)
+}
+
+/// (payload start, payload end) and the frame's length, if a whole unmasked frame is there.
+pub fn server_frame(bytes: &[u8]) -> Option<((usize, usize), usize)> {
+    let short = *bytes.get(1)? & 0x7f;
+    let (len, header) = match short {
+        126 => (
+            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    (bytes.len() >= header + len).then_some(((header, header + len), header + len))
 }

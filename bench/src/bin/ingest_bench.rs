@@ -233,9 +233,9 @@ async fn drive(
         buffer.extend_from_slice(&chunk[..read]);
         let now = Instant::now();
         let mut at = 0;
-        while let Some((start, end)) = server_frame(&buffer[at..]) {
+        while let Some(((start, end), next)) = fanfare_bench::server_frame(&buffer[at..]) {
             let frame = &buffer[at + start..at + end];
-            at += end;
+            at += next;
             let Some(found) = ack_id.find(frame) else {
                 if memchr::memmem::find(frame, br#""type":"welcome""#).is_some() {
                     continue;
@@ -256,21 +256,4 @@ async fn drive(
         }
         buffer.drain(..at);
     }
-}
-
-/// (payload start, payload end) of the first whole unmasked frame, if there is one.
-fn server_frame(bytes: &[u8]) -> Option<(usize, usize)> {
-    let short = *bytes.get(1)? & 0x7f;
-    let (len, header) = match short {
-        126 => (
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    (bytes.len() >= header + len).then_some((header, header + len))
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use rusqlite::Connection;
 
-pub use read::{HistoryRow, PairEvent, Reader, SpilledEvent};
+pub use read::{HistoryRow, PAIR_EVENTS, PairEvent, Reader, SpilledEvent};
 pub use write::Writer;
 
 const SCHEMA: &str = "

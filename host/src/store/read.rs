@@ -10,6 +10,16 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::event::LikeEvent;
 
 /// A connection for reads; see [`super::Store`] for how one is had.
+/// How many of a pair's newest events [`Reader::recent_pair_events`] returns (the ledger keeps
+/// that many keys per pair).
+pub const PAIR_EVENTS: usize = 4;
+/// The limit is written into the statement, not bound: SQLite (3.50 here) reads a bound LIMIT
+/// while planning (`sqlite3ExprIsInteger` sets the statement's variable mask), so every new
+/// binding re-prepared the statement — 12 % of the node's CPU in the ingest profile, since
+/// every like that meets a new pair runs this read.
+const RECENT_PAIR_EVENTS: &str = "SELECT key, action, accepted_at_ms FROM like_events \
+     WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT 4";
+
 pub struct Reader {
     conn: Connection,
 }
@@ -89,20 +99,9 @@ impl Reader {
         Ok(count.unwrap_or(0).max(0) as u64)
     }
 
-    /// The newest events of one (user, track) pair, newest first.
-    pub fn recent_pair_events(
-        &self,
-        user: &str,
-        track: &str,
-        limit: usize,
-    ) -> rusqlite::Result<Vec<PairEvent>> {
-        // The limit is written into the statement, not bound: SQLite (3.50 here) reads a bound
-        // LIMIT while planning (`sqlite3ExprIsInteger` sets the statement's variable mask), so
-        // every new binding re-prepared the statement — 12 % of the node's CPU in the ingest
-        // profile, since every like that meets a new pair runs this read.
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT key, action, accepted_at_ms FROM like_events WHERE user = ?1 AND track = ?2 ORDER BY seq DESC LIMIT {limit}"
-        ))?;
+    /// The newest [`PAIR_EVENTS`] events of one (user, track) pair, newest first.
+    pub fn recent_pair_events(&self, user: &str, track: &str) -> rusqlite::Result<Vec<PairEvent>> {
+        let mut stmt = self.conn.prepare_cached(RECENT_PAIR_EVENTS)?;
         let rows = stmt.query_map(params![user, track], |row| {
             Ok(PairEvent {
                 key: row.get(0)?,
@@ -219,4 +218,13 @@ fn meta_set(conn: &Connection, key: &str, value: u64) -> anyhow::Result<()> {
         params![key, value as i64],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pair_read_is_limited_to_pair_events() {
+        let limit = format!("LIMIT {}", super::PAIR_EVENTS);
+        assert!(super::RECENT_PAIR_EVENTS.ends_with(&limit));
+    }
 }

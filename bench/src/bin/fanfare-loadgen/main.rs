@@ -483,7 +483,7 @@ async fn drain_raw(ws: &mut Ws, stopped: &mut tokio::sync::watch::Receiver<bool>
             Ok(n) => buffer.extend_from_slice(&chunk[..n]),
         }
         let mut at = 0;
-        while let Some((payload, next)) = server_frame(&buffer[at..]) {
+        while let Some((payload, next)) = fanfare_bench::server_frame(&buffer[at..]) {
             let payload = &buffer[at + payload.0..at + payload.1];
             if likes.find(payload).is_some() {
                 shared.frames.fetch_add(1, Ordering::Relaxed);
@@ -494,23 +494,6 @@ async fn drain_raw(ws: &mut Ws, stopped: &mut tokio::sync::watch::Receiver<bool>
         }
         buffer.drain(..at);
     }
-}
-
-/// (payload start, payload end) and the frame's length, if a whole unmasked frame is there.
-fn server_frame(bytes: &[u8]) -> Option<((usize, usize), usize)> {
-    let short = *bytes.get(1)? & 0x7f;
-    let (len, header) = match short {
-        126 => (
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    (bytes.len() >= header + len).then_some(((header, header + len), header + len))
 }
 
 /// Runs the scenario's active part in the parent: likes at the offered rate (and the storm).

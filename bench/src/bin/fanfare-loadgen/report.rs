@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::charts::{COLORS, Raw, draw};
+use crate::charts::{COLORS, Raw, canvas, draw, finish, legend_line};
 use crate::stats::RunResult;
 
 pub fn write(
@@ -209,8 +209,7 @@ fn latency_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::Res
         .iter()
         .filter_map(|r| r.latency.quantile_ms(0.999))
         .fold(1.0, f64::max);
-    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw)?;
+    let root = canvas(path, 500)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("{scenario}: like-sent → update-received latency (CDF)"),
@@ -233,18 +232,9 @@ fn latency_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::Res
             .draw_series(LineSeries::new(run.latency.cdf(), color.stroke_width(2)))
             .map_err(draw)?
             .label(run.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(legend_line(color));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw)?;
-    root.present().map_err(draw)?;
-    Ok(())
+    finish(chart, &root, SeriesLabelPosition::MiddleRight)
 }
 
 fn throughput_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::Result<()> {
@@ -260,8 +250,7 @@ fn throughput_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw)?;
+    let root = canvas(path, 500)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("{scenario}: update frames received per second"),
@@ -289,16 +278,7 @@ fn throughput_chart(path: &Path, scenario: &str, runs: &[RunResult]) -> anyhow::
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(draw)?
             .label(run.label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(legend_line(color));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw)?;
-    root.present().map_err(draw)?;
-    Ok(())
+    finish(chart, &root, SeriesLabelPosition::MiddleRight)
 }

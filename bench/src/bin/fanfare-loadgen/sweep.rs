@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::charts::{COLORS, Raw, draw};
+use crate::charts::{COLORS, Raw, canvas, draw, finish, legend_line};
 use crate::stats::RunResult;
 
 /// Reads every `DIR/<rate>/<label>-steady.json`, prints the table, draws the charts.
@@ -104,8 +104,7 @@ fn latency_chart(path: &Path, servers: &[(String, Vec<RunResult>)]) -> anyhow::R
         .flat_map(|(_, runs)| runs.iter().filter_map(|r| r.p99_ms))
         .fold(10.0, f64::max)
         * 1.5;
-    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw)?;
+    let root = canvas(path, 520)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "steady: latency against offered load (p99 solid, p50 dashed)",
@@ -134,22 +133,12 @@ fn latency_chart(path: &Path, servers: &[(String, Vec<RunResult>)]) -> anyhow::R
             .draw_series(LineSeries::new(p99.clone(), color.stroke_width(2)).point_size(4))
             .map_err(draw)?
             .label(label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(legend_line(color));
         chart
             .draw_series(DashedLineSeries::new(p50, 8, 5, color.stroke_width(2)))
             .map_err(draw)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw)?;
-    root.present().map_err(draw)?;
-    Ok(())
+    finish(chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 fn cpu_chart(
@@ -164,8 +153,7 @@ fn cpu_chart(
         .chain(floors.iter().map(|f| f.us_per_frame))
         .fold(1.0, f64::max)
         * 1.15;
-    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw)?;
+    let root = canvas(path, 520)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "steady: server CPU per delivered frame, and the raw writer's floor",
@@ -193,9 +181,7 @@ fn cpu_chart(
             .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(4))
             .map_err(draw)?
             .label(label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(legend_line(color));
     }
     for floor in floors {
         let line = vec![(lo, floor.us_per_frame), (hi, floor.us_per_frame)];
@@ -213,13 +199,5 @@ fn cpu_chart(
             )))
             .map_err(draw)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE)
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw)?;
-    root.present().map_err(draw)?;
-    Ok(())
+    finish(chart, &root, SeriesLabelPosition::UpperRight)
 }

@@ -18,7 +18,7 @@ use crate::store::{Reader, Store};
 use fanfare_protocol::{Action, LikeRequest};
 
 /// Keys remembered per pair for resend detection.
-const KEYS_PER_PAIR: usize = 4;
+const KEYS_PER_PAIR: usize = crate::store::PAIR_EVENTS;
 /// Pairs kept in memory before committed ones are evicted.
 const PAIR_CAPACITY: usize = 1_000_000;
 /// Sequences remembered with their track before the committed ones are dropped.
@@ -116,9 +116,7 @@ fn load_count(
 }
 
 fn load_pair(reader: &Reader, user: &str, track: &str) -> Result<Pair, LedgerError> {
-    let events = reader
-        .recent_pair_events(user, track, KEYS_PER_PAIR)
-        .map_err(storage)?;
+    let events = reader.recent_pair_events(user, track).map_err(storage)?;
     let liked = events.first().is_some_and(|e| e.action == "like");
     let stamp = events.iter().map(|e| e.accepted_at_ms).max().unwrap_or(0);
     let keys = events.into_iter().map(|e| e.key.into_boxed_str()).collect();
